@@ -1,0 +1,176 @@
+"""Greedy decoding speed of our `generate` against transformers' `generate`, and the memory of `load_model`.
+
+On SmolLM2-135M-Instruct ("smol"), CPU, prompts of 64 random (non-special) tokens, 64 new greedy tokens per row:
+  - tokens/s of model.generate vs transformers' generate, batch 1 and 16, fp32 and bf16. Both sides load the same
+    directory (`resolve_model_dir("smol")`), in the same dtype, with the same torch thread count, in this process.
+    No early stop on either side (stop_ids=[] for ours, eos_token_id=None for transformers), so both decode exactly
+    64 tokens a row; their tokens are compared and the share of equal rows is printed.
+    tokens/s = batch * 64 / wall time of the whole call (prefill included), median of --repeat runs after a warm-up.
+  - batch-1 decode speed as a fraction of the memory-bandwidth bound: one decode step must read every weight once
+    (the tied embedding once, as the output head), so bound = copy bandwidth / weight bytes. Copy bandwidth is
+    measured here with a 512 MiB tensor clone, counting bytes read + written. Decode-only speed excludes the
+    prefill: 63 / (time of 64 new tokens - time of 1 new token).
+  - peak RSS of load_model("smol") in a fresh subprocess: resource.getrusage(RUSAGE_SELF).ru_maxrss after loading,
+    minus the VmRSS just before (after `import torch, model, safetensors, huggingface_hub`), against the bytes of
+    the checkpoint's safetensors files.
+
+    python bench/bench_generate.py [--threads N] [--repeat 3] [--skip-rss]
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import model as M  # noqa: E402
+
+PROMPT_LEN, NEW_TOKENS = 64, 64
+
+
+def make_prompts(batch: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(17, vocab, (batch, PROMPT_LEN), generator=g).tolist()  # ids < 17 are special tokens
+
+
+def timed(fn, repeat: int) -> tuple[float, object]:
+    """Median wall time of `repeat` calls after one warm-up call, and the last result."""
+    fn()
+    times, out = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def ours_generate(model, prompts, new_tokens):
+    return lambda: M.generate(model, prompts, max_new_tokens=new_tokens, stop_ids=[])
+
+
+def hf_generate(hf_model, prompts, new_tokens):
+    ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
+
+    @torch.inference_mode()
+    def run():
+        out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                do_sample=False, eos_token_id=None, pad_token_id=0)
+        return out[:, ids.shape[1]:].tolist()
+    return run
+
+
+def copy_bandwidth(nbytes: int = 512 << 20, repeat: int = 5) -> float:
+    """Bytes moved per second (read + write) by cloning a big tensor: the machine's practical memory bandwidth."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    x.clone()  # fault the pages of the destination allocator in
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        y = x.clone()
+        best = min(best, time.perf_counter() - t0)
+        del y
+    return 2 * nbytes / best
+
+
+def weight_bytes(model) -> int:
+    """Bytes one decode step reads: every parameter once (a tied embedding doubles as the output head)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+RSS_CHILD = r"""
+import json, resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+import model, safetensors.torch, huggingface_hub, gguf_import
+def vmrss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+base = vmrss()
+m = model.load_model("smol", dtype=getattr(torch, sys.argv[2]))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+print(json.dumps({"base": base, "peak": peak, "after": vmrss()}))
+"""
+
+
+def load_rss(dtype: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", RSS_CHILD, str(ROOT), dtype], capture_output=True, text=True,
+                       check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--skip-rss", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import transformers  # benchmark-only oracle
+
+    model_dir = M.resolve_model_dir("smol")
+    ckpt_bytes = sum(f.stat().st_size for f in M.checkpoint_files(model_dir))
+    print(f"model dir {model_dir}; torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{args.threads} threads, load average {os.getloadavg()[0]:.2f}")
+    bw = copy_bandwidth()
+    print(f"copy bandwidth (512 MiB clone, read+write): {bw / 1e9:.2f} GB/s")
+
+    rows, bound_rows = [], []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        ours = M.load_model(model_dir, dtype=dtype)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        for batch in args.batches:
+            prompts = make_prompts(batch, ours.config.vocab_size)
+            t_ours, out_ours = timed(ours_generate(ours, prompts, NEW_TOKENS), args.repeat)
+            t_ref, out_ref = timed(hf_generate(ref, prompts, NEW_TOKENS), args.repeat)
+            assert all(len(r) == NEW_TOKENS for r in out_ours + out_ref), "both sides must decode 64 tokens a row"
+            same = sum(a == b for a, b in zip(out_ours, out_ref))
+            tps_ours, tps_ref = batch * NEW_TOKENS / t_ours, batch * NEW_TOKENS / t_ref
+            rows.append((batch, dtype_name, tps_ours, tps_ref, tps_ours / tps_ref, f"{same}/{batch}"))
+            print(f"  batch {batch:2d} {dtype_name:8s}: ours {tps_ours:7.1f} tok/s, transformers {tps_ref:7.1f} "
+                  f"tok/s, x{tps_ours / tps_ref:.2f}", flush=True)
+            if batch == 1:
+                prefill_ours, _ = timed(ours_generate(ours, prompts, 1), args.repeat)
+                prefill_ref, _ = timed(hf_generate(ref, prompts, 1), args.repeat)
+                decode_ours = (NEW_TOKENS - 1) / (t_ours - prefill_ours)
+                decode_ref = (NEW_TOKENS - 1) / (t_ref - prefill_ref)
+                wb = weight_bytes(ours)
+                bound_rows.append((dtype_name, wb, bw / wb, decode_ours, decode_ref))
+        del ours, ref
+
+    print(f"\nSmolLM2-135M-Instruct, CPU, {args.threads} threads, prompt {PROMPT_LEN} tokens, {NEW_TOKENS} new "
+          f"greedy tokens, no early stop, median of {args.repeat}")
+    print("| batch | dtype | ours tok/s | transformers tok/s | ours / transformers | rows equal |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for b, d, o, r, x, s in rows:
+        print(f"| {b} | {d} | {o:.1f} | {r:.1f} | **{x:.2f}x** | {s} |")
+    print(f"\nBatch-1 decode (prefill excluded) vs the memory-bandwidth bound ({bw / 1e9:.2f} GB/s copy bandwidth)")
+    print("| dtype | weight bytes/token | bound tok/s | ours decode tok/s | ours / bound | transformers decode tok/s |"
+          " transformers / bound |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for d, wb, bound, o, r in bound_rows:
+        print(f"| {d} | {wb / 1e6:.0f} MB | {bound:.1f} | {o:.1f} | {o / bound:.0%} | {r:.1f} | {r / bound:.0%} |")
+
+    if not args.skip_rss:
+        print(f"\nPeak RSS of load_model('smol') in a fresh process (peak ru_maxrss - VmRSS after imports), "
+              f"checkpoint {ckpt_bytes / 1e6:.0f} MB")
+        print("| dtype | RSS before | peak RSS | peak - before | / checkpoint bytes |")
+        print("|---|---:|---:|---:|---:|")
+        for dtype_name in args.dtypes:
+            r = load_rss(dtype_name)
+            grow = r["peak"] - r["base"]
+            print(f"| {dtype_name} | {r['base'] / 1e6:.0f} MB | {r['peak'] / 1e6:.0f} MB | {grow / 1e6:.0f} MB | "
+                  f"**{grow / ckpt_bytes:.2f}x** |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,750 @@
+"""SFT and DPO for PAL: losses over summed log-probs, and one training loop from a CPU to torchrun.
+
+Read top to bottom:
+  1. losses      - pure functions: sequence_logps, sft_loss, dpo_loss (shape docstrings, fp32 log-softmax)
+  2. log-probs   - model_logps: runs the model but projects to the vocabulary only at labelled positions,
+                   in row chunks, so the [B, T, V] logits tensor never exists; concatenated_forward
+  3. reference   - DPO reference log-probs: adapters off, a frozen copy, or precomputed once and cached
+  4. train()     - the loop: deterministic sharding, accumulation with no_sync, AdamW/RMSprop, warmup,
+                   clipping, bf16/fp16, eval + early stopping, JSONL log, atomic checkpoints, exact resume
+
+Conventions. A batch is right-padded; labels are -100 on prompt and padding; the label at position t is the
+token that the model should predict *from* position t-1 (Hugging Face convention), so every loss shifts by one.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE = -100  # label value that is not a target (prompt, padding)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Losses: pure functions of tensors.
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each sequence's target tokens.
+
+    logits: [B, T, V] (any float dtype; log-softmax is taken in fp32)
+    labels: [B, T] long, -100 where the position is not a target
+    returns (logps [B] fp32, ntokens [B] long): sum over t of log p(labels[t] | tokens < t), and the count.
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"sequence_logps: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
+    logits = logits[:, :-1, :]  # (B, T-1, V): position t predicts token t+1
+    labels = labels[:, 1:]  # (B, T-1)
+    mask = labels != IGNORE
+    safe = labels.masked_fill(~mask, 0)  # any valid index; masked out below
+    logp = torch.log_softmax(logits.float(), dim=-1)  # fp32: bf16 log-softmax loses ~2 digits
+    tok = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (tok * mask).sum(-1), mask.sum(-1)
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Negative log-likelihood of the target tokens, a scalar.
+
+    reduction="sum": each sequence's NLL is summed over its tokens (as PAL states), then averaged over the batch.
+    reduction="mean": total NLL divided by the total number of target tokens (the usual token-mean).
+    """
+    logps, ntok = sequence_logps(logits, labels)
+    if reduction == "sum":
+        return -logps.mean()
+    if reduction == "mean":
+        return -logps.sum() / ntok.sum().clamp(min=1)
+    raise ValueError(f"sft_loss: reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+             ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             beta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct Preference Optimization, sigmoid form (Rafailov et al. 2023, eq. 7).
+
+    All inputs: [B] summed sequence log-probs. Returns (losses [B], chosen_rewards [B], rejected_rewards [B]):
+      losses  = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
+      rewards = beta * (pi - ref), detached: they are for logging, the gradient flows through `losses` only.
+    """
+    chosen_logratio = policy_chosen - ref_chosen  # (B,)
+    rejected_logratio = policy_rejected - ref_rejected  # (B,)
+    losses = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio))  # logsigmoid: no overflow for big margins
+    return losses, (beta * chosen_logratio).detach(), (beta * rejected_logratio).detach()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Log-probs from a model, without the [B, T, V] logits.
+#
+# A training step on a 50k-vocabulary model spends a large share of its memory on logits: B*T*V floats, then a
+# fp32 copy, the log-softmax output and its gradient (~4 x 400 MB for 8 x 256 tokens of SmolLM2). Only labelled
+# positions matter, so we take the final hidden states, keep the labelled rows, and compute
+# log p(target) = h.w_target - logsumexp(h W^T) chunk by chunk; the backward pass recomputes each chunk's
+# logits instead of storing them. Memory drops from O(B T V) to O(chunk V); compute grows by one extra
+# (chunk x C) @ (C x V) product per chunk in backward.
+
+class _ChunkedTargetLogp(torch.autograd.Function):
+    """logp[n] = log_softmax(h[n] @ W^T)[y[n]] for N rows, in row chunks; fp32 softmax statistics."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):  # h (N, C), weight (V, C), targets (N,)
+        n = h.shape[0]
+        acc = torch.promote_types(h.dtype, torch.float32)  # fp32 statistics (fp64 stays fp64, for gradcheck)
+        out = torch.empty(n, dtype=acc, device=h.device)
+        lse = torch.empty(n, dtype=acc, device=h.device)
+        for s in range(0, n, chunk):
+            logits = (h[s:s + chunk] @ weight.t()).to(acc)  # (chunk, V)
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            out[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out (N,)
+        h, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
+        for s in range(0, h.shape[0], ctx.chunk):
+            hc, g = h[s:s + ctx.chunk], grad_out[s:s + ctx.chunk].to(lse.dtype)
+            logits = (hc @ weight.t()).to(lse.dtype)  # recomputed (chunk, V)
+            # d logp / d logits = onehot(y) - softmax; scaled by the incoming gradient of each row
+            d = torch.exp(logits - lse[s:s + ctx.chunk, None]).mul_(-g[:, None])
+            d.scatter_add_(1, targets[s:s + ctx.chunk, None], g[:, None])
+            d = d.to(h.dtype)
+            if need_h:
+                grad_h[s:s + ctx.chunk] = d @ weight
+            if need_w:
+                grad_w += d.t() @ hc
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None
+
+
+def target_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                 chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """sequence_logps computed from final hidden states and the output projection.
+
+    hidden: [B, T, C] final (normed) hidden states; weight: [V, C] lm_head weight; labels: [B, T]
+    returns (logps [B] fp32, ntokens [B]) equal to sequence_logps(hidden @ weight.T, labels).
+    """
+    targets = labels[:, 1:]  # (B, T-1) shifted: position t predicts label t+1
+    mask = targets != IGNORE
+    rows = mask.nonzero(as_tuple=True)  # labelled (b, t) pairs, N of them
+    h = hidden[:, :-1][rows]  # (N, C)
+    if torch.is_autocast_enabled(h.device.type):  # a custom Function is not autocast: cast like F.linear would
+        dt = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dt), weight.to(dt)
+    tok = _ChunkedTargetLogp.apply(h, weight, targets[rows], chunk)  # (N,) fp32
+    logps = torch.zeros(labels.shape[0], dtype=tok.dtype, device=labels.device).index_add(0, rows[0], tok)
+    return logps, mask.sum(-1)
+
+
+class _HiddenReady(Exception):
+    """Raised by a forward hook to leave the model's forward once the final hidden states exist."""
+
+    def __init__(self, hidden):
+        self.hidden = hidden
+
+
+def _final_norm_and_head(model: nn.Module) -> tuple[nn.Module, torch.Tensor] | None:
+    """(final norm module, output projection weight [V, C]) of our GPT2 / Llama, or None for other modules."""
+    family = getattr(model, "family", None)
+    if family == "gpt2":
+        return model.ln_f, model.wte.weight  # GPT-2's head is tied to wte
+    if family == "llama":
+        head = model.lm_head.weight if model.lm_head is not None else model.embed.weight  # tied (SmolLM2)
+        return model.norm, head
+    return None
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Final normed hidden states [B, T, C] of our GPT2 / Llama: the forward runs up to the final norm, whose
+    output a hook hands back by exception, so the vocabulary projection over all B*T positions never runs."""
+    norm, _ = _final_norm_and_head(model)
+
+    def hook(module, inputs, output):
+        raise _HiddenReady(output)
+
+    handle = norm.register_forward_hook(hook)
+    try:
+        model(input_ids)
+    except _HiddenReady as ready:
+        return ready.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError(f"dpo.py: the final norm of {type(model).__name__} never ran")
+
+
+def model_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logps [B], ntokens [B]) of a causal LM on a right-padded batch (no attention mask needed: causal).
+
+    Our GPT2 / Llama take the memory-lean path (final hidden states, projected at labelled positions only);
+    any other module is called as model(input_ids) -> logits [B, T, V].
+    """
+    parts = _final_norm_and_head(model)
+    if parts is None:
+        return sequence_logps(model(input_ids), labels)
+    return target_logps(final_hidden(model, input_ids), parts[1], labels)
+
+
+class LogpModel(nn.Module):
+    """Wraps a causal LM so that forward() returns (logps, ntokens): DDP must see the call that builds the graph."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, labels):
+        return model_logps(self.lm, input_ids, labels)
+
+
+def _pad_right(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    return F.pad(x, (0, length - x.shape[1]), value=value)
+
+
+def concatenated_forward(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over chosen and rejected together: (chosen_logps [B], rejected_logps [B]).
+
+    batch: chosen_input_ids / chosen_labels [B, Tc], rejected_input_ids / rejected_labels [B, Tr]. Both halves
+    are right-padded to max(Tc, Tr) (pad id 0 is never a target) and stacked to [2B, T]: one pass, one graph.
+    `model` is a causal LM or a LogpModel (possibly DDP-wrapped).
+    """
+    t = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+    ids = torch.cat([_pad_right(batch["chosen_input_ids"], t, 0), _pad_right(batch["rejected_input_ids"], t, 0)])
+    labels = torch.cat([_pad_right(batch["chosen_labels"], t, IGNORE), _pad_right(batch["rejected_labels"], t, IGNORE)])
+    logps, _ = model(ids, labels) if _is_logp_model(model) else model_logps(model, ids, labels)
+    b = batch["chosen_input_ids"].shape[0]
+    return logps[:b], logps[b:]
+
+
+def _is_logp_model(m: nn.Module) -> bool:
+    return isinstance(getattr(m, "module", m), LogpModel)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Reference log-probs for DPO.
+
+def has_lora(model: nn.Module) -> bool:
+    """True when the trainable parameters are LoRA adapters (names from model.add_lora contain 'lora_')."""
+    return any("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@torch.no_grad()
+def reference_logps(ref: nn.Module | None, policy: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference (chosen, rejected) log-probs: from `ref` (a frozen copy) or, when None, from the policy with
+    its LoRA adapters switched off (the base model *is* the reference: no second copy in memory)."""
+    if ref is not None:
+        return concatenated_forward(ref, batch)
+    from model import lora_disabled
+    with lora_disabled(policy):
+        return concatenated_forward(policy, batch)
+
+
+def _model_fingerprint(model: nn.Module) -> str:
+    """Cheap identity of the weights: names, shapes and two float64 moments per tensor."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if "lora_" in name:  # adapters are off for the reference; their values do not matter
+            continue
+        t64 = t.detach().double()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}{t64.sum().item():.12e}{t64.abs().sum().item():.12e}".encode())
+    return h.hexdigest()
+
+
+def _features_fingerprint(features: list[dict]) -> str:
+    h = hashlib.sha256()
+    for f in features:
+        for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
+            h.update(np.asarray(f[k], dtype=np.int64).tobytes())
+            h.update(b"|")
+    return h.hexdigest()
+
+
+def cached_reference_logps(policy: nn.Module, ref: nn.Module | None, features: list[dict], collate: Callable,
+                           cache_path: str | os.PathLike, batch_size: int = 8, autocast=contextlib.nullcontext,
+                           device="cpu", rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Reference log-probs of every DPO pair, computed once and stored at cache_path: a [N, 2] fp32 tensor
+    (chosen, rejected). The file records a key of (features, reference weights, precision); a stale cache is
+    detected and recomputed. Under DDP each rank computes every world-th pair and the parts are summed."""
+    key = hashlib.sha256(
+        (_features_fingerprint(features) + _model_fingerprint(ref if ref is not None else policy)
+         + str(autocast)).encode()).hexdigest()
+    path = Path(cache_path)
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("key") == key and saved["logps"].shape == (len(features), 2):
+            return saved["logps"]
+        if rank == 0:
+            print(f"dpo.py: reference cache {path} is stale (other data or weights); recomputing", file=sys.stderr)
+    out = torch.zeros(len(features), 2, dtype=torch.float32)
+    mine = list(range(rank, len(features), world))
+    was_training = policy.training
+    policy.eval()
+    from tqdm import tqdm
+    for s in tqdm(range(0, len(mine), batch_size), desc="reference log-probs", disable=rank != 0):
+        idx = mine[s:s + batch_size]
+        batch = _to_device(collate([features[i] for i in idx]), device)
+        with autocast():
+            c, r = reference_logps(ref, policy, batch)
+        out[idx, 0], out[idx, 1] = c.float().cpu(), r.float().cpu()
+    policy.train(was_training)
+    if world > 1:  # each pair was computed by exactly one rank; the others hold zeros
+        t = out.to(device)
+        dist.all_reduce(t)
+        out = t.cpu()
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_torch_save({"key": key, "logps": out}, path)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Training.
+
+@dataclass
+class TrainConfig:
+    mode: str = "sft"  # "sft" | "dpo"
+    out_dir: str = "runs/train"
+    # data: the global batch of one optimizer step is batch_size * grad_accum * world_size sequences (pairs)
+    batch_size: int = 8  # per process, per micro-step
+    grad_accum: int = 1
+    epochs: float = 1.0  # used when max_steps is None
+    max_steps: int | None = None  # length of the run (and of the lr schedule)
+    stop_at: int | None = None  # leave the loop after this step, as if killed (the schedule still spans the run)
+    seed: int = 0
+    # optimization
+    lr: float = 2e-5
+    optimizer: str = "adamw"  # "adamw" | "rmsprop"
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    schedule: str = "constant"  # after warmup: "constant" | "linear" (decay to 0 at the last step)
+    grad_clip: float | None = 1.0
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast, CPU or GPU) | "fp16" (autocast + loss scaling, GPU)
+    # losses
+    sft_reduction: str = "sum"  # "sum": NLL summed per sequence (PAL) | "mean": per target token
+    beta: float = 0.1  # DPO temperature
+    reference: str = "cache"  # DPO reference: "cache" (precomputed once) | "live" (computed each step)
+    dropout: bool | None = None  # None: on for SFT, off for DPO (policy and reference must agree)
+    # evaluation, checkpoints, logging
+    eval_every: int = 0  # optimizer steps between eval_fn calls (0: never)
+    patience: int = 0  # stop after this many evals without a better score (0: never stop early)
+    save_every: int = 0  # optimizer steps between checkpoints (0: only at the end and on a new best)
+    lora_export: str = "merged"  # final LoRA weights: "merged" (HF layout) | "adapter" (adapter.safetensors)
+    log_every: int = 1
+    resume: bool = False
+    device: str = "auto"  # "auto": cuda:LOCAL_RANK when available, else cpu
+    progress: bool = True
+
+    def __post_init__(self):
+        checks = {"mode": ("sft", "dpo"), "optimizer": ("adamw", "rmsprop"), "schedule": ("constant", "linear"),
+                  "precision": ("fp32", "bf16", "fp16"), "sft_reduction": ("sum", "mean"),
+                  "reference": ("cache", "live"), "lora_export": ("merged", "adapter")}
+        for k, allowed in checks.items():
+            if getattr(self, k) not in allowed:
+                raise ValueError(f"TrainConfig.{k} must be one of {allowed}, got {getattr(self, k)!r}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("TrainConfig.batch_size and grad_accum must be >= 1")
+
+
+def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world, device). Initializes the process group under torchrun (WORLD_SIZE > 1) if needed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    if cfg.device != "auto":
+        device = torch.device(cfg.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def global_batch_indices(n: int, global_batch: int, seed: int, step: int) -> list[int]:
+    """Indices of the examples of optimizer step `step` (0-based).
+
+    Each epoch is a permutation drawn from (seed, epoch) alone, cut into full global batches (the remainder is
+    dropped so every rank always has the same number of examples). The data position is thus a pure function
+    of the step: resuming needs nothing but the step number.
+    """
+    per_epoch = n // global_batch
+    if per_epoch == 0:
+        raise ValueError(f"dpo.py: {n} training examples are fewer than one global batch ({global_batch})")
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return perm[k * global_batch:(k + 1) * global_batch].tolist()
+
+
+def _target_count(feature: dict, prefix: str = "") -> int:
+    """Number of target tokens of one encoded feature (after the shift by one)."""
+    return sum(1 for y in feature[prefix + "labels"][1:] if y != IGNORE)
+
+
+def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:  # multiplier of cfg.lr for optimizer step `step` (0-based)
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "linear":
+            return max(0.0, (total_steps - step) / max(1, total_steps - cfg.warmup_steps))
+        return 1.0
+    return f
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------
+# out_dir/
+#   log.jsonl                    one JSON object per logged step / eval
+#   ckpt/step-000120/            trainable.safetensors (our parameter names: LoRA adapters, or all weights),
+#                                trainer.pt (optimizer, scheduler, step, best score, patience), rng-rank{r}.pt
+#   latest.json                  {"dir": "ckpt/step-000120"}: written with os.replace, so it always names a
+#                                complete directory (which itself was renamed into place from a tmp name)
+#   best.json                    {"dir": ..., "score": ..., "step": ...}; that directory is kept while it is best
+#   final/                       exported weights, Hugging Face layout (config.json + model.safetensors),
+#                                or adapter.safetensors for lora_export="adapter"
+
+def _atomic_torch_save(obj, path: Path):
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_json(obj, path: Path):
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_state(s: dict):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}  # tied weights appear once
+
+
+def _barrier(world: int):
+    if world > 1:
+        dist.barrier()
+
+
+def save_checkpoint(out_dir: Path, step: int, model: nn.Module, trainer_state: dict, rank: int, world: int) -> Path:
+    """Write ckpt/step-N atomically (tmp dir, then rename) and point latest.json at it. All ranks call this."""
+    from safetensors.torch import save_file
+    final = out_dir / "ckpt" / f"step-{step:06d}"
+    tmp = out_dir / "ckpt" / f".tmp-step-{step:06d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(world)
+    torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")  # every rank has its own dropout stream
+    if rank == 0:
+        save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
+                  str(tmp / "trainable.safetensors"))
+        torch.save(trainer_state, tmp / "trainer.pt")
+    _barrier(world)
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_json({"dir": str(final.relative_to(out_dir)), "step": step}, out_dir / "latest.json")
+        _prune_checkpoints(out_dir)
+    _barrier(world)
+    return final
+
+
+def _prune_checkpoints(out_dir: Path):
+    """Keep the latest and the best checkpoint directories only."""
+    keep = set()
+    for name in ("latest.json", "best.json"):
+        p = out_dir / name
+        if p.exists():
+            keep.add(json.loads(p.read_text())["dir"])
+    for d in (out_dir / "ckpt").glob("step-*"):
+        if str(d.relative_to(out_dir)) not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def load_trainable(model: nn.Module, ckpt_dir: Path):
+    """Copy trainable.safetensors into the model; the key sets must match exactly."""
+    from safetensors.torch import load_file
+    saved = load_file(str(ckpt_dir / "trainable.safetensors"))
+    params = _trainable(model)
+    if set(saved) != set(params):
+        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        raise ValueError(f"{ckpt_dir}/trainable.safetensors does not fit the model: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+    with torch.no_grad():
+        for n, p in params.items():
+            if saved[n].shape != p.shape:
+                raise ValueError(f"{ckpt_dir}/trainable.safetensors: {n} has shape {tuple(saved[n].shape)}, "
+                                 f"model has {tuple(p.shape)}")
+            p.copy_(saved[n])
+
+
+def export_model(model: nn.Module, out: Path, lora_export: str = "merged"):
+    """Write the model for use outside training, atomically (tmp dir, then rename): Hugging Face layout
+    (model.save_model folds LoRA into the weights without touching the model) or the adapters alone."""
+    import model as modeling
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if has_lora(model) and lora_export == "adapter":
+        modeling.save_lora(model, tmp / "adapter.safetensors")
+    else:
+        modeling.save_model(model, tmp)
+    old = out.with_name(f".old-{out.name}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- the loop -----------------------------------------------------------------------------------------------
+
+def train(model: nn.Module, cfg: TrainConfig, train_features: list[dict], collate: Callable,
+          eval_fn: Callable[[nn.Module], float | dict] | None = None, ref_model: nn.Module | None = None,
+          export: bool = True) -> dict:
+    """Train `model` in place on `train_features` (encoded dicts of lists) batched by `collate`.
+
+    mode "sft": batches {"input_ids", "labels"} [B, T]; mode "dpo": {"chosen_input_ids", "chosen_labels",
+    "rejected_input_ids", "rejected_labels"}. eval_fn(model) -> score (or dict with "score"), higher is better;
+    it runs on rank 0 every cfg.eval_every steps, drives best-checkpoint selection and early stopping.
+    DPO reference: `ref_model` (a frozen copy, for full fine-tuning) or, when None, the policy with LoRA off.
+    Returns {"step", "best_score", "best_dir", "final_dir", "stopped_early"}. Under torchrun it initializes
+    the process group itself (nccl on GPU, gloo on CPU).
+    """
+    rank, world, device = _setup_distributed(cfg)
+    out_dir = Path(cfg.out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    dpo = cfg.mode == "dpo"
+    if dpo and ref_model is None and not has_lora(model):
+        raise ValueError("dpo.py: DPO with full fine-tuning needs ref_model (a frozen copy of the start weights)")
+
+    # ---- model, precision, optimizer, schedule
+    model.to(device)
+    dropout = cfg.dropout if cfg.dropout is not None else not dpo
+    model.train(dropout)  # eval() semantics = dropout off; nothing else in our models depends on the mode
+    if ref_model is not None:
+        ref_model.to(device).eval().requires_grad_(False)
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ValueError("dpo.py: precision='fp16' needs a GPU; use 'bf16' on CPU")
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+
+    params = list(_trainable(model).values())
+    if not params:
+        raise ValueError("dpo.py: the model has no trainable parameters")
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.RMSprop(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    steps_per_epoch = len(train_features) // global_batch
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * max(steps_per_epoch, 1)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total_steps))
+
+    net = LogpModel(model)  # forward(input_ids, labels) -> (logps, ntokens); the unit DDP syncs
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # ---- resume
+    step, best_score, bad_evals, best_dir = 0, None, 0, None
+    torch.manual_seed(cfg.seed + rank)  # dropout streams differ per rank
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    latest = out_dir / "latest.json"
+    if cfg.resume and latest.exists():
+        ckpt = out_dir / json.loads(latest.read_text())["dir"]
+        load_trainable(model, ckpt)
+        state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, best_score, bad_evals, best_dir = state["step"], state["best_score"], state["bad_evals"], state["best_dir"]
+        rng_file = ckpt / f"rng-rank{rank}.pt"
+        if rng_file.exists():
+            _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+        if rank == 0:
+            print(f"dpo.py: resumed from {ckpt} at step {step}", file=sys.stderr)
+    elif cfg.resume and rank == 0:
+        print(f"dpo.py: resume requested but {latest} does not exist; starting from step 0", file=sys.stderr)
+
+    # ---- DPO reference log-probs, once
+    ref_cache = None
+    if dpo and cfg.reference == "cache":
+        ref_cache = cached_reference_logps(model, ref_model, train_features, collate, out_dir / "ref_logps.pt",
+                                           cfg.batch_size, autocast, device, rank, world)
+        model.train(dropout)
+
+    # units that normalize the loss of one optimizer step, counted over the whole global batch so that
+    # 1 process x 8 sequences and 2 processes x 4 sequences take the same step
+    def units(i: int) -> int:
+        if dpo or cfg.sft_reduction == "sum":
+            return 1  # per sequence (pair)
+        return _target_count(train_features[i])  # per target token
+
+    def trainer_state() -> dict:
+        return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, "best_score": best_score, "bad_evals": bad_evals, "best_dir": best_dir,
+                "config": dataclasses.asdict(cfg)}
+
+    log_f = open(out_dir / "log.jsonl", "a") if rank == 0 else None
+    stop_at = min(total_steps, cfg.stop_at) if cfg.stop_at is not None else total_steps
+    from tqdm import tqdm
+    bar = tqdm(total=total_steps, initial=step, desc=cfg.mode, disable=rank != 0 or not cfg.progress,
+               dynamic_ncols=True)
+    stopped_early, t_last, tokens_since = False, time.perf_counter(), 0
+    stats = torch.zeros(6, dtype=torch.float64)  # loss, units, correct, margin, chosen_r, rejected_r (sums)
+
+    while step < stop_at and not stopped_early:
+        idx_global = global_batch_indices(len(train_features), global_batch, cfg.seed, step)
+        norm = sum(units(i) for i in idx_global)  # identical on every rank
+        for micro in range(cfg.grad_accum):
+            lo = (micro * world + rank) * cfg.batch_size
+            batch = _to_device(collate([train_features[i] for i in idx_global[lo:lo + cfg.batch_size]]), device)
+            last_micro = micro == cfg.grad_accum - 1
+            # gradients are all-reduced once per optimizer step, in the backward of the last micro-step
+            sync = contextlib.nullcontext() if (world == 1 or last_micro) else net.no_sync()
+            with sync:
+                with autocast():
+                    if dpo:
+                        pc, pr = concatenated_forward(net, batch)
+                        if ref_cache is not None:
+                            ref = ref_cache[idx_global[lo:lo + cfg.batch_size]].to(device)
+                            rc, rr = ref[:, 0], ref[:, 1]
+                        else:
+                            rc, rr = reference_logps(ref_model, model, batch)
+                        losses, cr, rr_ = dpo_loss(pc, pr, rc, rr, cfg.beta)
+                        loss_sum = losses.sum()
+                        stats[2:] += torch.stack([(cr > rr_).sum(), (cr - rr_).sum(), cr.sum(), rr_.sum()]).double().cpu()
+                        ntok = batch["chosen_input_ids"].numel() + batch["rejected_input_ids"].numel()
+                    else:
+                        logps, n_target = net(batch["input_ids"], batch["labels"])
+                        loss_sum = -logps.sum()
+                        ntok = batch["input_ids"].numel()
+                    # DDP averages gradients over ranks, hence * world: the step's loss is sum / norm overall
+                    loss = loss_sum * world / norm
+                scaler.scale(loss).backward()
+            stats[0] += loss_sum.item()
+            tokens_since += ntok * world  # every rank sees a batch of the same shape budget
+        stats[1] += norm
+        if cfg.grad_clip:
+            scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        else:
+            grad_norm = None
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        lr = sched.get_last_lr()[0]
+        sched.step()
+        step += 1
+
+        # ---- log
+        if step % cfg.log_every == 0 or step == stop_at:
+            if world > 1:
+                t = stats.to(device)
+                dist.all_reduce(t)  # stats[1] (norm) is the same on each rank: divide back
+                stats = t.cpu()
+                stats[1] /= world
+            now = time.perf_counter()
+            rec = {"step": step, "epoch": step / max(steps_per_epoch, 1), "lr": lr,
+                   "loss": stats[0].item() / max(stats[1].item(), 1), "grad_norm": grad_norm,
+                   "tokens_per_s": tokens_since / max(now - t_last, 1e-9)}
+            if dpo:
+                n = stats[1].item()
+                rec.update(reward_accuracy=stats[2].item() / n, reward_margin=stats[3].item() / n,
+                           chosen_reward=stats[4].item() / n, rejected_reward=stats[5].item() / n)
+            if rank == 0:
+                log_f.write(json.dumps(rec) + "\n")
+                log_f.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            stats.zero_()
+            t_last, tokens_since = now, 0
+        bar.update(1)
+
+        # ---- eval, best checkpoint, early stopping
+        new_best = False
+        if eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
+            score = torch.zeros(1, dtype=torch.float64)
+            if rank == 0:
+                was = model.training
+                model.eval()
+                with torch.no_grad():
+                    r = eval_fn(model)
+                model.train(was)
+                score[0] = float(r["score"] if isinstance(r, dict) else r)
+                log_f.write(json.dumps({"step": step, "eval": r if isinstance(r, dict) else {"score": score.item()}}) + "\n")
+                log_f.flush()
+            if world > 1:
+                t = score.to(device)
+                dist.broadcast(t, 0)
+                score = t.cpu()
+            score = score.item()
+            if best_score is None or score > best_score:
+                best_score, bad_evals, new_best = score, 0, True
+            else:
+                bad_evals += 1
+                stopped_early = cfg.patience > 0 and bad_evals >= cfg.patience
+        if new_best or (cfg.save_every and step % cfg.save_every == 0) or step == stop_at or stopped_early:
+            d = save_checkpoint(out_dir, step, model, trainer_state(), rank, world)
+            if new_best:
+                best_dir = str(d.relative_to(out_dir))
+                if rank == 0:
+                    _atomic_json({"dir": best_dir, "score": best_score, "step": step}, out_dir / "best.json")
+                # trainer.pt was written before best_dir changed: rewrite it so a resume knows the best
+                if rank == 0:
+                    _atomic_torch_save(trainer_state(), d / "trainer.pt")
+    bar.close()
+    if log_f:
+        log_f.close()
+
+    # ---- export: the best weights when there was an evaluation, else the last ones
+    final_dir = None
+    finished = step >= total_steps or stopped_early
+    if export and finished:
+        if best_dir is not None:
+            load_trainable(model, out_dir / best_dir)
+        if rank == 0:
+            final_dir = out_dir / "final"
+            export_model(model, final_dir, cfg.lora_export)
+        _barrier(world)
+    return {"step": step, "best_score": best_score, "best_dir": best_dir, "final_dir": final_dir,
+            "stopped_early": stopped_early}

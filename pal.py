@@ -1,0 +1,695 @@
+"""PAL, the pipeline: Persona-aware Learning (mixed-task SFT), Persona Alignment (DPO), Select then Generate.
+
+    python pal.py sft      --run-dir R --model smol --data-dir D   # 1. mixed-task SFT on Train
+    python pal.py pairs    --run-dir R                             # 2. persona-less responses on Valid#1
+    python pal.py dpo      --run-dir R                             # 3. DPO: gold response > persona-less one
+    python pal.py predict  --run-dir R                             # 4. Select then Generate on Test
+    python pal.py evaluate --run-dir R [--nli DIR]                 # 5. BLEU / ROUGE-L / Entropy / C.score
+    python pal.py all      --run-dir R ...                         # 1-5 in order
+    python pal.py chat     --run-dir R                             # talk to the trained model
+    python pal.py table    R1 R2 ...                               # several runs side by side
+
+Every stage writes into one run directory and skips work that is already complete; an interrupted stage
+resumes (training from its last checkpoint, generation from the last line written). The options given to the
+first stage are stored in R/run.json and reused by the later ones (an option given again overrides it).
+
+Read top to bottom:
+  1. evaluation metrics  - BLEU-n, ROUGE-L, n-gram entropy, Distinct-n, persona coverage (our own code)
+  2. run configuration   - RunConfig, variants (baselines and ablations), run.json
+  3. helpers             - data, model loading, batched generation with progress, atomic JSONL
+  4. stages              - sft, pairs, dpo, predict, evaluate, chat, table
+  5. command line
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Evaluation metrics
+# ----------------------------------------------------------------------------------------------------------
+
+from metrics import (corpus_bleu, distinct_n, metric_tokens, ngram_entropy, persona_coverage,  # noqa: E402
+                     rouge_l)
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Run configuration
+# ----------------------------------------------------------------------------------------------------------
+
+# What each variant changes. The four switches:
+#   tasks     SFT tasks: "mix" (persona selection + persona-enhanced generation, interleaved: PAL),
+#             "dg" (generation only), "ps" (selection only), "seq" (selection, then generation: w/o Mix)
+#   fmt       "prompt" (PAL's instruction prompts) or "plain" (personas and history as plain lines)
+#   align     second stage: "dpo" (PAL), "sft" (SFT on Valid#1's gold responses: w/o PC), "none" (w/o PA)
+#   strategy  inference: "select" (Select then Generate), "random" (a random persona is highlighted),
+#             "none" (Not Select: generate without a highlighted persona)
+VARIANTS = {
+    "pal":        dict(tasks="mix", fmt="prompt", align="dpo", strategy="select"),
+    "ft":         dict(tasks="dg", fmt="plain", align="none", strategy="none"),   # fine-tuning w/o prompts
+    "prompting":  dict(tasks="dg", fmt="prompt", align="none", strategy="none"),  # generation task only
+    "wo_mix":     dict(tasks="seq", fmt="prompt", align="dpo", strategy="select"),
+    "wo_pa":      dict(tasks="mix", fmt="prompt", align="none", strategy="select"),
+    "only_dg":    dict(tasks="dg", fmt="prompt", align="dpo", strategy="none"),
+    "only_ps":    dict(tasks="ps", fmt="prompt", align="dpo", strategy="select"),
+    "wo_pc":      dict(tasks="mix", fmt="prompt", align="sft", strategy="select"),
+    "random":     dict(tasks="mix", fmt="prompt", align="dpo", strategy="random"),
+    "not_select": dict(tasks="mix", fmt="prompt", align="dpo", strategy="none"),
+}
+CHOICES = {"tasks": ("mix", "dg", "ps", "seq"), "fmt": ("prompt", "plain"), "align": ("dpo", "sft", "none"),
+           "strategy": ("select", "random", "none")}
+
+
+@dataclass
+class RunConfig:
+    """Everything a run depends on; stored in RUN_DIR/run.json by the first stage."""
+    model: str = "smol"                 # model name (smol, gpt2, owner/name hub id) or local directory
+    data_dir: str | None = None         # PERSONA-CHAT directory (or Baidu-Persona-Chat JSONL directory)
+    variant: str = "pal"                # a key of VARIANTS; the four switches below default from it
+    tasks: str | None = None
+    fmt: str | None = None
+    align: str | None = None
+    strategy: str | None = None
+    lang: str | None = None             # "en" / "zh"; None: detected from the data
+    limit: int | None = None            # examples per split (None: all)
+    seed: int = 0
+    select_ratio: float = 1.0           # share of examples that also get a selection feature in mixed SFT
+    max_len: int = 512                  # tokens per training sequence (oldest history turns dropped first)
+    # model / precision
+    dtype: str = "fp32"                 # weights: fp32 | bf16 | fp16
+    precision: str = "fp32"             # training autocast: fp32 | bf16 | fp16
+    lora_r: int = 0                     # 0: full fine-tuning
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    # SFT (paper: lr 2e-5, 100 warmup steps, 10 epochs)
+    sft_lr: float = 2e-5
+    sft_epochs: float = 10.0
+    sft_warmup: int = 100
+    sft_reduction: str = "sum"          # PAL sums the NLL per sequence; "mean" = per target token
+    batch_size: int = 8
+    grad_accum: int = 1
+    # DPO (paper: beta 0.1, 100 warmup steps, up to 30000 steps with early stopping)
+    dpo_lr: float = 5e-6
+    dpo_beta: float = 0.1
+    dpo_steps: int = 30000
+    dpo_epochs: float | None = None     # when set, overrides dpo_steps with this many passes over the pairs
+    dpo_warmup: int = 100
+    eval_every: int = 500
+    patience: int = 5
+    eval_limit: int = 200               # validation examples generated for each early-stopping score
+    # generation (greedy)
+    max_new_tokens: int = 48
+    select_max_new_tokens: int = 48
+    gen_batch: int = 16
+    gen_dtype: str | None = None        # weights for pairs/predict/chat (e.g. fp16 on GPU); None: as dtype
+    nli: str | None = None              # NLI checkpoint for C.score (and the DPO validation score)
+
+    def switches(self) -> dict:
+        base = VARIANTS[self.variant]
+        return {k: getattr(self, k) or base[k] for k in CHOICES}
+
+
+def _torch_dtype(name: str):
+    import torch
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def load_run_config(run_dir: Path, overrides: dict) -> RunConfig:
+    """run.json (if any) with the options given on this command line on top; writes the result back."""
+    path = run_dir / "run.json"
+    base = json.loads(path.read_text()) if path.exists() else {}
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = set(base) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+    merged = {**base, **{k: v for k, v in overrides.items() if v is not None and k in known}}
+    cfg = RunConfig(**merged)
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"unknown variant {cfg.variant!r}; choose from {', '.join(VARIANTS)}")
+    for k, allowed in CHOICES.items():
+        v = getattr(cfg, k)
+        if v is not None and v not in allowed:
+            raise ValueError(f"--{k} {v!r}: choose from {', '.join(allowed)}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, dataclasses.asdict(cfg))
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Helpers
+# ----------------------------------------------------------------------------------------------------------
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not a JSON line ({e}): {line[:80]!r}") from None
+    return rows
+
+
+class JsonlWriter:
+    """Appends rows to PATH.partial and renames it to PATH when complete, so a finished file is never half
+    written and an interrupted run resumes after the last complete line."""
+
+    def __init__(self, path: Path):
+        self.path, self.partial = path, path.with_name(path.name + ".partial")
+        self.done_rows = []
+        if self.partial.exists():  # keep the complete lines of an interrupted run
+            text = self.partial.read_text(encoding="utf-8")
+            lines = text.split("\n")
+            complete = lines[:-1]  # the last piece has no newline: cut off mid-write, or empty
+            self.done_rows = [json.loads(l) for l in complete if l.strip()]
+            self.partial.write_text("".join(l + "\n" for l in complete if l.strip()), encoding="utf-8")
+        self.f = open(self.partial, "a", encoding="utf-8")
+
+    def write(self, row: dict):
+        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.f.flush()
+
+    def finish(self):
+        self.f.close()
+        os.replace(self.partial, self.path)
+
+
+def say(msg: str):
+    print(f"[pal] {msg}", file=sys.stderr, flush=True)
+
+
+def load_data(cfg: RunConfig):
+    """(splits, lang, tokenizer-independent info) for this run: the four splits of the paper's Table 1."""
+    import data
+    if cfg.data_dir is None:
+        raise ValueError("no data: give --data-dir (a PERSONA-CHAT directory; `python data.py download` "
+                         "fetches it)")
+    splits, info = data.load_splits(cfg.data_dir, limit=cfg.limit)
+    say(info.message)
+    lang = cfg.lang or data.detect_lang(splits["valid1"] or splits["test"])
+    return splits, lang
+
+
+def load_tok(cfg: RunConfig):
+    import data
+    return data.load_tokenizer(cfg.model)
+
+
+def load_stage_model(cfg: RunConfig, weights: str | Path | None, trainable: bool):
+    """The base model, or a stage's exported weights (HF layout), optionally with fresh LoRA adapters.
+    Models loaded only to generate use gen_dtype."""
+    import model as modeling
+    src = weights if weights is not None else cfg.model
+    dtype = cfg.dtype if trainable else (cfg.gen_dtype or cfg.dtype)
+    m = modeling.load_model(src, dtype=_torch_dtype(dtype), device=_device())
+    if trainable and cfg.lora_r:
+        modeling.add_lora(m, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+    elif trainable:
+        m.requires_grad_(True)
+    return m
+
+
+def _device() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def generate_texts(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, batch: int,
+                   desc: str = "generate", on_batch=None, start: int = 0) -> list[str]:
+    """Greedy replies for many prompts, batched by similar length (less padding), in the input order.
+    on_batch(indices, texts) is called after each batch (for incremental writing); `start` skips prompts
+    already done. Returns the texts of prompts start.. in order."""
+    import model as modeling
+    from tqdm import tqdm
+    todo = list(range(start, len(prompt_ids)))
+    out: dict[int, str] = {}
+    # batches are consecutive in the input order (so a resumed run continues after the last full batch)
+    bar = tqdm(total=len(todo), desc=desc, disable=len(todo) < 2 * batch, dynamic_ncols=True)
+    for lo in range(0, len(todo), batch):
+        idx = todo[lo:lo + batch]
+        new = modeling.generate(model, [prompt_ids[i] for i in idx], max_new_tokens, tok.stop_ids)
+        texts = [tok.decode(t).strip() for t in new]
+        out.update(zip(idx, texts))
+        if on_batch:
+            on_batch(idx, texts)
+        bar.update(len(idx))
+    bar.close()
+    return [out[i] for i in todo]
+
+
+def prompt_mode(cfg: RunConfig) -> str:
+    """The prompt mode of the generation task: PAL's persona-enhanced prompt, or plain lines (ft)."""
+    return "noprompt" if cfg.switches()["fmt"] == "plain" else "generate"
+
+
+def select_then_generate(model, tok, examples, cfg: RunConfig, lang: str, strategy: str | None = None,
+                         desc: str = "predict", writer: JsonlWriter | None = None) -> list[dict]:
+    """PAL's inference for each example: 1. the model picks the persona sentence the reply should use
+    (selection prompt), 2. it replies with *that* sentence highlighted. Never the gold label.
+    strategy "random" highlights a random persona sentence, "none" highlights nothing (Not Select)."""
+    import data
+    strategy = strategy or cfg.switches()["strategy"]
+    mode = prompt_mode(cfg)
+    start = len(writer.done_rows) if writer else 0
+    rows = list(writer.done_rows) if writer else []
+    rng = random.Random(cfg.seed)
+    todo = examples[start:]
+    # 1. selection
+    if strategy == "select" and mode == "generate":
+        sel_ids = [data.encode_prompt(tok, data.build_prompt("select", e.personas, e.history, lang)) for e in todo]
+        picks = generate_texts(model, tok, sel_ids, cfg.select_max_new_tokens, cfg.gen_batch, f"{desc}: select")
+        selected = [data.parse_selection(t, e.personas, lang) for t, e in zip(picks, todo)]
+    elif strategy == "random":
+        picks = None
+        selected = [rng.choice(e.personas) if e.personas else None for e in todo]
+    else:
+        picks = None
+        selected = [None] * len(todo)
+    # 2. generation with the selected persona highlighted
+    gen_ids = [data.encode_prompt(tok, _generation_prompt(e, mode, lang, p)) for e, p in zip(todo, selected)]
+
+    def write(idx, texts):
+        for i, t in zip(idx, texts):
+            e = todo[i]
+            row = {"dialogue_id": e.dialogue_id, "personas": e.personas, "history": e.history,
+                   "selection_output": picks[i] if picks else None, "selected_persona": selected[i],
+                   "response": t, "gold": e.response,
+                   "gold_persona": e.personas[e.persona_label] if e.persona_label is not None else None}
+            rows.append(row)
+            if writer:
+                writer.write(row)
+
+    generate_texts(model, tok, gen_ids, cfg.max_new_tokens, cfg.gen_batch, f"{desc}: generate", on_batch=write)
+    return rows
+
+
+def _generation_prompt(e, mode: str, lang: str, persona: str | None) -> str:
+    import data
+    if mode == "noprompt":
+        return data.build_prompt("noprompt", e.personas, e.history, lang)
+    return data.build_prompt("generate", e.personas, e.history, lang, persona=persona)
+
+
+def score_generations(rows: list[dict], lang: str, nli=None) -> dict:
+    """All metrics of a list of generation rows (response, gold, personas). BLEU/ROUGE-L x100 as in the
+    paper's tables; entropy in nats. C.score only with an NLI classifier: otherwise None, never invented."""
+    hyps = [r["response"] for r in rows]
+    refs = [r["gold"] for r in rows]
+    personas = [r["personas"] for r in rows]
+    bleu = corpus_bleu(hyps, refs, max_n=4, lang=lang)
+    res = {"n": len(rows), "bleu1": 100 * bleu[0], "bleu2": 100 * bleu[1], "bleu4": 100 * bleu[3],
+           "rouge_l": 100 * rouge_l(hyps, refs, lang=lang)}
+    for n in (1, 2, 3, 4):
+        res[f"entropy{n}"] = ngram_entropy(hyps, n, lang=lang)
+    res["entropy"] = res["entropy4"]  # the paper's "Entropy" column: 4-gram entropy
+    res["distinct1"], res["distinct2"] = distinct_n(hyps, 1, lang=lang), distinct_n(hyps, 2, lang=lang)
+    res["persona_coverage"] = 100 * persona_coverage(hyps, personas, lang=lang)
+    if nli is not None:
+        import nli as nli_mod
+        res["c_score"] = nli_mod.c_score(hyps, personas, nli)
+    else:
+        res["c_score"] = None
+    return res
+
+
+def validation_score(rows: list[dict], lang: str, nli=None) -> dict:
+    """The early-stopping score of a validation pass: C.score when an NLI model is given (as in the paper),
+    else the lexical persona coverage plus BLEU-1 (so that a degenerate copy of a persona does not win)."""
+    s = score_generations(rows, lang, nli)
+    s["score"] = s["c_score"] if s["c_score"] is not None else s["persona_coverage"] + s["bleu1"]
+    return s
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Stages
+# ----------------------------------------------------------------------------------------------------------
+
+def sft_phases(cfg: RunConfig) -> list[tuple[str, list[str]]]:
+    """The SFT phases of a run: (name, prompt modes trained together). w/o Mix trains the two tasks one
+    after the other instead of interleaved."""
+    tasks = cfg.switches()["tasks"]
+    if cfg.switches()["fmt"] == "plain":
+        return [("dg", ["noprompt"])]
+    return {"mix": [("mix", ["select", "generate"])], "dg": [("dg", ["generate"])], "ps": [("ps", ["select"])],
+            "seq": [("ps", ["select"]), ("dg", ["generate"])]}[tasks]
+
+
+def sft_features_for(tok, examples, modes: list[str], cfg: RunConfig, lang: str):
+    import data
+    if modes == ["select", "generate"]:
+        feats, stats = data.mixed_task_features(tok, examples, cfg.select_ratio, cfg.seed, lang, cfg.max_len)
+    else:
+        feats, stats = data.sft_features(tok, examples, modes[0], lang, cfg.max_len)
+    say(f"SFT features ({'+'.join(modes)}): {stats.summary()}")
+    return feats
+
+
+def _train_config(cfg: RunConfig, mode: str, out_dir: Path, n_features: int):
+    import dpo
+    if mode == "sft":
+        return dpo.TrainConfig(mode="sft", out_dir=str(out_dir), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                               epochs=cfg.sft_epochs, lr=cfg.sft_lr, warmup_steps=cfg.sft_warmup,
+                               precision=cfg.precision, sft_reduction=cfg.sft_reduction, seed=cfg.seed,
+                               eval_every=0, resume=True)
+    steps = cfg.dpo_steps
+    if cfg.dpo_epochs is not None:
+        steps = max(1, math.ceil(cfg.dpo_epochs * n_features / (cfg.batch_size * cfg.grad_accum)))
+    return dpo.TrainConfig(mode="dpo", out_dir=str(out_dir), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                           max_steps=steps, lr=cfg.dpo_lr, warmup_steps=cfg.dpo_warmup, beta=cfg.dpo_beta,
+                           precision=cfg.precision, seed=cfg.seed, eval_every=cfg.eval_every,
+                           patience=cfg.patience, resume=True)
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def stage_sft(cfg: RunConfig, run: Path):
+    """Persona-aware Learning: mixed-task SFT on Train (selection + persona-enhanced generation)."""
+    out = run / "sft" / "final"
+    if out.exists():
+        say(f"sft: {out} exists, skipping")
+        return out
+    import data
+    import dpo
+    splits, lang = load_data(cfg)
+    tok = load_tok(cfg)
+    weights = None
+    for k, (name, modes) in enumerate(sft_phases(cfg)):
+        phase_dir = run / "sft" / f"phase{k}-{name}"
+        if not (phase_dir / "final").exists():
+            say(f"sft phase {k} ({name}): tasks {modes} on {len(splits['train'])} Train examples")
+            model = load_stage_model(cfg, weights, trainable=True)
+            data_mod = data
+            feats = sft_features_for(tok, splits["train"], modes, cfg, lang)
+            # validation: the summed NLL of the generation task on Valid#1+Valid#2 (higher score = lower loss)
+            val = (splits["valid1"] + splits["valid2"])[: cfg.eval_limit]
+            val_feats = data_mod.sft_features(tok, val, modes[-1], lang, cfg.max_len)[0] if val else []
+            tcfg = _train_config(cfg, "sft", phase_dir, len(feats))
+            if val_feats:
+                tcfg.eval_every = max(1, int(math.ceil(len(feats) / (cfg.batch_size * cfg.grad_accum))))
+            collate = lambda fs: data_mod.collate_sft(fs, tok.pad_id)
+            eval_fn = (lambda m: _neg_val_loss(m, val_feats, collate, cfg.batch_size)) if val_feats else None
+            dpo.train(model, tcfg, feats, collate, eval_fn=eval_fn)
+            del model
+        weights = phase_dir / "final"
+    if _is_rank0():
+        _copy_dir_atomic(weights, out)
+    return out
+
+
+def _neg_val_loss(model, feats, collate, batch_size) -> dict:
+    import torch
+    import dpo
+    total, n = 0.0, 0
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        for lo in range(0, len(feats), batch_size):
+            b = collate(feats[lo:lo + batch_size])
+            logps, _ = dpo.model_logps(model, b["input_ids"].to(dev), b["labels"].to(dev))
+            total += -logps.sum().item()
+            n += len(logps)
+    return {"score": -total / max(n, 1), "val_nll": total / max(n, 1)}
+
+
+def _copy_dir_atomic(src: Path, dst: Path):
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    os.replace(tmp, dst)
+
+
+def stage_pairs(cfg: RunConfig, run: Path):
+    """The SFT model answers each Valid#1 example from the history alone (no persona): the rejected side of
+    PAL's preference pairs; the gold response is the chosen side."""
+    out = run / "pairs.jsonl"
+    if out.exists():
+        say(f"pairs: {out} exists, skipping")
+        return out
+    import data
+    splits, lang = load_data(cfg)
+    tok = load_tok(cfg)
+    model = load_stage_model(cfg, run / "sft" / "final", trainable=False)
+    examples = splits["valid1"]
+    writer = JsonlWriter(out)
+    start = len(writer.done_rows)
+    if start:
+        say(f"pairs: resuming after {start} of {len(examples)} examples")
+    ids = [data.encode_prompt(tok, data.build_prompt("history", e.personas, e.history, lang)) for e in examples]
+
+    def write(idx, texts):
+        for i, t in zip(idx, texts):
+            e = examples[i]
+            writer.write({"dialogue_id": e.dialogue_id, "personas": e.personas, "history": e.history,
+                          "persona_label": e.persona_label, "chosen": e.response, "rejected": t})
+
+    generate_texts(model, tok, ids, cfg.max_new_tokens, cfg.gen_batch, "pairs", on_batch=write, start=start)
+    writer.finish()
+    return out
+
+
+def _example_from_row(row: dict):
+    import data
+    return data.Example(personas=row["personas"], history=row["history"], response=row["chosen"],
+                        persona_label=row.get("persona_label"), dialogue_id=row.get("dialogue_id", -1),
+                        candidates=None)
+
+
+def stage_dpo(cfg: RunConfig, run: Path):
+    """Persona Alignment: DPO from the SFT weights (reference = the SFT model) preferring the gold response
+    over the persona-less one, early-stopped on the Valid#2 score. w/o PC: SFT on the gold responses instead."""
+    align = cfg.switches()["align"]
+    out = run / "dpo" / "final"
+    if align == "none":
+        say("dpo: this variant has no alignment stage (w/o PA); predict uses the SFT model")
+        return run / "sft" / "final"
+    if out.exists():
+        say(f"dpo: {out} exists, skipping")
+        return out
+    import data
+    import dpo
+    splits, lang = load_data(cfg)
+    tok = load_tok(cfg)
+    mode = prompt_mode(cfg)
+    pairs = read_jsonl(run / "pairs.jsonl") if align == "dpo" else None
+    policy = load_stage_model(cfg, run / "sft" / "final", trainable=True)
+    ref = None
+    if align == "dpo" and not cfg.lora_r:  # full fine-tuning: the reference is a frozen copy of the SFT model
+        ref = load_stage_model(cfg, run / "sft" / "final", trainable=False)
+    val = splits["valid2"][: cfg.eval_limit]
+    nli_model = _load_nli(cfg)
+
+    def eval_fn(m):
+        rows = select_then_generate(m, tok, val, cfg, lang, desc="validate")
+        return validation_score(rows, lang, nli_model)
+
+    if align == "dpo":
+        stats = data.EncodeStats()
+        feats = [data.dpo_feature(tok, _example_from_row(r), r["rejected"], mode, lang, cfg.max_len, stats=stats)
+                 for r in pairs]
+        say(f"dpo: {len(feats)} pairs; {stats.summary()}")
+        collate = lambda fs: data.collate_dpo(fs, tok.pad_id)
+        tcfg = _train_config(cfg, "dpo", run / "dpo", len(feats))
+    else:  # w/o PC: the same Valid#1 examples, gold responses only, plain SFT
+        feats = data.sft_features(tok, splits["valid1"], mode, lang, cfg.max_len)[0]
+        collate = lambda fs: data.collate_sft(fs, tok.pad_id)
+        tcfg = _train_config(cfg, "dpo", run / "dpo", len(feats))
+        tcfg = dataclasses.replace(tcfg, mode="sft", lr=cfg.sft_lr)
+    tcfg.eval_every = min(tcfg.eval_every, tcfg.max_steps) if tcfg.eval_every else 0
+    dpo.train(policy, tcfg, feats, collate, eval_fn=eval_fn if val else None, ref_model=ref)
+    return out
+
+
+def _load_nli(cfg: RunConfig):
+    if not cfg.nli:
+        return None
+    import nli
+    return nli.load_nli(cfg.nli)
+
+
+def final_weights(cfg: RunConfig, run: Path) -> Path:
+    return run / ("sft" if cfg.switches()["align"] == "none" else "dpo") / "final"
+
+
+def stage_predict(cfg: RunConfig, run: Path):
+    """Select then Generate on Test: generations.jsonl (personas, history, selected persona, response, gold)."""
+    out = run / "generations.jsonl"
+    if out.exists():
+        say(f"predict: {out} exists, skipping")
+        return out
+    splits, lang = load_data(cfg)
+    tok = load_tok(cfg)
+    model = load_stage_model(cfg, final_weights(cfg, run), trainable=False)
+    writer = JsonlWriter(out)
+    if writer.done_rows:
+        say(f"predict: resuming after {len(writer.done_rows)} of {len(splits['test'])} examples")
+    select_then_generate(model, tok, splits["test"], cfg, lang, writer=writer)
+    writer.finish()
+    return out
+
+
+def stage_evaluate(cfg: RunConfig, run: Path):
+    """BLEU-1/2, ROUGE-L, Entropy, C.score (with --nli) and persona coverage -> results.json, results.md."""
+    out = run / "results.json"
+    if out.exists():
+        say(f"evaluate: {out} exists, skipping")
+        return out
+    rows = read_jsonl(run / "generations.jsonl")
+    lang = cfg.lang or ("zh" if any(re.search(r"[\u4e00-\u9fff]", r["gold"]) for r in rows[:20]) else "en")
+    res = score_generations(rows, lang, _load_nli(cfg))
+    res.update(variant=cfg.variant, model=cfg.model, **cfg.switches(), lang=lang)
+    write_json_atomic(out, res)
+    md = results_table([(run.name, res)])
+    tmp = run / ".tmp-results.md"
+    tmp.write_text(md + "\n")
+    os.replace(tmp, run / "results.md")
+    print(md)
+    return out
+
+
+TABLE_COLUMNS = [("BLEU-1", "bleu1"), ("BLEU-2", "bleu2"), ("ROUGE-L", "rouge_l"), ("Entropy", "entropy"),
+                 ("C.score", "c_score"), ("Persona cov.", "persona_coverage"), ("Dist-2", "distinct2")]
+
+
+def results_table(named: list[tuple[str, dict]]) -> str:
+    """Markdown in the layout of the paper's Table 2 (one row per run); C.score shows n/a without an NLI model."""
+    head = "| Run | " + " | ".join(c for c, _ in TABLE_COLUMNS) + " |"
+    lines = [head, "|---|" + "---:|" * len(TABLE_COLUMNS)]
+    for name, res in named:
+        cells = []
+        for _, k in TABLE_COLUMNS:
+            v = res.get(k)
+            cells.append("n/a" if v is None else (f"{v:.4f}" if k == "distinct2" else f"{v:.2f}"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stage_table(run_dirs: list[str]):
+    named = []
+    for d in run_dirs:
+        p = Path(d) / "results.json"
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist: run `python pal.py evaluate --run-dir {d}` first")
+        named.append((Path(d).name, json.loads(p.read_text())))
+    print(results_table(named))
+
+
+def stage_chat(cfg: RunConfig, run: Path, personas: list[str] | None = None, stream=None):
+    """Talk to the trained model: type persona sentences (or press enter for a random Test persona), then chat.
+    Each turn shows the persona sentence the model selected before its reply."""
+    import data
+    stream = stream or sys.stdin
+    weights = final_weights(cfg, run)
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} does not exist: train first (python pal.py all --run-dir {run})")
+    tok = load_tok(cfg)
+    model = load_stage_model(cfg, weights, trainable=False)
+    lang = cfg.lang or "en"
+    if not personas:
+        print("Persona sentences, one per line; an empty line ends (empty at once: a random Test persona).")
+        personas = []
+        for line in stream:
+            if not line.strip():
+                break
+            personas.append(line.strip())
+        if not personas and cfg.data_dir:
+            splits, lang = load_data(cfg)
+            personas = random.Random().choice(splits["test"]).personas
+    print("Persona:\n" + "\n".join(f"  - {p}" for p in personas) + "\n(empty line or Ctrl-D quits)")
+    history: list[str] = []
+    while True:
+        print("you> ", end="", flush=True)
+        line = stream.readline()
+        if not line or not line.strip():
+            break
+        history.append(line.strip())
+        ex = data.Example(personas=personas, history=list(history), response="", persona_label=None,
+                          dialogue_id=-1, candidates=None)
+        row = select_then_generate(model, tok, [ex], cfg, lang, desc="chat")[0]
+        print(f"   [persona: {row['selected_persona'] or '-'}]")
+        print(f"bot> {row['response']}")
+        history.append(row["response"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Command line
+# ----------------------------------------------------------------------------------------------------------
+
+STAGES = {"sft": stage_sft, "pairs": stage_pairs, "dpo": stage_dpo, "predict": stage_predict,
+          "evaluate": stage_evaluate}
+
+
+def _field_type(f) -> type:
+    t = str(f.type)  # annotations are strings here (from __future__ import annotations)
+    return int if t.startswith("int") else float if t.startswith("float") else str
+
+
+def _add_run_options(p: argparse.ArgumentParser):
+    p.add_argument("--run-dir", required=True, help="directory of this run (created; holds run.json)")
+    for f in dataclasses.fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in CHOICES:
+            p.add_argument(flag, choices=CHOICES[f.name], default=None, help=f"override the variant's {f.name}")
+        elif f.name == "variant":
+            p.add_argument(flag, choices=list(VARIANTS), default=None,
+                           help="baseline / ablation preset (default pal): " + ", ".join(VARIANTS))
+        else:  # default None: "not given", so run.json's value stands
+            p.add_argument(flag, type=_field_type(f), default=None, help=f"(default {f.default})")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="pal.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="stage", required=True)
+    helps = {"sft": stage_sft.__doc__, "pairs": stage_pairs.__doc__, "dpo": stage_dpo.__doc__,
+             "predict": stage_predict.__doc__, "evaluate": stage_evaluate.__doc__,
+             "all": "sft, pairs, dpo, predict and evaluate in order (each skipped when complete)",
+             "chat": stage_chat.__doc__}
+    for name, h in helps.items():
+        p = sub.add_parser(name, help=h.split("\n")[0], description=h)
+        _add_run_options(p)
+        if name == "chat":
+            p.add_argument("--persona", action="append", help="a persona sentence (repeat the flag)")
+    pt = sub.add_parser("table", help="several runs' results.json side by side (Markdown)")
+    pt.add_argument("run_dirs", nargs="+")
+    args = ap.parse_args(argv)
+    if args.stage == "table":
+        return stage_table(args.run_dirs)
+    run = Path(args.run_dir)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
+    cfg = load_run_config(run, given)
+    if args.stage == "chat":
+        return stage_chat(cfg, run, args.persona)
+    order = list(STAGES) if args.stage == "all" else [args.stage]
+    for s in order:
+        if s == "pairs" and cfg.switches()["align"] != "dpo":
+            say(f"pairs: not needed by variant {cfg.variant} (align={cfg.switches()['align']}), skipping")
+            continue
+        if s not in ("sft", "dpo") and not _is_rank0():
+            continue  # under torchrun only training uses every rank; generation and scoring run on rank 0
+        t0 = time.time()
+        STAGES[s](cfg, run)
+        say(f"{s}: done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""nli.py against transformers' RobertaForSequenceClassification (tiny random configs saved in HF layout), and
+C.score on hand-built cases with a classifier whose outputs are known."""
+import json
+import random
+import shutil
+
+import pytest
+import torch
+from conftest import shared_file
+
+import nli as N
+
+LABELS = {0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"}  # roberta-large-mnli's order and spelling
+
+
+def _save_random_hf(d, vocab_size, id2label=LABELS, seed=0, layers=2):
+    """A tiny random RobertaForSequenceClassification saved by transformers. Weights are re-drawn with a large
+    scale so that logits differ clearly between inputs (HF's 0.02 init makes every output nearly equal)."""
+    import transformers
+
+    cfg = transformers.RobertaConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        id2label=id2label, label2id={v: k for k, v in id2label.items()},
+        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    torch.manual_seed(seed)
+    model = transformers.RobertaForSequenceClassification(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    model.save_pretrained(d)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_nli")
+    return d, _save_random_hf(d, vocab_size=100)
+
+
+@pytest.fixture(scope="module")
+def roberta_text_dir(tmp_path_factory):
+    """Tiny random classifier + a RoBERTa-layout tokenizer (GPT-2's merges, ids permuted as fairseq's are)."""
+    src = shared_file("tokenizers/gpt2/encoder.json").parent
+    enc = json.loads((src / "encoder.json").read_text())
+    tokens = [t for t in sorted(enc, key=enc.get) if t != "<|endoftext|>"]
+    random.Random(3).shuffle(tokens)
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for t in tokens:
+        vocab[t] = len(vocab)
+    vocab["<mask>"] = len(vocab)
+    d = tmp_path_factory.mktemp("roberta_nli")
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    shutil.copy(src / "vocab.bpe", d / "merges.txt")
+    hf = _save_random_hf(d, vocab_size=len(vocab), id2label={0: "entailment", 1: "Contradiction", 2: "neutral"})
+    return d, hf
+
+
+@pytest.fixture(scope="module")
+def persona_texts():
+    """(responses, persona sentences) from PERSONA-CHAT valid."""
+    path = shared_file("data/personachat/valid_self_original.txt")
+    responses, personas = [], []
+    for line in open(path, encoding="utf-8"):
+        _, _, rest = line.rstrip("\n").partition(" ")
+        if rest.startswith("your persona: "):
+            personas.append(rest[len("your persona: "):])
+        elif "\t" in rest:
+            responses.append(rest.split("\t")[1])
+    return responses, personas
+
+
+def _hf_logits(hf, ids, mask=None):
+    with torch.no_grad():
+        return hf(input_ids=ids, attention_mask=mask).logits
+
+
+# ---------------------------------------------------------------------------------------------- model vs HF
+
+
+def test_config_from_hf(tiny):
+    d, hf = tiny
+    cfg = N.RobertaConfig.from_hf(json.loads((d / "config.json").read_text()))
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.vocab_size) == (32, 2, 4, 100)
+    assert cfg.id2label == LABELS and cfg.max_tokens == 66 - 2
+    with pytest.raises(KeyError, match="hidden_size"):
+        N.RobertaConfig.from_hf({"model_type": "roberta", "vocab_size": 3})
+    with pytest.raises(ValueError, match="model_type"):
+        N.RobertaConfig.from_hf({"model_type": "gpt2"})
+
+
+def test_logits_single_sequences_equal_hf(tiny):
+    d, hf = tiny
+    ours = N.load_classifier(d)
+    g = torch.Generator().manual_seed(0)
+    for T in (1, 2, 7, 30, 64):  # 64 = the longest the position table allows
+        ids = torch.randint(3, 100, (1, T), generator=g)
+        ids[0, 0], ids[0, -1] = 0, 2
+        with torch.no_grad():
+            got = ours(ids)
+        torch.testing.assert_close(got, _hf_logits(hf, ids), atol=1e-5, rtol=0)
+
+
+def test_logits_padded_batch_equal_hf_and_rows_alone(tiny):
+    d, hf = tiny
+    ours = N.load_classifier(d)
+    g = torch.Generator().manual_seed(1)
+    lens = [12, 5, 9, 1, 12, 3]
+    ids = torch.full((len(lens), max(lens)), 1)  # <pad> = 1
+    for i, n in enumerate(lens):
+        ids[i, :n] = torch.randint(3, 100, (n,), generator=g)
+    mask = (torch.arange(max(lens))[None] < torch.tensor(lens)[:, None]).long()
+    with torch.no_grad():
+        got = ours(ids, mask)
+        alone = torch.cat([ours(ids[i:i + 1, :n]) for i, n in enumerate(lens)])
+    torch.testing.assert_close(got, _hf_logits(hf, ids, mask), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)  # padding changes nothing
+    assert (got.std(0) > 0.1).all()  # rows really differ: the comparison is not vacuous
+
+
+def test_predict_text_pairs_equal_hf(roberta_text_dir, persona_texts):
+    import transformers
+
+    d, hf = roberta_text_dir
+    tok = transformers.RobertaTokenizerFast.from_pretrained(str(d))
+    clf = N.load_nli(d)
+    responses, personas = persona_texts
+    premises, hypotheses = responses[:40], personas[:40]
+    got = clf.predict(premises, hypotheses, batch_size=16)
+    enc = tok(premises, hypotheses, padding=True, return_tensors="pt")
+    probs = torch.softmax(_hf_logits(hf, enc["input_ids"], enc["attention_mask"]), -1)
+    # this checkpoint says 0 = entailment, 1 = contradiction, 2 = neutral; ours is (c, n, e)
+    torch.testing.assert_close(got, probs[:, [1, 2, 0]], atol=1e-5, rtol=0)
+    assert got.shape == (40, 3) and torch.allclose(got.sum(-1), torch.ones(40))
+    torch.testing.assert_close(clf.predict(premises, hypotheses, batch_size=1), got, atol=1e-5, rtol=0)
+
+
+def test_long_pairs_are_truncated(roberta_text_dir):
+    d, _ = roberta_text_dir
+    clf = N.load_nli(d)
+    long_a, long_b = "i like dogs . " * 40, "my cat is black " * 30
+    ids = clf.encode(long_a, long_b)
+    assert len(ids) == clf.model.config.max_tokens
+    assert ids[0] == 0 and ids[-1] == 2 and ids.count(2) == 3  # <s> a </s></s> b </s> kept
+    assert clf.predict([long_a, "hi"], [long_b, "hello"]).shape == (2, 3)
+
+
+@pytest.mark.parametrize("id2label", [
+    {0: "entailment", 1: "neutral", 2: "contradiction"},
+    {0: "Neutral", 1: "CONTRADICTION", 2: "Entailment"},
+])
+def test_permuted_id2label(tmp_path, id2label):
+    hf = _save_random_hf(tmp_path, vocab_size=100, id2label=id2label, seed=5)
+    clf = N.NLIClassifier(N.load_classifier(tmp_path))
+    seqs = [[0, 5, 6, 2, 2, 7, 8, 2], [0, 9, 2, 2, 10, 11, 12, 13, 2]]
+    got = clf.predict_ids(seqs)
+    name_to_id = {v.lower(): k for k, v in id2label.items()}
+    for row, s in enumerate(seqs):
+        p = torch.softmax(_hf_logits(hf, torch.tensor([s]))[0], -1)
+        want = torch.stack([p[name_to_id[n]] for n in ("contradiction", "neutral", "entailment")])
+        torch.testing.assert_close(got[row], want, atol=1e-5, rtol=0)
+
+
+def test_label_errors_and_override(tmp_path):
+    _save_random_hf(tmp_path, vocab_size=100, id2label={0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"})
+    model = N.load_classifier(tmp_path)
+    with pytest.raises(ValueError, match="label_names"):
+        N.NLIClassifier(model)
+    clf = N.NLIClassifier(model, label_names=["neutral", "entailment", "contradiction"])
+    assert clf.order == [2, 0, 1]
+    with pytest.raises(ValueError, match="twice"):
+        N.label_order({0: "neutral", 1: "Neutral", 2: "entailment"})
+
+
+def test_checkpoint_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _save_random_hf(tmp_path, vocab_size=100)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    # extra pooler weights (roberta-large-mnli ships them) are ignored by name
+    sd2 = dict(sd, **{"roberta.pooler.dense.weight": torch.zeros(32, 32), "roberta.pooler.dense.bias": torch.zeros(32)})
+    save_file(sd2, str(tmp_path / "model.safetensors"))
+    N.load_classifier(tmp_path)
+    # a missing key and an unknown key are named
+    sd3 = {k: v for k, v in sd.items() if k != "classifier.out_proj.bias"}
+    sd3["roberta.encoder.layer.0.extra.weight"] = torch.zeros(1)
+    save_file(sd3, str(tmp_path / "model.safetensors"))
+    with pytest.raises(KeyError, match=r"classifier\.out_proj\.bias.*extra\.weight"):
+        N.load_classifier(tmp_path)
+    # a shape that disagrees with config.json is named with both shapes
+    sd4 = dict(sd, **{"roberta.embeddings.word_embeddings.weight": torch.zeros(99, 32)})
+    save_file(sd4, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"word_embeddings\.weight has shape \(99, 32\).*\(100, 32\)"):
+        N.load_classifier(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        N.load_classifier(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- C.score
+
+
+class FakeNLI:
+    """Known outputs: probabilities looked up by (premise, hypothesis); records the calls."""
+
+    def __init__(self, table):
+        self.table = table
+        self.calls = []
+
+    def predict(self, premises, hypotheses, batch_size=32):
+        self.calls.append((list(premises), list(hypotheses)))
+        return torch.tensor([self.table[(p, h)] for p, h in zip(premises, hypotheses)])
+
+
+C, NEU, E = [0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.3, 0.6]  # argmax: contradiction, neutral, entailment
+
+
+def test_c_score_hand_built():
+    personas_a = ["i have two dogs .", "i like to ski .", "i am a nurse ."]
+    personas_b = ["i hate the snow .", "i am vegan ."]
+    table = {
+        ("my dogs are great", personas_a[0]): E, ("my dogs are great", personas_a[1]): NEU,
+        ("my dogs are great", personas_a[2]): E,                         # C = 1 + 0 + 1 = 2
+        ("i love steak", personas_b[0]): NEU, ("i love steak", personas_b[1]): C,   # C = 0 - 1 = -1
+        ("hello", personas_b[0]): C, ("hello", personas_b[1]): [0.34, 0.33, 0.33],  # C = -1 - 1 = -2
+    }
+    fake = FakeNLI(table)
+    score, per = N.c_score(["my dogs are great", "i love steak", "hello"], [personas_a, personas_b, personas_b],
+                           fake, return_per_response=True)
+    assert per == [2.0, -1.0, -2.0]
+    assert score == pytest.approx((2 - 1 - 2) / 3)
+    # premise = the response, hypothesis = the persona sentence (Madotto et al.: "u entails p_j")
+    premises, hypotheses = fake.calls[0]
+    assert premises[0] == "my dogs are great" and hypotheses[0] == personas_a[0]
+    assert N.c_score(["x"], [[]], fake) == 0.0  # no persona sentence: C(u) = 0
+    with pytest.raises(ValueError):
+        N.c_score(["x"], [], fake)
+    with pytest.raises(TypeError, match="list of persona sentences"):
+        N.c_score(["x"], ["i have a dog"], fake)
+
+
+def test_c_score_with_real_classifier_matches_hf_argmax(roberta_text_dir, persona_texts):
+    """End to end: our loader + tokenizer + C.score against HF's argmax on the same pairs."""
+    import transformers
+
+    d, hf = roberta_text_dir
+    responses, personas = persona_texts
+    resp, pers = responses[:6], [personas[i:i + 4] for i in range(0, 24, 4)]
+    tok = transformers.RobertaTokenizerFast.from_pretrained(str(d))
+    value = {0: 1, 1: -1, 2: 0}  # this checkpoint: 0 entailment, 1 contradiction, 2 neutral
+    want = []
+    for r, ps in zip(resp, pers):
+        enc = tok([r] * len(ps), ps, padding=True, return_tensors="pt")
+        labels = _hf_logits(hf, enc["input_ids"], enc["attention_mask"]).argmax(-1).tolist()
+        want.append(sum(value[y] for y in labels))
+    score, per = N.c_score(resp, pers, N.load_nli(d), return_per_response=True)
+    assert per == want and score == pytest.approx(sum(want) / len(want))

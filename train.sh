@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# PAL presets: every stage of the pipeline (pal.py) with the settings of one setup.
+#
+#   bash train.sh smol     [--limit N] [--data-dir DIR] [--run-dir DIR] [pal.py options...]   # laptop CPU
+#   bash train.sh gpt2     --data-dir DIR                                                      # one GPU
+#   bash train.sh dialogpt --data-dir DIR                                                      # one GPU
+#   bash train.sh llama    --data-dir DIR                              # 4 GPUs, torchrun, LoRA
+#   bash train.sh gpt2-zh  --data-dir DIR_WITH_BAIDU_PERSONA_CHAT                              # one GPU
+#
+# Every stage skips work that is complete and resumes work that was interrupted: run the same command again.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+preset=${1:-}
+[ -n "$preset" ] && shift
+limit="" data_dir="" run_dir="" nli="" extra=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --limit) limit=$2; shift 2 ;;
+    --data-dir) data_dir=$2; shift 2 ;;
+    --run-dir) run_dir=$2; shift 2 ;;
+    --nli) nli=$2; shift 2 ;;
+    *) extra+=("$1"); shift ;;
+  esac
+done
+
+PY=${PYTHON:-python3}
+launch=("$PY")          # how training stages are started (torchrun for the multi-GPU preset)
+case "$preset" in
+  smol)
+    what="SmolLM2-135M-Instruct with LoRA (r 16) on the CPU, bf16 autocast; a few epochs on --limit examples per split"
+    model=smol; limit=${limit:-64}
+    opts=(--dtype fp32 --precision bf16 --lora-r 16 --lora-alpha 32 --lora-dropout 0.05
+          --sft-lr 3e-4 --sft-epochs 2 --sft-warmup 4 --batch-size 8 --max-len 384
+          --dpo-lr 5e-5 --dpo-epochs 2 --dpo-warmup 2 --eval-every 8 --patience 2 --eval-limit 16
+          --max-new-tokens 32 --select-max-new-tokens 32 --gen-batch 16)
+    if [ -z "$data_dir" ]; then
+      if [ -d data/personachat ]; then data_dir=data/personachat
+      elif $PY data.py download --data-dir data >/dev/null 2>&1; then data_dir=data/personachat
+      else
+        data_dir=samples
+        echo "train.sh: PERSONA-CHAT is not here and could not be downloaded: using samples/ (a small set of persona"
+        echo "          dialogues written for this project). Pass --data-dir DIR to use PERSONA-CHAT files you have."
+      fi
+    fi ;;
+  gpt2|dialogpt)
+    if [ "$preset" = gpt2 ]; then model=gpt2; else model=microsoft/DialoGPT-medium; fi
+    what="$model, full fine-tuning on one GPU with the paper's settings: SFT lr 2e-5, 100 warmup steps, 10 epochs;
+      DPO beta 0.1, 100 warmup steps, up to 30000 steps with early stopping; fp16 greedy decoding"
+    opts=(--dtype fp32 --precision fp16 --gen-dtype fp16 --sft-lr 2e-5 --sft-epochs 10 --sft-warmup 100
+          --batch-size 16 --max-len 512 --dpo-lr 5e-6 --dpo-beta 0.1 --dpo-steps 30000 --dpo-warmup 100
+          --eval-every 500 --patience 5 --eval-limit 300 --max-new-tokens 48 --gen-batch 64) ;;
+  llama)
+    model=meta-llama/Llama-3.1-8B-Instruct
+    what="$model with LoRA (r 16) on 4 GPUs (torchrun --nproc_per_node 4), bf16"
+    launch=(torchrun --standalone --nproc_per_node "${NPROC:-4}")
+    opts=(--dtype bf16 --precision bf16 --lora-r 16 --lora-alpha 32 --lora-dropout 0.05 --sft-lr 1e-4
+          --sft-epochs 3 --sft-warmup 100 --batch-size 4 --grad-accum 2 --max-len 1024 --dpo-lr 5e-6
+          --dpo-steps 30000 --dpo-warmup 100 --eval-every 200 --patience 5 --eval-limit 200
+          --max-new-tokens 48 --gen-batch 32) ;;
+  gpt2-zh)
+    model=uer/gpt2-chinese-cluecorpussmall
+    what="$model on Baidu-Persona-Chat (Chinese), full fine-tuning on one GPU, paper settings as for gpt2"
+    opts=(--lang zh --dtype fp32 --precision fp16 --gen-dtype fp16 --sft-lr 2e-5 --sft-epochs 10
+          --sft-warmup 100 --batch-size 16 --max-len 512 --dpo-lr 5e-6 --dpo-steps 30000 --dpo-warmup 100
+          --eval-every 500 --patience 5 --eval-limit 300 --max-new-tokens 48 --gen-batch 64) ;;
+  *)
+    echo "usage: bash train.sh {smol|gpt2|dialogpt|llama|gpt2-zh} [--limit N] [--data-dir DIR] [--run-dir DIR] [--nli DIR] [pal.py options]" >&2
+    exit 2 ;;
+esac
+if [ -z "$data_dir" ]; then
+  echo "train.sh: preset $preset needs --data-dir (PERSONA-CHAT: python3 data.py download --data-dir data)" >&2
+  exit 2
+fi
+run_dir=${run_dir:-runs/$preset}
+common=(--run-dir "$run_dir" --model "$model" --data-dir "$data_dir" "${opts[@]}")
+[ -n "$limit" ] && common+=(--limit "$limit")
+[ -n "$nli" ] && common+=(--nli "$nli")
+common+=("${extra[@]+"${extra[@]}"}")
+
+echo "== PAL preset '$preset'"
+echo "   model:  $what"
+echo "   data:   $data_dir${limit:+ (at most $limit examples per split)}"
+echo "   run:    $run_dir   (re-run the same command to resume)"
+echo "   stages: sft (mixed-task SFT) -> pairs (persona-less responses on Valid#1) -> dpo (beta 0.1)"
+echo "           -> predict (Select then Generate on Test) -> evaluate (results.json, results.md)"
+start=$(date +%s)
+"${launch[@]}" pal.py sft "${common[@]}"
+"$PY" pal.py pairs "${common[@]}"
+"${launch[@]}" pal.py dpo "${common[@]}"
+"$PY" pal.py predict "${common[@]}"
+"$PY" pal.py evaluate "${common[@]}"
+echo "== done in $(( $(date +%s) - start )) s: $run_dir/results.md, $run_dir/generations.jsonl"
