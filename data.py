@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import unicodedata
 from functools import lru_cache
@@ -261,11 +262,18 @@ class BPETokenizer(Tokenizer):
             text = " " + text
         return self._to_ids(text, self._enc.encode_ordinary(text))
 
-    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
-        if self.add_prefix_space:
-            texts = [t if t.startswith(" ") else " " + t for t in texts]
-        out = self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
-        return [self._to_ids(t, r) for t, r in zip(texts, out)]
+    def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
+        """encode() of many texts. tiktoken releases the GIL while it encodes, so a few threads, each looping
+        over one contiguous chunk, use several cores (one thread task per text would cost more than it saves)."""
+        n = min(num_threads or os.cpu_count() or 1, 8)
+        if n == 1 or len(texts) < 512:
+            return [self._encode(t) for t in texts]
+        from concurrent.futures import ThreadPoolExecutor
+        size = -(-len(texts) // n)
+        chunks = [texts[k:k + size] for k in range(0, len(texts), size)]
+        with ThreadPoolExecutor(n) as pool:
+            parts = pool.map(lambda chunk: [self._encode(t) for t in chunk], chunks)
+        return [ids for part in parts for ids in part]
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         parts = []
@@ -451,17 +459,58 @@ def _load_tiktoken_model(path: Path, cfg: dict) -> BPETokenizer:
     return BPETokenizer(path.parent.name, ranks, LLAMA3_SPLIT, None, specials, **roles, chat_format="llama3")
 
 
+def read_gguf_metadata(path: Path) -> dict:
+    """The key/value header of a GGUF file (format v2/v3, little-endian), without touching the tensors.
+
+    Layout: b"GGUF", u32 version, u64 tensor count, u64 kv count, then per kv: string key, u32 type, value.
+    A string is u64 length + utf-8 bytes; an array is u32 item type + u64 count + items. (gguf.GGUFReader also
+    indexes every tensor, ~15 s for SmolLM2 on a busy machine; the tokenizer needs only this header.)
+    """
+    import struct
+    scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise TokenizerError(f"{path}: not a GGUF file (bad magic)")
+        version, _, n_kv = struct.unpack("<IQQ", f.read(20))
+        if version not in (2, 3):
+            raise TokenizerError(f"{path}: GGUF version {version} not supported (2 or 3)")
+
+        def string():
+            (n,) = struct.unpack("<Q", f.read(8))
+            return f.read(n).decode("utf-8", errors="replace")
+
+        def value(t):
+            if t == 8:
+                return string()
+            if t == 9:
+                item_t, count = struct.unpack("<IQ", f.read(12))
+                if item_t in scalar:   # numeric arrays in one read
+                    fmt = scalar[item_t]
+                    return list(struct.unpack(f"<{count}{fmt[1]}", f.read(count * struct.calcsize(fmt))))
+                return [value(item_t) for _ in range(count)]
+            if t not in scalar:
+                raise TokenizerError(f"{path}: unknown GGUF value type {t}")
+            fmt = scalar[t]
+            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+        meta = {}
+        for _ in range(n_kv):
+            key = string()
+            (t,) = struct.unpack("<I", f.read(4))
+            meta[key] = value(t)
+    return meta
+
+
 def _load_gguf(path: Path) -> BPETokenizer:
     """The tokenizer stored in a GGUF file's metadata (vocab, merges, llama.cpp pre-tokenizer name)."""
-    from gguf import GGUFReader
-    fields = GGUFReader(str(path)).fields
+    meta = read_gguf_metadata(path)
 
     def get(key, default=KeyError):
-        if key not in fields:
+        if key not in meta:
             if default is KeyError:
                 raise TokenizerError(f"{path}: GGUF metadata key {key!r} missing")
             return default
-        return fields[key].contents()
+        return meta[key]
 
     if get("tokenizer.ggml.model") != "gpt2":
         raise TokenizerError(f"{path}: GGUF tokenizer model {get('tokenizer.ggml.model')!r} is not byte-level BPE")
@@ -473,7 +522,7 @@ def _load_gguf(path: Path) -> BPETokenizer:
     specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}
     vocab = {t: i for i, t in enumerate(tokens) if t not in specials}
     names = {k: tokens[get(f"tokenizer.ggml.{k}_token_id")] for k in ("bos", "eos", "padding")
-             if f"tokenizer.ggml.{k}_token_id" in fields}
+             if f"tokenizer.ggml.{k}_token_id" in meta}
     cfg = {"bos_token": names.get("bos"), "eos_token": names.get("eos"), "pad_token": names.get("padding")}
     return _bpe_from_vocab_merges(path.stem, vocab, get("tokenizer.ggml.merges"), GGUF_PRE_SPLIT[pre], specials,
                                   str(path), cfg, None, get("tokenizer.chat_template", None))
@@ -500,8 +549,8 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
-    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
-        return self.sp.encode(texts, num_threads=num_threads)
+    def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=min(num_threads or os.cpu_count() or 1, 8))
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         if not skip_special:  # sentencepiece drops control pieces; show them like HF does
@@ -534,6 +583,26 @@ def _is_cjk(cp: int) -> bool:
 def _is_bert_punct(ch: str) -> bool:
     cp = ord(ch)  # every non-alphanumeric ASCII symbol counts, even "$" or "^" which Unicode calls symbols
     return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or unicodedata.category(ch).startswith("P")
+
+
+@lru_cache(maxsize=65536)
+def _bert_char_kind(ch: str) -> str:
+    """How BERT's basic tokenizer treats one character: drop, space, cjk, punct or other."""
+    cp = ord(ch)
+    cat = unicodedata.category(ch)
+    if ch in "\t\n\r" or (not cat.startswith("C") and ch.isspace()):
+        return "space"
+    if cp == 0 or cp == 0xFFFD or cat.startswith("C"):
+        return "drop"
+    if _is_cjk(cp):
+        return "cjk"
+    if _is_bert_punct(ch):
+        return "punct"
+    return "other"
+
+
+_ASCII_CONTROL = {c: None for c in list(range(32)) + [127] if chr(c) not in "\t\n\r"}
+_ASCII_WORDS = re.compile(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]")
 
 
 class WordPieceTokenizer(Tokenizer):
@@ -569,17 +638,12 @@ class WordPieceTokenizer(Tokenizer):
     def _normalize(self, text: str) -> str:
         out = []
         for ch in text:
-            cp = ord(ch)
-            if cp == 0 or cp == 0xFFFD:
-                continue
-            cat = unicodedata.category(ch)
-            if ch in "\t\n\r" or (not cat.startswith("C") and ch.isspace()):
+            kind = _bert_char_kind(ch)
+            if kind == "space":
                 out.append(" ")
-            elif cat.startswith("C"):
-                continue
-            elif _is_cjk(cp):
+            elif kind == "cjk":
                 out.append(f" {ch} ")
-            else:
+            elif kind != "drop":
                 out.append(ch)
         text = "".join(out)
         if self.strip_accents:
@@ -589,11 +653,16 @@ class WordPieceTokenizer(Tokenizer):
         return text
 
     def _words(self, text: str) -> list[str]:
+        if text.isascii():
+            # the same steps on ASCII text, in C: drop control characters, lower-case, then each run of letters
+            # and digits is a word and every other visible character (all ASCII symbols are BERT punctuation) too.
+            text = text.translate(_ASCII_CONTROL)
+            return _ASCII_WORDS.findall(text.lower() if self.lowercase else text)
         words = []
         for chunk in self._normalize(text).split():
             cur = []
             for ch in chunk:
-                if _is_bert_punct(ch):
+                if _bert_char_kind(ch) == "punct":
                     if cur:
                         words.append("".join(cur))
                         cur = []

@@ -276,13 +276,13 @@ def _features_fingerprint(features: list[dict]) -> str:
 
 def cached_reference_logps(policy: nn.Module, ref: nn.Module | None, features: list[dict], collate: Callable,
                            cache_path: str | os.PathLike, batch_size: int = 8, autocast=contextlib.nullcontext,
-                           device="cpu", rank: int = 0, world: int = 1) -> torch.Tensor:
+                           device="cpu", rank: int = 0, world: int = 1, precision: str = "fp32") -> torch.Tensor:
     """Reference log-probs of every DPO pair, computed once and stored at cache_path: a [N, 2] fp32 tensor
-    (chosen, rejected). The file records a key of (features, reference weights, precision); a stale cache is
-    detected and recomputed. Under DDP each rank computes every world-th pair and the parts are summed."""
+    (chosen, rejected). The file records a key of (features, reference weights, precision: the name of what
+    `autocast` does); a stale cache is detected and recomputed. Under DDP each rank computes every world-th pair and the parts are summed."""
     key = hashlib.sha256(
         (_features_fingerprint(features) + _model_fingerprint(ref if ref is not None else policy)
-         + str(autocast)).encode()).hexdigest()
+         + precision).encode()).hexdigest()
     path = Path(cache_path)
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -610,7 +610,7 @@ def train(model: nn.Module, cfg: TrainConfig, train_features: list[dict], collat
     ref_cache = None
     if dpo and cfg.reference == "cache":
         ref_cache = cached_reference_logps(model, ref_model, train_features, collate, out_dir / "ref_logps.pt",
-                                           cfg.batch_size, autocast, device, rank, world)
+                                           cfg.batch_size, autocast, device, rank, world, cfg.precision)
         model.train(dropout)
 
     # units that normalize the loss of one optimizer step, counted over the whole global batch so that

@@ -149,6 +149,33 @@ class LlamaConfig:
 # 2. Pieces shared by both families.
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose inference matmuls in bf16/fp16 on CPU run through fp32 when that is faster (see `linear`)."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
+def linear(x, weight, bias=None):
+    """F.linear(x, weight, bias), with a faster path for half-precision inference on CPUs without bf16/fp16
+    matrix instructions (AVX2): there PyTorch multiplies half-precision matrices one row of x at a time, so from
+    a few rows on it is several times faster to upcast the weight to fp32, a cache-sized block of rows at a time,
+    and use the fp32 matrix kernel. Same inputs, fp32 accumulation and one rounding of the output, as in the
+    half-precision kernel; only the summation order differs. Training (grad enabled) and one-row decode steps,
+    where the half-precision kernel is the faster one, take the plain path.
+    """
+    rows = x.numel() // x.shape[-1]
+    if (rows < 4 or x.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float16)
+            or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
+        return F.linear(x, weight, bias)
+    xf = x.float()
+    blocks = weight.split(4096)                                        # (<=4096, in) each: ~9 MB in fp32
+    y = torch.cat([F.linear(xf, w.float()) for w in blocks], dim=-1) if len(blocks) > 1 else F.linear(xf, weight.float())
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 def build_attention_mask(key_valid: torch.Tensor | None, T: int, S: int, dtype: torch.dtype, device
                          ) -> tuple[torch.Tensor | None, bool]:
     """Mask for T new queries over S keys, the new queries being the last T of the S positions.
@@ -255,8 +282,8 @@ class GPT2Attention(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
         self.n_head = cfg.n_head
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)   # q, k, v in one matrix
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd)   # q, k, v in one matrix
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd)
         self.attn_dropout = cfg.attn_pdrop
         self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
 
@@ -276,8 +303,8 @@ class GPT2Attention(nn.Module):
 class GPT2MLP(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, cfg.mlp_width)
-        self.c_proj = nn.Linear(cfg.mlp_width, cfg.n_embd)
+        self.c_fc = Linear(cfg.n_embd, cfg.mlp_width)
+        self.c_proj = Linear(cfg.mlp_width, cfg.n_embd)
         self.approximate = _gelu_approximation(cfg.activation_function)
         self.dropout = nn.Dropout(cfg.resid_pdrop)
 
@@ -329,7 +356,7 @@ class GPT2(nn.Module):
             cache.length += T
         if last_only:
             x = x[:, -1:]
-        return F.linear(self.ln_f(x), self.wte.weight)                    # (B, T, V)
+        return linear(self.ln_f(x), self.wte.weight)                    # (B, T, V)
 
     def new_cache(self, batch, max_len, dtype=None, device=None) -> KVCache:
         c = self.config
@@ -396,10 +423,10 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         C, bias = cfg.hidden_size, cfg.attention_bias
-        self.q = nn.Linear(C, self.n_head * self.head_dim, bias=bias)
-        self.k = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)   # GQA: only Hkv heads of K and V
-        self.v = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
-        self.o = nn.Linear(self.n_head * self.head_dim, C, bias=bias)
+        self.q = Linear(C, self.n_head * self.head_dim, bias=bias)
+        self.k = Linear(C, self.n_kv_head * self.head_dim, bias=bias)   # GQA: only Hkv heads of K and V
+        self.v = Linear(C, self.n_kv_head * self.head_dim, bias=bias)
+        self.o = Linear(self.n_head * self.head_dim, C, bias=bias)
         self.dropout = cfg.attention_dropout
 
     def forward(self, x, cos, sin, mask, is_causal, cache=None, layer=0):
@@ -418,9 +445,9 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         C, I, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate = nn.Linear(C, I, bias=bias)
-        self.up = nn.Linear(C, I, bias=bias)
-        self.down = nn.Linear(I, C, bias=bias)
+        self.gate = Linear(C, I, bias=bias)
+        self.up = Linear(C, I, bias=bias)
+        self.down = Linear(I, C, bias=bias)
 
     def forward(self, x):
         return self.down(F.silu(self.gate(x)) * self.up(x))   # SwiGLU
@@ -449,7 +476,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # Tied models (Llama 3.2 1B/3B, SmolLM2) have no lm_head: the output projection is embed.weight.
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # A plain fp32 attribute, not a buffer: model.to(bfloat16) must not round the frequencies, and a model
         # built on the meta device still gets real values (computed on the CPU, moved on first use).
         self.inv_freq = rope_inv_freq(cfg)
@@ -474,7 +501,7 @@ class Llama(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)  # (B, T, V)
+        return self.lm_head(x) if self.lm_head is not None else linear(x, self.embed.weight)  # (B, T, V)
 
     def new_cache(self, batch, max_len, dtype=None, device=None) -> KVCache:
         c = self.config

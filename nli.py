@@ -131,7 +131,7 @@ class Embeddings(nn.Module):
         self.pad = cfg.pad_token_id
         self.tok = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.pos = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.seg = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)  # token types ("segments"); RoBERTa has 1
         self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.hidden_dropout_prob)
 
@@ -141,7 +141,7 @@ class Embeddings(nn.Module):
         positions = torch.cumsum(mask, dim=1) * mask + self.pad  # (B, T)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)  # RoBERTa has one segment type
-        x = self.tok(input_ids) + self.type(token_type_ids) + self.pos(positions)  # (B, T, C)
+        x = self.tok(input_ids) + self.seg(token_type_ids) + self.pos(positions)  # (B, T, C)
         return self.drop(self.ln(x))
 
 
@@ -236,7 +236,7 @@ def hf_names(cfg: RobertaConfig) -> dict[str, str]:
     names = {
         "emb.tok.weight": "roberta.embeddings.word_embeddings.weight",
         "emb.pos.weight": "roberta.embeddings.position_embeddings.weight",
-        "emb.type.weight": "roberta.embeddings.token_type_embeddings.weight",
+        "emb.seg.weight": "roberta.embeddings.token_type_embeddings.weight",
         "emb.ln.weight": "roberta.embeddings.LayerNorm.weight",
         "emb.ln.bias": "roberta.embeddings.LayerNorm.bias",
     }

@@ -275,7 +275,8 @@ def select_then_generate(model, tok, examples, cfg: RunConfig, lang: str, strate
     todo = examples[start:]
     # 1. selection
     if strategy == "select" and mode == "generate":
-        sel_ids = [data.encode_prompt(tok, data.build_prompt("select", e.personas, e.history, lang)) for e in todo]
+        room = cfg.max_len - cfg.select_max_new_tokens  # oldest history turns are dropped beyond this
+        sel_ids = [data.encode_generation_prompt(tok, e, "select", lang, max_len=room)[0] for e in todo]
         picks = generate_texts(model, tok, sel_ids, cfg.select_max_new_tokens, cfg.gen_batch, f"{desc}: select")
         selected = [data.parse_selection(t, e.personas, lang) for t, e in zip(picks, todo)]
     elif strategy == "random":
@@ -285,7 +286,9 @@ def select_then_generate(model, tok, examples, cfg: RunConfig, lang: str, strate
         picks = None
         selected = [None] * len(todo)
     # 2. generation with the selected persona highlighted
-    gen_ids = [data.encode_prompt(tok, _generation_prompt(e, mode, lang, p)) for e, p in zip(todo, selected)]
+    room = cfg.max_len - cfg.max_new_tokens
+    gen_ids = [data.encode_generation_prompt(tok, e, mode, lang, persona=p, max_len=room)[0]
+               for e, p in zip(todo, selected)]
 
     def write(idx, texts):
         for i, t in zip(idx, texts):
@@ -300,13 +303,6 @@ def select_then_generate(model, tok, examples, cfg: RunConfig, lang: str, strate
 
     generate_texts(model, tok, gen_ids, cfg.max_new_tokens, cfg.gen_batch, f"{desc}: generate", on_batch=write)
     return rows
-
-
-def _generation_prompt(e, mode: str, lang: str, persona: str | None) -> str:
-    import data
-    if mode == "noprompt":
-        return data.build_prompt("noprompt", e.personas, e.history, lang)
-    return data.build_prompt("generate", e.personas, e.history, lang, persona=persona)
 
 
 def score_generations(rows: list[dict], lang: str, nli=None) -> dict:
@@ -454,7 +450,8 @@ def stage_pairs(cfg: RunConfig, run: Path):
     start = len(writer.done_rows)
     if start:
         say(f"pairs: resuming after {start} of {len(examples)} examples")
-    ids = [data.encode_prompt(tok, data.build_prompt("history", e.personas, e.history, lang)) for e in examples]
+    room = cfg.max_len - cfg.max_new_tokens
+    ids = [data.encode_generation_prompt(tok, e, "history", lang, max_len=room)[0] for e in examples]
 
     def write(idx, texts):
         for i, t in zip(idx, texts):

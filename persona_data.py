@@ -32,7 +32,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import tarfile
 import tempfile
 import urllib.request
@@ -90,7 +89,7 @@ class ParseStats:
     blank_lines: int = 0                 # skipped
     invalid_utf8_lines: int = 0          # decoded with U+FFFD replacement characters (strict_utf8 raises)
     silence_openers: int = 0             # `__SILENCE__` contexts: turn kept, the marker is no utterance
-    empty_dialogues: int = 0             # persona lines without any turn: no example possible, skipped
+    empty_dialogues: int = 0             # dialogue without any response: no example possible, skipped
     missing_responses: int = 0           # turn without response: message kept in history, no example
     numbering_gaps: int = 0              # turn number jumped forward (N -> N+2...): accepted as is
     numbering_restarts: int = 0          # number did not go back to 1 at a new dialogue: new dialogue anyway
@@ -100,14 +99,6 @@ class ParseStats:
     def note(self, msg: str) -> None:
         if len(self.notes) < 20:
             self.notes.append(msg)
-
-    def merge(self, other: "ParseStats") -> "ParseStats":
-        out = ParseStats()
-        for k, v in vars(self).items():
-            w = getattr(other, k)
-            setattr(out, k, v + w if isinstance(v, (int, list)) else v)
-        out.notes = out.notes[:20]
-        return out
 
     def summary(self) -> str:
         keys = [k for k, v in vars(self).items()
@@ -172,9 +163,9 @@ def read_personachat(path, strict_utf8: bool = False, first_id: int = 0) -> Dial
     def close(d: Dialogue | None):
         if d is None:
             return
-        if not d.turns:
+        if not any(t.response is not None for t in d.turns):
             stats.empty_dialogues += 1
-            stats.note(f"{d.source}: dialogue without any turn skipped")
+            stats.note(f"{d.source}: dialogue without any response skipped")
             return
         d.dialogue_id = first_id + len(dialogues)
         dialogues.append(d)
@@ -188,7 +179,7 @@ def read_personachat(path, strict_utf8: bool = False, first_id: int = 0) -> Dial
             raise DataFormatError(path, lineno, line, "expected a line starting with its number and a space")
         num, body = int(m.group(1)), m.group(2)
         if cur is None or num <= last_num:  # the numbering went back: a new dialogue begins
-            if cur is not None and num != 1:
+            if num != 1:
                 stats.numbering_restarts += 1
                 stats.note(f"{path}:{lineno}: new dialogue starts at number {num}, not 1")
             close(cur)
@@ -459,6 +450,22 @@ def make_examples(dialogues: Iterable[Dialogue], labeler: str | Callable | None 
     return examples
 
 
+def example_to_dict(ex: Example) -> dict:
+    """JSON-ready dict of an Example (for the pairs/generations JSONL files)."""
+    return {"personas": ex.personas, "history": ex.history, "response": ex.response,
+            "persona_label": ex.persona_label, "dialogue_id": ex.dialogue_id, "candidates": ex.candidates}
+
+
+def example_from_dict(d: dict) -> Example:
+    """Inverse of example_to_dict; a missing or unknown key is an error naming it."""
+    keys = {"personas", "history", "response", "persona_label", "dialogue_id", "candidates"}
+    if set(d) - keys or {"personas", "history", "response"} - set(d):
+        raise KeyError(f"example dict keys {sorted(d)}: expected {sorted(keys)} (candidates, persona_label and "
+                       f"dialogue_id optional)")
+    return Example(list(d["personas"]), list(d["history"]), d["response"], d.get("persona_label"),
+                   d.get("dialogue_id", -1), d.get("candidates"))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Persona labels
 #
@@ -466,10 +473,11 @@ def make_examples(dialogues: Iterable[Dialogue], labeler: str | Callable | None 
 # words: lower-cased alphanumeric words (apostrophes split words: "i've" -> "i", "ve"), stop words removed
 # (function words, and the generic verbs persona sentences are made of: like, love, have, enjoy...), each
 # word lightly stemmed by dropping one suffix of ing/ed/es/s/e when at least 3 letters remain
-# ("loves", "loved", "love" -> "lov"; "books" -> "book"). Chinese text (no spaces) uses the characters of
-# CJK runs that are not stop characters (我, 的, 喜欢...), plus the bigrams of two such adjacent characters. The persona with the largest overlap wins if the overlap
-# has at least `min_overlap` items and covers at least `min_ratio` of that persona's content words; ties go
-# to the higher ratio, then to the lower index. Otherwise the label is None (no persona used).
+# ("bakes", "baked", "baking", "bake" -> "bak"; "books" -> "book"). Chinese text (no spaces) uses the
+# characters of CJK runs that are not stop characters (我, 的, 喜欢...), plus the bigrams of two such adjacent
+# characters. The persona with the largest overlap wins if the overlap has at least `min_overlap` items and
+# covers at least `min_ratio` of that persona's content words; ties go to the higher ratio, then to the lower
+# index. Otherwise the label is None (no persona used).
 
 _STOP_EN = set("""
 a about above after again against all also am an and any are aren as at be because been before being below
@@ -772,21 +780,34 @@ def build_prompt(mode: str, personas: Sequence[str], history: Sequence[str], lan
     raise ValueError(f"unknown prompt mode {mode!r}, expected one of {MODES}")
 
 
+class _Gold:
+    """Marker for "highlight the gold label's persona" (training only). At generation time the highlighted
+    persona is always passed explicitly: a selected sentence, or None for the NO_PERSONA sentinel, so the
+    gold persona can never leak into select-then-generate by a forgotten argument."""
+
+    def __repr__(self):
+        return "GOLD"
+
+
+GOLD = _Gold()
+
+
 def gold_persona(ex: Example, lang: str = "en") -> str:
     """The persona sentence of the example's label, or the NO_PERSONA sentinel."""
     return ex.personas[ex.persona_label] if ex.persona_label is not None else NO_PERSONA[lang]
 
 
-def prompt_and_target(ex: Example, mode: str, lang: str = "en", persona: str | None = None,
+def prompt_and_target(ex: Example, mode: str, lang: str = "en", persona: str | None | _Gold = GOLD,
                       history: Sequence[str] | None = None) -> tuple[str, str]:
     """(prompt, target) for an example. select's target is the gold persona sentence (or NO_PERSONA); the
-    other modes' target is the response. generate highlights `persona` if given (select-then-generate), else
-    the gold one. `history` overrides the example's history (used by truncation)."""
+    other modes' target is the response. generate highlights `persona`: GOLD (default, training) = the gold
+    label's sentence, a string = that sentence (select-then-generate), None = the NO_PERSONA sentinel.
+    `history` overrides the example's history (used by truncation)."""
     history = ex.history if history is None else history
     if mode == "select":
         return build_prompt("select", ex.personas, history, lang), gold_persona(ex, lang)
     if mode == "generate":
-        p = persona if persona is not None else gold_persona(ex, lang)
+        p = gold_persona(ex, lang) if persona is GOLD else persona
         return build_prompt("generate", ex.personas, history, lang, persona=p), ex.response
     return build_prompt(mode, ex.personas, history, lang), ex.response
 
@@ -815,7 +836,8 @@ def detect_lang(examples: Sequence[Example]) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Encoding: (prompt, target) -> {"input_ids", "labels"}
 #
-# The tokenizer is data.load_tokenizer's object (encode/decode/eos_id/bos_id/pad_id/stop_ids/has_chat/chat).
+# The tokenizer (passed in, never loaded here) is data.load_tokenizer's object: encode, decode, eos_id, bos_id,
+# pad_id, stop_ids, has_chat, chat.
 # Plain tokenizers: ids = [bos] + encode(prompt + target) + [eos], tokenized together (what the model sees at
 # generation time is encode(prompt) followed by generated tokens, so we insist the prompt's ids are a prefix).
 # Chat tokenizers: the prompt is the user turn of tok.chat(..., add_generation_prompt=True); the full
@@ -827,12 +849,6 @@ IGNORE = -100
 
 class PromptPrefixError(ValueError):
     pass
-
-
-def load_tokenizer(name_or_path):
-    """data.load_tokenizer (imported lazily: this file is merged into data.py)."""
-    from data import load_tokenizer as _load  # noqa: F811  (same name once merged)
-    return _load(name_or_path)
 
 
 def _use_bos(tok) -> bool:
@@ -892,7 +908,7 @@ class EncodeStats:
 
 
 def encode_example(tok, ex: Example, mode: str, lang: str = "en", max_len: int | None = None,
-                   persona: str | None = None, stats: EncodeStats | None = None,
+                   persona: str | None | _Gold = GOLD, stats: EncodeStats | None = None,
                    target: str | None = None) -> dict:
     """Feature {"input_ids", "labels"} for one example and prompt mode.
 
@@ -906,17 +922,30 @@ def encode_example(tok, ex: Example, mode: str, lang: str = "en", max_len: int |
 
 def _encode_truncated(tok, ex, mode, lang, max_len, persona, stats, targets):
     """Encode one prompt with one or more targets (DPO: chosen and rejected), dropping the oldest history
-    utterances until every sequence fits max_len."""
+    utterances until every sequence fits max_len. Fewer utterances never make a sequence longer, so the
+    smallest number to drop is found by bisection (a handful of tokenizations, not one per utterance)."""
     stats = stats if stats is not None else EncodeStats()
-    min_start = max(0, len(ex.history) - 1)  # keep at least the partner's last message
-    start = 0
-    while True:
+
+    def encode_from(start):  # -> (pairs of (prompt_ids, target_ids), longest total length)
         prompt, gold_target = prompt_and_target(ex, mode, lang, persona, history=ex.history[start:])
         pairs = [encode_prompt_target(tok, prompt, t) for t in (targets or [gold_target])]
-        longest = max(len(p) + len(t) for p, t in pairs)
-        if max_len is None or longest <= max_len or start >= min_start:
-            break
-        start += 1
+        return pairs, max(len(p) + len(t) for p, t in pairs)
+
+    start = 0
+    pairs, longest = encode_from(0)
+    min_start = max(0, len(ex.history) - 1)  # keep at least the partner's last message
+    if max_len is not None and longest > max_len and min_start > 0:
+        lo, hi = 1, min_start  # invariant: dropping hi utterances fits, or hi == min_start
+        best = encode_from(hi)
+        if best[1] <= max_len:
+            while lo < hi:
+                mid = (lo + hi) // 2
+                cand = encode_from(mid)
+                if cand[1] <= max_len:
+                    hi, best = mid, cand
+                else:
+                    lo = mid + 1
+        start, (pairs, longest) = hi, best
     stats.examples += 1
     if start:
         stats.truncated += 1
@@ -927,23 +956,38 @@ def _encode_truncated(tok, ex, mode, lang, max_len, persona, stats, targets):
     return [make_feature(p, t) for p, t in pairs], start
 
 
+def encode_generation_prompt(tok, ex: Example, mode: str, lang: str = "en", persona: str | None | _Gold = None,
+                             max_len: int | None = None) -> tuple[list[int], int]:
+    """(prompt ids a model generates from, number of oldest history utterances dropped so that the prompt
+    holds at most max_len ids). Used for the DPO rejected samples (mode "history") and select-then-generate
+    ("select", then "generate" with persona=the selected sentence, None = NO_PERSONA). Unlike training, the
+    default here is NOT the gold persona; pass persona=GOLD explicitly for an oracle run."""
+    min_start = max(0, len(ex.history) - 1)
+    for start in range(0, min_start + 1):
+        prompt, _ = prompt_and_target(ex, mode, lang, persona, history=ex.history[start:])
+        ids = encode_prompt(tok, prompt)
+        if max_len is None or len(ids) <= max_len:
+            break
+    return ids, start
+
+
 def _progress(it, total, desc):
     try:
         from tqdm import tqdm
     except ImportError:  # tqdm is a runtime dependency, but encoding must not fail without it
         return it
-    return tqdm(it, total=total, desc=desc, disable=total < 2000, leave=False)
+    return tqdm(it, total=total, desc=desc, disable=total < 2000, leave=False, mininterval=2.0)
 
 
 def sft_features(tok, examples: Sequence[Example], mode: str = "generate", lang: str = "en",
                  max_len: int | None = None, personas: Sequence[str | None] | None = None
                  ) -> tuple[list[dict], EncodeStats]:
-    """One feature per example for one prompt mode. `personas` (one per example) gives the highlighted
-    persona of the generate mode (select-then-generate); default: the gold label's."""
+    """One feature per example for one prompt mode. `personas` (one per example: a sentence, None for
+    NO_PERSONA, or GOLD) gives the highlighted persona of the generate mode; default: the gold label's."""
     stats = EncodeStats()
     feats = []
     for k, ex in _progress(enumerate(examples), len(examples), f"encode {mode}"):
-        p = personas[k] if personas is not None else None
+        p = personas[k] if personas is not None else GOLD
         feats.append(encode_example(tok, ex, mode, lang, max_len, persona=p, stats=stats))
     return feats, stats
 
@@ -969,7 +1013,7 @@ def mixed_task_features(tok, examples: Sequence[Example], select_ratio: float = 
 
 
 def dpo_feature(tok, ex: Example, rejected: str, mode: str = "generate", lang: str = "en",
-                max_len: int | None = None, persona: str | None = None, stats: EncodeStats | None = None,
+                max_len: int | None = None, persona: str | None | _Gold = GOLD, stats: EncodeStats | None = None,
                 chosen: str | None = None) -> dict:
     """DPO feature: the same prompt (truncated so that both fit) with chosen = the gold response (or
     `chosen`) and rejected = a generated response; keys chosen_/rejected_ + input_ids/labels."""
@@ -997,9 +1041,7 @@ def dpo_features(tok, examples: Sequence[Example], rejected: Sequence[str], mode
 def _pad(seqs: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([len(s) for s in seqs])
     T = int(lengths.max()) if len(seqs) else 0
-    out = torch.full((len(seqs), T), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    out = torch.tensor([list(s) + [value] * (T - len(s)) for s in seqs], dtype=torch.long).view(len(seqs), T)
     mask = (torch.arange(T)[None, :] < lengths[:, None]).long()  # (B, T) 1 on real tokens
     return out, mask
 
@@ -1116,8 +1158,16 @@ def _cmd_download(args) -> None:
 
 def _cmd_stats(args) -> None:
     splits, info = load_splits(args.data_dir, variant=args.variant, limit=args.limit,
-                               labeler=None if args.labels == "none" else "lexical")
+                               labeler="lexical" if args.labels == "lexical" else None)
     print(info.message)
+    if args.labels == "nli":
+        if not args.nli_model:
+            raise SystemExit("--labels nli needs --nli-model (a RoBERTa-MNLI style checkpoint for nli.load_nli)")
+        from nli import load_nli  # lazy: only this option needs the classifier
+        predict = load_nli(args.nli_model).predict
+        for ex in info.sources.values():  # the splits hold these same Example objects
+            for e, label in zip(ex, nli_persona_labels(ex, predict, threshold=args.nli_threshold)):
+                e.persona_label = label
     for k, s in info.stats.items():
         extra = s.summary()
         print(f"  {k}: {Path(s.files[0]).name}: {s.dialogues} dialogues, {s.examples} examples"
@@ -1126,15 +1176,18 @@ def _cmd_stats(args) -> None:
     print(table1(splits))
     if args.labels != "none":
         print()
-        print(f"Persona labels ({args.labels}: content-word overlap, see persona_data.py):")
-        print("| Split | labelled | no persona | " + " | ".join(f"p{i}" for i in range(5)) + " |")
-        print("|---|---:|---:|" + "---:|" * 5)
+        how = "content-word overlap" if args.labels == "lexical" else f"NLI entailment >= {args.nli_threshold}"
+        print(f"Persona labels ({args.labels}: {how}, see persona_data.py):")
+        n_cols = 1 + max((e.persona_label for v in splits.values() for e in v if e.persona_label is not None),
+                         default=4)
+        print("| Split | labelled | no persona | " + " | ".join(f"p{i}" for i in range(n_cols)) + " |")
+        print("|---|---:|---:|" + "---:|" * n_cols)
         for k in SPLITS:
             if k not in splits:
                 continue
             dist = label_distribution(splits[k])
             n = max(dist["total"], 1)
-            cells = [str(dist["by_index"].get(i, 0)) for i in range(5)]
+            cells = [str(dist["by_index"].get(i, 0)) for i in range(n_cols)]
             print(f"| {SPLIT_TITLES[k]} | {dist['labelled']} ({100 * dist['labelled'] / n:.1f}%) | "
                   f"{dist['by_index'].get(None, 0)} | " + " | ".join(cells) + " |")
         for k, ex in info.sources.items():
@@ -1156,7 +1209,9 @@ def main(argv=None) -> None:
     s.add_argument("--data-dir", required=True)
     s.add_argument("--variant", default="original", choices=["original", "revised"])
     s.add_argument("--limit", type=int, default=None, help="examples per split (carved parts when no train/test)")
-    s.add_argument("--labels", default="lexical", choices=["lexical", "none"])
+    s.add_argument("--labels", default="lexical", choices=["lexical", "nli", "none"])
+    s.add_argument("--nli-model", default=None, help="NLI checkpoint for --labels nli (nli.load_nli)")
+    s.add_argument("--nli-threshold", type=float, default=0.5, help="minimum entailment probability")
     s.set_defaults(func=_cmd_stats)
     args = ap.parse_args(argv)
     args.func(args)

@@ -145,6 +145,14 @@ def test_zh_samples():
     assert dialogues.stats.dialogues == 3
 
 
+def test_example_json_round_trip(pc_valid):
+    _, ex = pc_valid
+    for e in ex[:50]:
+        assert pd.example_from_dict(json.loads(json.dumps(pd.example_to_dict(e)))) == e
+    with pytest.raises(KeyError, match="response"):
+        pd.example_from_dict({"personas": [], "history": []})
+
+
 def test_read_dialogues_dispatch(tmp_path):
     assert len(pd.read_dialogues(shared_file("data/zh_samples/Person_Dialog_ZH_test.txt"))) > 0
     p = write(tmp_path, "x.jsonl", json.dumps([["a b."], ["hi"], "yo"]) + "\n")
@@ -171,6 +179,17 @@ def test_silence_opener_and_candidates(tmp_path):
     assert ex[2].personas == ["i ski."] and ex[2].history == ["hi"] and ex[2].dialogue_id == 1
 
 
+def test_both_and_revised_files(tmp_path):
+    both = "1 your persona: i ski.\n2 partner's persona: i swim.\n3 hi\tyo\n"
+    d = pd.read_personachat(write(tmp_path, "valid_both_revised.txt", both))
+    assert d[0].personas == ["i ski."] and d[0].partner_personas == ["i swim."]
+    write(tmp_path, "valid_self_revised.txt", GOOD)
+    splits, info = pd.load_splits(tmp_path, variant="revised")
+    assert info.carved and sum(len(v) for v in splits.values()) == 3
+    with pytest.raises(FileNotFoundError, match="download"):
+        pd.load_splits(tmp_path / "nowhere")
+
+
 def test_rules_are_counted(tmp_path):
     text = ("1 your persona: i ski.\n"
             "\n"                                       # blank line
@@ -179,11 +198,12 @@ def test_rules_are_counted(tmp_path):
             "5 still there ?\tyes\n"
             "3 your persona: i swim.\n"                # new dialogue (number went down) not starting at 1
             "4 hello\thi there\n"
-            "1 your persona: lonely persona.\n")       # dialogue without turns
+            "1 your persona: lonely persona.\n"        # dialogue without any response
+            "2 anyone there ?\n")
     d = pd.read_personachat(write(tmp_path, "r.txt", text))
     s = d.stats
     assert (s.blank_lines, s.numbering_gaps, s.missing_responses, s.empty_dialogues, s.numbering_restarts) == \
-        (1, 1, 1, 1, 1)
+        (1, 1, 2, 1, 1)
     ex = pd.make_examples(d)
     assert [e.response for e in ex] == ["hey", "yes", "hi there"]
     assert ex[1].history == ["hi", "hey", "how are you ?", "still there ?"]  # the unanswered message stays
@@ -306,7 +326,9 @@ def test_lexical_labels(response, label):
 
 
 def test_lexical_labels_rules():
-    assert pd.content_words("I LOVED dogs, she loves reading books") == {"dog", "read", "book", "she"} - {"she"}
+    assert pd.content_words("I LOVED dogs, she loves reading books") == {"dog", "read", "book"}
+    assert {pd._stem(w) for w in ("bakes", "baked", "baking", "bake")} == {"bak"}
+    assert pd.content_words("i've") == set()  # apostrophes split words; "i", "ve" are stop words
     # tie on overlap -> higher ratio wins; full tie -> lower index
     assert pd.lexical_persona_label(["i have a dog and a cat and a fish.", "my dog barks."], "my dog") == 1
     assert pd.lexical_persona_label(["dogs rule.", "dogs rule."], "dogs") == 0
@@ -335,6 +357,24 @@ def test_nli_labels():
     labels = pd.nli_persona_labels(ex, nli, threshold=0.5, batch_size=3)
     assert labels == [1, None] and calls == [3, 1]
     assert [e.persona_label for e in pd.relabel(ex, labels)] == [1, None]
+
+
+def test_stats_with_nli_labels(tmp_path, monkeypatch, capsys):
+    """`stats --labels nli` loads nli.load_nli lazily and labels with it (a fake module stands in here)."""
+    import sys
+    import types
+
+    class FakeNLI:
+        def predict(self, premises, hypotheses):  # entailment iff the persona's last word is in the response
+            ent = [1.0 if h.rstrip(".").split()[-1] in p else 0.0 for p, h in zip(premises, hypotheses)]
+            return torch.tensor([[0.0, 1 - e, e] for e in ent])
+
+    monkeypatch.setitem(sys.modules, "nli", types.SimpleNamespace(load_nli=lambda path: FakeNLI()))
+    write(tmp_path, "valid_self_original.txt", GOOD)
+    pd.main(["stats", "--data-dir", str(tmp_path), "--labels", "nli", "--nli-model", "x"])
+    out = capsys.readouterr().out
+    # "hello , i am a nurse ." -> "i am a nurse." ; "yes , two cats ." -> "i love cats." ; "hey" -> none
+    assert "NLI entailment >= 0.5" in out and "valid_self_original.txt (all of it): 2 of 3 examples" in out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -390,6 +430,9 @@ def test_prompt_variants():
     prompt, target = pd.prompt_and_target(ex, "select")
     assert target == pd.NO_PERSONA["en"] and "(nobody has spoken yet)" in prompt
     assert "Keep this in mind for your reply: No persona sentence applies.\n" in pd.prompt_and_target(ex, "generate")[0]
+    # persona=None is the sentinel, never the gold persona (the trap of the authors' code)
+    p, _ = pd.prompt_and_target(EX, "generate", persona=None)
+    assert "Keep this in mind for your reply: No persona sentence applies.\n" in p
     # select-then-generate highlights the persona given, never the gold one
     p, t = pd.prompt_and_target(EX, "generate", persona="i have two dogs.")
     assert "Keep this in mind for your reply: i have two dogs.\n" in p and t == EX.response
@@ -520,3 +563,38 @@ def test_dpo_features(gpt2, ref_gpt2, pc_valid):
     b = pd.collate_dpo(feats, pad_id=gpt2.pad_id)
     assert set(b) == {f"{s}_{k}" for s in ("chosen", "rejected") for k in ("input_ids", "labels", "attention_mask")}
     assert b["chosen_attention_mask"].sum(1).tolist() == [len(f["chosen_input_ids"]) for f in feats]
+
+
+def test_llama3_chat_labels():
+    """With a real instruct tokenizer (data.py's Llama 3 tiktoken + chat format) the labels are the response's
+    ids followed by <|eot_id|>, and the prompt is exactly what generation starts from."""
+    try:
+        from data import load_tokenizer
+    except ImportError:
+        pytest.skip("data.load_tokenizer is not there yet")
+    tok = load_tokenizer(str(shared_file("tokenizers/llama3/tokenizer.model").parent))
+    if not tok.has_chat:
+        pytest.skip("this tokenizer has no chat format")
+    eot = 128009
+    for mode in pd.MODES:
+        f = pd.encode_example(tok, EX, mode)
+        prompt, target = pd.prompt_and_target(EX, mode)
+        n = f["labels"].count(-100)
+        assert f["input_ids"][:n] == pd.encode_prompt(tok, prompt)
+        assert f["labels"][n:] == tok.encode(target) + [eot]
+        assert f["input_ids"][n:] == f["labels"][n:]
+    ids, dropped = pd.encode_generation_prompt(tok, EX, "history", max_len=40)
+    assert len(ids) <= 40 and dropped == 2 and ids == pd.encode_prompt(tok, pd.build_prompt("history", [], EX.history[2:]))
+
+
+def test_generation_prompt_truncation(gpt2):
+    # at generation time the default highlighted persona is the sentinel, not the gold label's sentence
+    text = gpt2.decode(pd.encode_generation_prompt(gpt2, EX, "generate")[0])
+    assert "reply: No persona sentence applies.\n" in text and "reply: i like to work" not in text
+    text = gpt2.decode(pd.encode_generation_prompt(gpt2, EX, "generate", persona=pd.GOLD)[0])
+    assert "reply: i like to work on vintage cars.\n" in text
+    ids, dropped = pd.encode_generation_prompt(gpt2, EX, "select")
+    assert dropped == 0 and ids == gpt2.encode(pd.prompt_and_target(EX, "select")[0])
+    ids, dropped = pd.encode_generation_prompt(gpt2, EX, "generate", persona="i have two dogs.", max_len=100)
+    text = gpt2.decode(ids)
+    assert len(ids) <= 100 and dropped >= 1 and EX.history[-1] in text and "Keep this in mind for your reply: i have two dogs." in text

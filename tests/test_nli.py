@@ -13,21 +13,23 @@ import nli as N
 LABELS = {0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"}  # roberta-large-mnli's order and spelling
 
 
-def _save_random_hf(d, vocab_size, id2label=LABELS, seed=0, layers=2):
+def _save_random_hf(d, vocab_size, id2label=LABELS, seed=0, layers=2, scale=0.3, dropout=0.1):
     """A tiny random RobertaForSequenceClassification saved by transformers. Weights are re-drawn with a large
-    scale so that logits differ clearly between inputs (HF's 0.02 init makes every output nearly equal)."""
+    scale so that logits differ clearly between inputs (HF's 0.02 init makes every output nearly equal);
+    scale=None keeps HF's init (easier to fine-tune)."""
     import transformers
 
     cfg = transformers.RobertaConfig(
         vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=48,
         max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
         id2label=id2label, label2id={v: k for k, v in id2label.items()},
-        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     torch.manual_seed(seed)
     model = transformers.RobertaForSequenceClassification(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
+    if scale is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, scale)
     model.save_pretrained(d)
     return model.eval()
 
@@ -54,6 +56,12 @@ def roberta_text_dir(tmp_path_factory):
     shutil.copy(src / "vocab.bpe", d / "merges.txt")
     hf = _save_random_hf(d, vocab_size=len(vocab), id2label={0: "entailment", 1: "Contradiction", 2: "neutral"})
     return d, hf
+
+
+@pytest.fixture(scope="module")
+def text_clf(roberta_text_dir):
+    """Our NLIClassifier for roberta_text_dir, loaded once (building the BPE tables takes a moment)."""
+    return N.load_nli(roberta_text_dir[0])
 
 
 @pytest.fixture(scope="module")
@@ -115,15 +123,15 @@ def test_logits_padded_batch_equal_hf_and_rows_alone(tiny):
         alone = torch.cat([ours(ids[i:i + 1, :n]) for i, n in enumerate(lens)])
     torch.testing.assert_close(got, _hf_logits(hf, ids, mask), atol=1e-5, rtol=0)
     torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)  # padding changes nothing
-    assert (got.std(0) > 0.1).all()  # rows really differ: the comparison is not vacuous
+    assert (got.std(0) > 1e-3).all()  # rows differ 100x more than the tolerance: the comparison is not vacuous
 
 
-def test_predict_text_pairs_equal_hf(roberta_text_dir, persona_texts):
+def test_predict_text_pairs_equal_hf(roberta_text_dir, text_clf, persona_texts):
     import transformers
 
     d, hf = roberta_text_dir
     tok = transformers.RobertaTokenizerFast.from_pretrained(str(d))
-    clf = N.load_nli(d)
+    clf = text_clf
     responses, personas = persona_texts
     premises, hypotheses = responses[:40], personas[:40]
     got = clf.predict(premises, hypotheses, batch_size=16)
@@ -135,9 +143,8 @@ def test_predict_text_pairs_equal_hf(roberta_text_dir, persona_texts):
     torch.testing.assert_close(clf.predict(premises, hypotheses, batch_size=1), got, atol=1e-5, rtol=0)
 
 
-def test_long_pairs_are_truncated(roberta_text_dir):
-    d, _ = roberta_text_dir
-    clf = N.load_nli(d)
+def test_long_pairs_are_truncated(text_clf):
+    clf = text_clf
     long_a, long_b = "i like dogs . " * 40, "my cat is black " * 30
     ids = clf.encode(long_a, long_b)
     assert len(ids) == clf.model.config.max_tokens
@@ -239,7 +246,7 @@ def test_c_score_hand_built():
         N.c_score(["x"], ["i have a dog"], fake)
 
 
-def test_c_score_with_real_classifier_matches_hf_argmax(roberta_text_dir, persona_texts):
+def test_c_score_with_real_classifier_matches_hf_argmax(roberta_text_dir, text_clf, persona_texts):
     """End to end: our loader + tokenizer + C.score against HF's argmax on the same pairs."""
     import transformers
 
@@ -253,5 +260,71 @@ def test_c_score_with_real_classifier_matches_hf_argmax(roberta_text_dir, person
         enc = tok([r] * len(ps), ps, padding=True, return_tensors="pt")
         labels = _hf_logits(hf, enc["input_ids"], enc["attention_mask"]).argmax(-1).tolist()
         want.append(sum(value[y] for y in labels))
-    score, per = N.c_score(resp, pers, N.load_nli(d), return_per_response=True)
+    score, per = N.c_score(resp, pers, text_clf, return_per_response=True)
     assert per == want and score == pytest.approx(sum(want) / len(want))
+
+
+# ---------------------------------------------------------------------------------------------- fine-tuning
+
+
+def _byte_tokenizer_dir(d):
+    """A RoBERTa-layout tokenizer with a 264-id vocab (the 256 byte symbols + 3 merges): tiny embeddings, fast."""
+    from data import byte_to_unicode
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for b in range(256):
+        vocab[byte_to_unicode()[b]] = len(vocab)
+    merges = ["Ġ n", "o g", "Ġ y"]
+    for m in merges:
+        vocab[m.replace(" ", "")] = len(vocab)
+    vocab["<mask>"] = len(vocab)
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return len(vocab)
+
+
+def test_finetune_cli_learns_and_saves_hf_layout(tmp_path):
+    """`nli.py finetune` through dpo.py's loop on a task a tiny model can learn (the label is a cue word):
+    held-out accuracy rises, and the saved model is a RobertaForSequenceClassification transformers loads."""
+    pytest.importorskip("dpo")
+    import transformers
+
+    src = tmp_path / "base"
+    src.mkdir()
+    _save_random_hf(src, vocab_size=_byte_tokenizer_dir(src), scale=None, dropout=0.0)  # HF's init: trainable
+    rng = random.Random(0)
+    words = "dogs cats skiing music nurse".split()
+    cue = {"contradiction": "no", "neutral": "maybe", "entailment": "yes"}
+    rows = []
+    for i in range(184):
+        y = rng.choice(N.NLI_LABELS)
+        rows.append({"premise": f"i like {rng.choice(words)}", "hypothesis": f"{cue[y]} , {rng.choice(words)}",
+                     "label": y.upper() if i % 2 else y})  # names are case-insensitive
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    N.main(["finetune", "--model", str(src), "--train", str(tmp_path / "pairs.jsonl"), "--out", str(out),
+            "--valid-fraction", "0.13", "--epochs", "4", "--lr", "5e-3", "--batch-size", "16", "--seed", "0"])
+    report = json.loads((out / "finetune.json").read_text())
+    assert report["train_pairs"] == 160 and report["valid_pairs"] == 24 and report["steps"] == 40
+    assert report["valid_accuracy_after"] >= 0.75 > report["valid_accuracy_before"], report
+
+    # the saved directory: our loader and transformers agree on it, and it still predicts as trained
+    hf = transformers.RobertaForSequenceClassification.from_pretrained(str(out / "model")).eval()
+    ours = N.load_classifier(out / "model")
+    ids = torch.tensor([[0, 5, 6, 7, 2, 2, 8, 9, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits, atol=1e-5, rtol=0)
+    assert hf.config.id2label == LABELS
+    clf = N.load_nli(out / "model")
+    acc = N.accuracy(clf, [(r["premise"], r["hypothesis"], N.NLI_LABELS.index(r["label"].lower())) for r in rows])
+    assert acc >= 0.75
+
+
+def test_read_pairs_errors(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"premise": "a", "hypothesis": "b", "label": "entailment"}\n{"premise": "a", "label": "neutral"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        N.read_pairs(p)
+    p.write_text('{"premise": "a", "hypothesis": "b", "label": "yes"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: label 'yes'"):
+        N.read_pairs(p)

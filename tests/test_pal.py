@@ -196,3 +196,16 @@ def test_inference_strategy(tiny_model_dir, data_dir, strategy):
         assert all(r["selected_persona"] in r["personas"] for r in rows)
     else:
         assert all(r["selected_persona"] is None and r["selection_output"] is None for r in rows)
+
+
+def test_chat_in_the_terminal(tmp_path, tiny_model_dir, data_dir, capsys):
+    import io
+    run = tmp_path / "run"
+    modeling.save_model(modeling.load_model(str(tiny_model_dir)), run / "sft" / "final")
+    cfg = pal.load_run_config(run, {"model": str(tiny_model_dir), "data_dir": data_dir, "variant": "wo_pa",
+                                    "max_new_tokens": 4, "select_max_new_tokens": 4})
+    typed = io.StringIO("i love dogs .\ni work at a bank .\n\nhello , how are you ?\nwhat do you do ?\n\n")
+    pal.stage_chat(cfg, run, stream=typed)
+    out = capsys.readouterr().out
+    assert "- i love dogs ." in out and "- i work at a bank ." in out
+    assert out.count("bot>") == 2 and out.count("[persona:") == 2

@@ -25,6 +25,7 @@ EDGE = [
     "emoji 🙂👍🏽 and ✓", "日本語のテキスト", "中文，标点。", "<|endoftext|>", "a<|endoftext|>b", "<s>hi</s>",
     "<|im_start|>user\nhi<|im_end|>", "<|eot_id|><|begin_of_text|>", "[CLS] [SEP] [UNK]", "x" * 300,
     "Ünïcödé ÀÉÎ ǅ ß", "\u00a0nbsp\u2003em\u3000ideo", "end with space ", "...!!!???", "$100 & 50%",
+    "ctrl\x01\x7fchars\x0b\x0c end\x00", "MiXeD CaSe ABC", "a_b~c`d^e|f", "\x1c\x1d\x1e\x1f\x85 sep",
 ]
 
 
@@ -150,7 +151,13 @@ def smol(tmp_path_factory):
     return ref, d / "gguf", d / "official"
 
 
-def test_smollm2_ids_equal_hf(smol, en_lines, zh_lines):
+@pytest.fixture(scope="module")
+def smol_from_gguf():
+    """Our tokenizer read straight from the GGUF metadata (llama.cpp's "smollm" pre-tokenizer)."""
+    return load_tokenizer(_smol_gguf())
+
+
+def test_smollm2_ids_equal_hf(smol, smol_from_gguf, en_lines, zh_lines):
     from tokenizers import Tokenizer as HFTokenizer
     ref, gguf_dir, official_dir = smol
     lines = en_lines + zh_lines
@@ -163,12 +170,14 @@ def test_smollm2_ids_equal_hf(smol, en_lines, zh_lines):
     ours = load_tokenizer(official_dir)
     _assert_same_ids(ours, official_ids, lines, "smollm2 (digits pre-tokenizer)")
     # 3. the GGUF read directly: llama.cpp's "smollm" pre-tokenizer is the same digit splitting
-    _assert_same_ids(load_tokenizer(_smol_gguf()), official_ids, lines, "smollm2 (gguf metadata)")
+    _assert_same_ids(smol_from_gguf, official_ids, lines, "smollm2 (gguf metadata)")
     assert ours.encode("2024") == [ours.encode(c)[0] for c in "2024"]       # one token per digit
     assert (ours.eos_id, ours.bos_id, ours.pad_id, ours.vocab_size) == (2, 1, 2, 49152)
     assert ours.stop_ids[0] == ref.convert_tokens_to_ids("<|im_end|>") and 0 in ours.stop_ids
-    for s in lines:
-        assert ours.decode(ours.encode(s)) == s
+    for s, ids in zip(lines, official_ids):   # round trip wherever the reference round-trips (not: dropped bytes)
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=False)
+        if hf.decode(ids, skip_special_tokens=False) == s:
+            assert ours.decode(ours.encode(s)) == s
 
 
 def test_smollm2_bytes_without_token_are_dropped_like_hf(smol):
@@ -179,9 +188,9 @@ def test_smollm2_bytes_without_token_are_dropped_like_hf(smol):
         assert ours.encode(s) == ref.encode(s, add_special_tokens=False), s
 
 
-def test_smollm2_chat_equals_apply_chat_template(smol, en_lines):
+def test_smollm2_chat_equals_apply_chat_template(smol, smol_from_gguf, en_lines):
     ref, gguf_dir, _ = smol
-    ours_dirs = [load_tokenizer(gguf_dir), load_tokenizer(_smol_gguf())]
+    ours_dirs = [load_tokenizer(gguf_dir), smol_from_gguf]
     for ours in ours_dirs:
         assert ours.has_chat and ours.chat_format == "chatml"
         assert ours.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
