@@ -220,12 +220,16 @@ class BPETokenizer(Tokenizer):
                  specials: dict[str, int], *, add_prefix_space: bool = False, **kw):
         import tiktoken
         self.add_prefix_space = add_prefix_space
-        dropped = [r for r, i in (id_of_rank or {}).items() if i < 0]
-        merged = sorted((r, i) for r, i in (id_of_rank or {}).items() if r >= 256)
-        if id_of_rank is not None and not dropped and all(a[1] < b[1] for a, b in zip(merged, merged[1:])):
-            # ids already follow merge order (GPT-2: equal; SmolLM2: shifted by its specials): use them as ranks.
-            ranks = {b: id_of_rank[r] for b, r in ranks.items()}
-            id_of_rank = None
+        ids_of = (lambda r: id_of_rank[r]) if id_of_rank is not None else (lambda r: r)
+        dropped = {b for b, r in ranks.items() if ids_of(r) < 0}     # bytes without a token (see _ranks_from_merges)
+        n = max(list(specials.values()) + [ids_of(r) for r in ranks.values()]) + 1   # vocab size: max id + 1
+        merged = sorted((r, ids_of(r)) for r in ranks.values() if r >= 256)
+        if id_of_rank is not None and all(a[1] < b[1] for a, b in zip(merged, merged[1:])):
+            # ids already follow merge order (GPT-2: equal; SmolLM2: shifted by its 17 specials), so they can be
+            # tiktoken's ranks and no id table is needed. Bytes without a token get ids past the vocabulary.
+            phantom = iter(range(n, n + 256))
+            ranks = {b: (next(phantom) if b in dropped else id_of_rank[r]) for b, r in ranks.items()}
+            id_of_rank, ids_of = None, (lambda r: r)
         # tiktoken's specials table stays empty: we only call encode_ordinary, so no text can become a special.
         self._enc = tiktoken.Encoding(name=f"pal:{name}", pat_str=split, mergeable_ranks=ranks, special_tokens={})
         self._rank_to_id = None
@@ -234,14 +238,12 @@ class BPETokenizer(Tokenizer):
             for r, i in id_of_rank.items():
                 table[r] = i
             self._rank_to_id = table
-        # Text with a character whose byte has no token: ids -1 come out and are removed (see _ranks_from_merges).
-        self._drop = _chars_with_bytes({b for b, r in ranks.items() if r in dropped}) if dropped else None
-        ids_of = (lambda r: id_of_rank[r]) if id_of_rank else (lambda r: r)
-        n = max(list(specials.values()) + [ids_of(r) for r in ranks.values()]) + 1
+        # Only text holding a character made of such bytes needs its out-of-vocabulary ids removed.
+        self._drop = _chars_with_bytes(dropped) if dropped else None
         # id -> bytes for decoding (specials decode to their own text, like HF with skip_special_tokens=False).
         self._id_bytes: list[bytes | None] = [None] * n
         for b, r in ranks.items():
-            if ids_of(r) >= 0:
+            if 0 <= ids_of(r) < n:
                 self._id_bytes[ids_of(r)] = b
         for t, i in specials.items():
             self._id_bytes[i] = t.encode("utf-8")
@@ -249,12 +251,9 @@ class BPETokenizer(Tokenizer):
         super().__init__(name, specials, n, **kw)
 
     def _to_ids(self, text: str, ranks: list[int]) -> list[int]:
-        if self._rank_to_id is None:
-            return ranks
-        table = self._rank_to_id
-        ids = [table[r] for r in ranks]
+        ids = ranks if self._rank_to_id is None else [self._rank_to_id[r] for r in ranks]
         if self._drop is not None and (self._drop is True or self._drop.search(text)):
-            ids = [i for i in ids if i >= 0]
+            ids = [i for i in ids if 0 <= i < self.vocab_size]
         return ids
 
     def _encode(self, text: str) -> list[int]:
@@ -283,10 +282,8 @@ class BPETokenizer(Tokenizer):
             if skip_special and i in self._special_set:
                 continue
             parts.append(self._id_bytes[i])
-        text = b"".join(parts).decode("utf-8", errors="replace")
-        if self.add_prefix_space and text.startswith(" "):
-            text = text[1:]
-        return text
+        # (with add_prefix_space the added space stays, as in HF's byte-level decoder)
+        return b"".join(parts).decode("utf-8", errors="replace")
 
     def encode_pair(self, a: str, b: str) -> list[int]:
         """RoBERTa sentence pair: <s> a </s></s> b </s> (what the NLI classifier was trained on)."""
@@ -312,7 +309,7 @@ def _ranks_from_merges(vocab: dict[str, int], merges: list[tuple[str, str]], whe
         if token not in vocab:
             raise TokenizerError(f"{where}: merge {k} ({left!r} {right!r}) makes {token!r}, not in the vocabulary")
         tb = _token_bytes(token, where)
-        if tb in ranks:  # a later duplicate merge never fires in HF either (the earlier one wins)
+        if tb in ranks:  # a second merge making the same token: tiktoken ranks tokens, so the first rank stays
             continue
         ranks[tb] = 256 + k
         id_of_rank[256 + k] = vocab[token]

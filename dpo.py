@@ -90,52 +90,64 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
 # ----------------------------------------------------------------------------------------------------------
 # 2. Log-probs from a model, without the [B, T, V] logits.
 #
-# A training step on a 50k-vocabulary model spends a large share of its memory on logits: B*T*V floats, then a
-# fp32 copy, the log-softmax output and its gradient (~4 x 400 MB for 8 x 256 tokens of SmolLM2). Only labelled
-# positions matter, so we take the final hidden states, keep the labelled rows, and compute
-# log p(target) = h.w_target - logsumexp(h W^T) chunk by chunk; the backward pass recomputes each chunk's
-# logits instead of storing them. Memory drops from O(B T V) to O(chunk V); compute grows by one extra
-# (chunk x C) @ (C x V) product per chunk in backward.
+# A training step on a 50k-vocabulary model spends a large share of its memory and time on logits: B*T*V floats,
+# a fp32 copy, the log-softmax output and its gradient (4 x 400 MB for 8 x 256 tokens of SmolLM2), each one
+# a full pass over memory. Only labelled positions matter, so we take the final hidden states, keep the
+# labelled rows (N of them), and compute log p(target) = h.w_target - logsumexp(h W^T) chunk by chunk, so that
+# at most (chunk x V) logits exist at a time.
+#
+# The gradient w.r.t. h does not need the incoming gradient until the very end:
+#     d logp_n / d h_n = w_{y_n} - softmax(h_n W^T) W            (a (C,) vector per row)
+# so the forward pass computes it while the chunk's softmax is at hand, and backward only scales it by
+# grad_out[n]. When W itself is trained (full fine-tuning; W is tied to the embedding in GPT-2 / SmolLM2), its
+# gradient sum_n grad_out[n] (onehot(y_n) - softmax_n)^T h_n needs grad_out inside the sum, so backward
+# recomputes each chunk's logits: one extra (chunk x C) @ (C x V) product per chunk instead of O(N V) memory.
 
 class _ChunkedTargetLogp(torch.autograd.Function):
     """logp[n] = log_softmax(h[n] @ W^T)[y[n]] for N rows, in row chunks; fp32 softmax statistics."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk):  # h (N, C), weight (V, C), targets (N,)
+    def forward(ctx, h, weight, targets, chunk, need_h):  # h (N, C), weight (V, C), targets (N,)
         n = h.shape[0]
         acc = torch.promote_types(h.dtype, torch.float32)  # fp32 statistics (fp64 stays fp64, for gradcheck)
         out = torch.empty(n, dtype=acc, device=h.device)
         lse = torch.empty(n, dtype=acc, device=h.device)
+        dlogp_dh = torch.empty(h.shape, dtype=acc, device=h.device) if need_h else None  # (N, C)
         for s in range(0, n, chunk):
-            logits = (h[s:s + chunk] @ weight.t()).to(acc)  # (chunk, V)
-            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-            out[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
-        ctx.save_for_backward(h, weight, targets, lse)
+            e = min(s + chunk, n)
+            logits = (h[s:e] @ weight.t()).to(acc)  # (chunk, V)
+            lse[s:e] = torch.logsumexp(logits, dim=-1)
+            out[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
+            if need_h:
+                p = logits.sub_(lse[s:e, None]).exp_()  # softmax, in place of the logits
+                dlogp_dh[s:e] = weight[targets[s:e]].to(acc) - (p.to(h.dtype) @ weight).to(acc)
+        ctx.save_for_backward(h, weight, targets, lse, dlogp_dh)
         ctx.chunk = chunk
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out (N,)
-        h, weight, targets, lse = ctx.saved_tensors
+        h, weight, targets, lse, dlogp_dh = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
-        for s in range(0, h.shape[0], ctx.chunk):
-            hc, g = h[s:s + ctx.chunk], grad_out[s:s + ctx.chunk].to(lse.dtype)
-            logits = (hc @ weight.t()).to(lse.dtype)  # recomputed (chunk, V)
-            # d logp / d logits = onehot(y) - softmax; scaled by the incoming gradient of each row
-            d = torch.exp(logits - lse[s:s + ctx.chunk, None]).mul_(-g[:, None])
-            d.scatter_add_(1, targets[s:s + ctx.chunk, None], g[:, None])
-            d = d.to(h.dtype)
-            if need_h:
-                grad_h[s:s + ctx.chunk] = d @ weight
-            if need_w:
-                grad_w += d.t() @ hc
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None
+        g_all = grad_out.to(lse.dtype)
+        grad_h = (g_all[:, None] * dlogp_dh).to(h.dtype) if need_h else None
+        grad_w = None
+        if need_w:
+            grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
+            for s in range(0, h.shape[0], ctx.chunk):
+                e = min(s + ctx.chunk, h.shape[0])
+                g = g_all[s:e]
+                logits = (h[s:e] @ weight.t()).to(lse.dtype)  # recomputed (chunk, V)
+                # d logp / d logits = onehot(y) - softmax, scaled by each row's incoming gradient
+                d = logits.sub_(lse[s:e, None]).exp_().mul_(-g[:, None])
+                d.scatter_add_(1, targets[s:e, None], g[:, None])
+                grad_w += d.t().to(h.dtype) @ h[s:e]
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None
 
 
 def target_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                 chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                 chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """sequence_logps computed from final hidden states and the output projection.
 
     hidden: [B, T, C] final (normed) hidden states; weight: [V, C] lm_head weight; labels: [B, T]
@@ -148,7 +160,8 @@ def target_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     if torch.is_autocast_enabled(h.device.type):  # a custom Function is not autocast: cast like F.linear would
         dt = torch.get_autocast_dtype(h.device.type)
         h, weight = h.to(dt), weight.to(dt)
-    tok = _ChunkedTargetLogp.apply(h, weight, targets[rows], chunk)  # (N,) fp32
+    need_h = torch.is_grad_enabled() and h.requires_grad  # else skip the gradient work in forward
+    tok = _ChunkedTargetLogp.apply(h, weight, targets[rows], chunk, need_h)  # (N,) fp32
     logps = torch.zeros(labels.shape[0], dtype=tok.dtype, device=labels.device).index_add(0, rows[0], tok)
     return logps, mask.sum(-1)
 

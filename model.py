@@ -20,7 +20,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -170,7 +170,10 @@ def linear(x, weight, bias=None):
         return F.linear(x, weight, bias)
     xf = x.float()
     blocks = weight.split(4096)                                        # (<=4096, in) each: ~9 MB in fp32
-    y = torch.cat([F.linear(xf, w.float()) for w in blocks], dim=-1) if len(blocks) > 1 else F.linear(xf, weight.float())
+    if len(blocks) == 1:
+        y = F.linear(xf, weight.float())
+    else:
+        y = torch.cat([F.linear(xf, w.float()) for w in blocks], dim=-1)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
@@ -191,9 +194,12 @@ def build_attention_mask(key_valid: torch.Tensor | None, T: int, S: int, dtype: 
         return None, False
     if key_valid is None and start == 0:
         return None, True
-    allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=start)[None, None]  # (1, 1, T, S)
-    if key_valid is not None:
-        allowed = allowed & key_valid[:, None, None, :]                                        # (B, 1, T, S)
+    if T == 1:                                  # a decode step: the one query may see every valid key
+        allowed = key_valid[:, None, None, :]                                                  # (B, 1, 1, S)
+    else:
+        allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=start)[None, None]  # (1, 1, T, S)
+        if key_valid is not None:
+            allowed = allowed & key_valid[:, None, None, :]                                    # (B, 1, T, S)
     zero = torch.zeros((), dtype=dtype, device=device)
     return torch.where(allowed, zero, torch.finfo(dtype).min), False
 
@@ -227,6 +233,7 @@ class KVCache:
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)   # per-layer views, made once
         self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
         self.padded = False   # True once some slot is padding; otherwise masks can be skipped
         self.length = 0
@@ -243,10 +250,10 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, Hkv, T, D) at slots [length, length + T) of `layer`; return all keys/values so far."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        T, kc, vc = k.shape[2], self.k_layers[layer], self.v_layers[layer]
+        kc.narrow(2, self.length, T).copy_(k)
+        vc.narrow(2, self.length, T).copy_(v)
+        return kc.narrow(2, 0, self.length + T), vc.narrow(2, 0, self.length + T)
 
 
 def _positions(position_ids, B, T, cache, device):
@@ -341,12 +348,18 @@ class GPT2(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
                 last_only: bool = False):
-        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only (prefill only needs the last one)."""
+        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only (prefill only needs the last one).
+
+        attention_mask (B, T): 1 = token, 0 = padding; not needed for right-padded training batches (causal
+        attention never lets a real token see the padding after it). Positions default to 0..T-1 (after the
+        cache); left-padded batches must pass position_ids counted from each row's first real token.
+        """
         B, T = input_ids.shape
         pos = _positions(position_ids, B, T, cache, input_ids.device)  # (B, T)
         S = T + (cache.length if cache is not None else 0)
-        if S > self.config.n_positions or (position_ids is not None and int(position_ids.max()) >= self.config.n_positions):
-            raise ValueError(f"GPT-2 sees at most n_positions={self.config.n_positions} tokens, got {S}")
+        top = int(pos.max()) + 1                       # learned positions: a table of n_positions rows
+        if top > self.config.n_positions:
+            raise ValueError(f"GPT-2 has positions 0..{self.config.n_positions - 1} only, got position {top - 1}")
         mask, is_causal = build_attention_mask(_key_valid(attention_mask, cache, T), T, S,
                                                self.wte.weight.dtype, input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))                # (B, T, C)
@@ -415,7 +428,7 @@ def apply_rope(x, cos, sin):
 
     rotate_half(x) = cat(-x2, x1) = roll(x, D/2) * (-1 | +1); the signs already sit in `sin`.
     """
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)   # x*cos + roll(x)*sin
 
 
 class LlamaAttention(nn.Module):
@@ -484,7 +497,12 @@ class Llama(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
                 last_only: bool = False):
-        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only (prefill only needs the last one)."""
+        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only (prefill only needs the last one).
+
+        attention_mask (B, T): 1 = token, 0 = padding; not needed for right-padded training batches (causal
+        attention never lets a real token see the padding after it). Positions default to 0..T-1 (after the
+        cache); left-padded batches must pass position_ids counted from each row's first real token.
+        """
         B, T = input_ids.shape
         dev = input_ids.device
         pos = _positions(position_ids, B, T, cache, dev)                 # (B, T)
@@ -597,14 +615,64 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
                             "(only safetensors checkpoints are read)")
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsReader:
+    """Reads tensors one at a time from a .safetensors file, straight into memory we own (no memory map to keep).
+
+    The format: 8 bytes (little-endian u64) giving the header's length, a JSON header
+    {name: {"dtype", "shape", "data_offsets": [start, end]}} (plus an optional "__metadata__"), then raw
+    little-endian bytes, offsets counted from the end of the header.
+    """
+
+    def __init__(self, path: Path):
+        import struct
+        self.path = path
+        self.file = open(path, "rb")
+        (n,) = struct.unpack("<Q", self.file.read(8))
+        self.header = json.loads(self.file.read(n))
+        self.header.pop("__metadata__", None)
+        self.data_start = 8 + n
+
+    def keys(self):
+        return list(self.header)
+
+    def shape(self, key) -> tuple:
+        return tuple(self.header[key]["shape"])
+
+    def read(self, key) -> torch.Tensor:
+        info = self.header[key]
+        start, end = info["data_offsets"]
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self.path}: key {key!r} has unsupported dtype {info['dtype']}")
+        t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+        raw = t.reshape(-1).view(torch.uint8)          # the tensor's own bytes, filled in place
+        if raw.numel() != end - start:
+            raise CheckpointError(f"{self.path}: key {key!r}: {end - start} bytes for shape {info['shape']}")
+        self.file.seek(self.data_start + start)
+        if self.file.readinto(memoryview(raw.numpy())) != raw.numel():
+            raise CheckpointError(f"{self.path}: file ends inside tensor {key!r} (truncated download?)")
+        return t
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
 def read_checkpoint(model: nn.Module, model_dir: Path, dtype=torch.float32, device="cpu") -> dict[str, torch.Tensor]:
     """Our state dict from the checkpoint in `model_dir`, renamed and transformed, every key and shape checked.
 
-    Tensors are read one at a time from the memory-mapped files and converted straight to dtype/device,
-    so the weights are never all held twice.
+    Tensors are read one at a time and converted straight to dtype/device, so beside the model itself at most one
+    checkpoint tensor is in memory: the weights are never held twice.
     """
-    from safetensors import safe_open
-
+    import sys
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors files are little-endian; this loader assumes a little-endian machine")
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # model may live on `meta`
     ours_of = {hf_name(model, name): name for name in expected}                  # checkpoint key -> our name
     tied = model.family == "gpt2" or model.config.tie_word_embeddings
@@ -613,9 +681,9 @@ def read_checkpoint(model: nn.Module, model_dir: Path, dtype=torch.float32, devi
     for path in checkpoint_files(model_dir):
         if not path.exists():
             raise FileNotFoundError(f"{path}: shard listed in model.safetensors.index.json is missing")
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with SafetensorsReader(path) as f:
             for key in f.keys():
-                shape = tuple(f.get_slice(key).get_shape())
+                shape = f.shape(key)
                 canon = _canonical_key(model, key)
                 if canon is None:
                     continue
@@ -636,10 +704,10 @@ def read_checkpoint(model: nn.Module, model_dir: Path, dtype=torch.float32, devi
                 if shape != want:
                     raise CheckpointError(f"{path}: key {key!r} has shape {shape} but parameter {ours!r} needs "
                                           f"{want} (checkpoint layout)")
-                t = f.get_tensor(key)
+                t = f.read(key)
                 if transposed:
                     t = t.t()
-                sd[ours] = t.to(device=device, dtype=dtype).contiguous()
+                sd[ours] = t.to(device=device, dtype=dtype).contiguous()  # no copy when already right
                 del t
     missing = [n for n in expected if n not in sd]
     if missing:
@@ -780,7 +848,8 @@ class LoRALinear(nn.Module):
             return y
         if self.merged:
             return y
-        return y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # (.., in)->(.., r)->(.., out)
+        low = F.linear(self.dropout(x), self.lora_A)             # (..., in) -> (..., r)
+        return y + self.scale * F.linear(low, self.lora_B)       # (..., r) -> (..., out)
 
     def extra_repr(self):
         return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
@@ -868,7 +937,8 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]):
     with torch.no_grad():
         for k, t in own.items():
             if tuple(sd[k].shape) != tuple(t.shape):
-                raise CheckpointError(f"LoRA key {k!r} has shape {tuple(sd[k].shape)}, the model needs {tuple(t.shape)}")
+                raise CheckpointError(f"LoRA key {k!r} has shape {tuple(sd[k].shape)}, "
+                                      f"the model needs {tuple(t.shape)}")
             t.copy_(sd[k])
 
 
@@ -954,7 +1024,7 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, st
     """
     if isinstance(stop_ids, int):
         stop_ids = [stop_ids]
-    stop_ids = list(stop_ids or [])
+    stop_ids = [int(s) for s in stop_ids] if stop_ids is not None else []
     B = len(prompts)
     if B == 0 or max_new_tokens <= 0:
         return [[] for _ in prompts]
@@ -963,6 +1033,9 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, st
         raise ValueError("generate: every prompt needs at least one token")
     w = next(model.parameters())
     device, T = w.device, max(lengths)
+    if model.family == "gpt2" and T + max_new_tokens - 1 > model.config.n_positions:
+        raise ValueError(f"GPT-2 sees at most n_positions={model.config.n_positions} tokens: a {T}-token prompt "
+                         f"leaves room for {model.config.n_positions - T + 1} new tokens, not {max_new_tokens}")
 
     ids = torch.zeros(B, T, dtype=torch.long)
     mask = torch.zeros(B, T, dtype=torch.bool)

@@ -359,6 +359,9 @@ class NLIClassifier:
     def __init__(self, model: RobertaClassifier, tokenizer=None, label_names: list[str] | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer  # needs encode_pair(a, b) and encode(text); None: use predict_ids only
+        if label_names is not None and len(label_names) != model.config.num_labels:
+            raise ValueError(f"label_names has {len(label_names)} names, the model has "
+                             f"{model.config.num_labels} labels")
         id2label = dict(enumerate(label_names)) if label_names is not None else model.config.id2label
         self.order = label_order(id2label)  # probs_ours[:, k] = probs_checkpoint[:, order[k]]
 
@@ -398,6 +401,8 @@ class NLIClassifier:
             progress = n > 2000
         from tqdm import tqdm
 
+        was_training = self.model.training
+        self.model.eval()  # dropout off, even when called from inside a training loop
         for idx in tqdm(batches, desc="nli", disable=not progress, dynamic_ncols=True):
             lens = [len(seqs[i]) for i in idx]
             if min(lens) == 0 or max(lens) > cfg.max_tokens:
@@ -410,6 +415,7 @@ class NLIClassifier:
             mask = (torch.arange(T)[None, :] < torch.tensor(lens)[:, None]).long()  # (B, T) from lengths
             logits = self.model(ids.to(self.device), mask.to(self.device))
             out[idx] = logits.float().cpu()
+        self.model.train(was_training)
         return out
 
     def predict_ids(self, seqs: list[list[int]], batch_size: int = 32, progress: bool | None = None) -> torch.Tensor:
@@ -473,6 +479,9 @@ def c_score(responses: list[str], personas_per_response: list[list[str]], nli, b
     `nli` is anything with predict(premises, hypotheses, batch_size=...) -> probs (N, 3) ordered
     (contradiction, neutral, entailment), e.g. load_nli(...).
     """
+    if nli is None:
+        raise ValueError("c_score needs an NLI classifier; without one report C.score as unavailable "
+                         "(metrics.persona_coverage is the model-free persona score)")
     if len(responses) != len(personas_per_response):
         raise ValueError(f"{len(responses)} responses but {len(personas_per_response)} persona lists")
     premises, hypotheses, owner = [], [], []

@@ -5,7 +5,8 @@ On SmolLM2-135M-Instruct ("smol"), CPU, prompts of 64 random (non-special) token
     directory (`resolve_model_dir("smol")`), in the same dtype, with the same torch thread count, in this process.
     No early stop on either side (stop_ids=[] for ours, eos_token_id=None for transformers), so both decode exactly
     64 tokens a row; their tokens are compared and the share of equal rows is printed.
-    tokens/s = batch * 64 / wall time of the whole call (prefill included), median of --repeat runs after a warm-up.
+    tokens/s = batch * 64 / wall time of the whole call (prefill included), median of --repeat runs after a warm-up,
+    ours and transformers interleaved run by run.
   - batch-1 decode speed as a fraction of the memory-bandwidth bound: one decode step must read every weight once
     (the tied embedding once, as the output head), so bound = copy bandwidth / weight bytes. Copy bandwidth is
     measured here with a 512 MiB tensor clone, counting bytes read + written. Decode-only speed excludes the
@@ -39,15 +40,22 @@ def make_prompts(batch: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return torch.randint(17, vocab, (batch, PROMPT_LEN), generator=g).tolist()  # ids < 17 are special tokens
 
 
-def timed(fn, repeat: int) -> tuple[float, object]:
-    """Median wall time of `repeat` calls after one warm-up call, and the last result."""
-    fn()
-    times, out = [], None
+def timed_pair(fn_a, fn_b, repeat: int) -> tuple[float, object, float, object]:
+    """Median wall times of two calls over `repeat` rounds after one warm-up each, and their last results.
+
+    The two are interleaved (a, b, a, b, ...) so that a change in machine load hits both sides alike.
+    """
+    fn_a(), fn_b()
+    ta, tb, out_a, out_b = [], [], None, None
     for _ in range(repeat):
         t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        out_a = fn_a()
+        t1 = time.perf_counter()
+        out_b = fn_b()
+        t2 = time.perf_counter()
+        ta.append(t1 - t0)
+        tb.append(t2 - t1)
+    return statistics.median(ta), out_a, statistics.median(tb), out_b
 
 
 def ours_generate(model, prompts, new_tokens):
@@ -130,8 +138,8 @@ def main():
         ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         for batch in args.batches:
             prompts = make_prompts(batch, ours.config.vocab_size)
-            t_ours, out_ours = timed(ours_generate(ours, prompts, NEW_TOKENS), args.repeat)
-            t_ref, out_ref = timed(hf_generate(ref, prompts, NEW_TOKENS), args.repeat)
+            t_ours, out_ours, t_ref, out_ref = timed_pair(ours_generate(ours, prompts, NEW_TOKENS),
+                                                          hf_generate(ref, prompts, NEW_TOKENS), args.repeat)
             assert all(len(r) == NEW_TOKENS for r in out_ours + out_ref), "both sides must decode 64 tokens a row"
             same = sum(a == b for a, b in zip(out_ours, out_ref))
             tps_ours, tps_ref = batch * NEW_TOKENS / t_ours, batch * NEW_TOKENS / t_ref
@@ -139,8 +147,8 @@ def main():
             print(f"  batch {batch:2d} {dtype_name:8s}: ours {tps_ours:7.1f} tok/s, transformers {tps_ref:7.1f} "
                   f"tok/s, x{tps_ours / tps_ref:.2f}", flush=True)
             if batch == 1:
-                prefill_ours, _ = timed(ours_generate(ours, prompts, 1), args.repeat)
-                prefill_ref, _ = timed(hf_generate(ref, prompts, 1), args.repeat)
+                prefill_ours, _, prefill_ref, _ = timed_pair(ours_generate(ours, prompts, 1),
+                                                             hf_generate(ref, prompts, 1), args.repeat)
                 decode_ours = (NEW_TOKENS - 1) / (t_ours - prefill_ours)
                 decode_ref = (NEW_TOKENS - 1) / (t_ref - prefill_ref)
                 wb = weight_bytes(ours)

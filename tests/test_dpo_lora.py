@@ -100,22 +100,23 @@ def _smol_lora(path):
     return m
 
 
-FACTS = ["My dog is named Biscuit.", "I live in a small town by the sea.", "My favourite colour is green.",
-         "I work night shifts at a bakery.", "I have two older sisters.", "I play the cello every Sunday.",
-         "I am allergic to cats.", "I collect old maps of Europe."]
+FACTS = [("Your dog?", "My dog is named Biscuit."), ("Where do you live?", "In a small town by the sea."),
+         ("Favourite colour?", "Green, like moss."), ("Your job?", "I work night shifts at a bakery."),
+         ("Siblings?", "Two older sisters."), ("What do you play?", "The cello, every Sunday."),
+         ("Allergies?", "I am allergic to cats."), ("What do you collect?", "Old maps of Europe.")]
 
 
 def test_smol_lora_sft_memorizes_eight_examples(tmp_path, smol):
     path, tok = smol
     feats = []
-    for fact in FACTS:
-        prompt, resp = tok.encode("Tell me about you."), tok.encode(" " + fact) + [tok.eos_id]
+    for question, fact in FACTS:  # distinct prompts: each answer is determined by its question
+        prompt, resp = tok.encode(question), tok.encode(" " + fact) + [tok.eos_id]
         feats.append({"input_ids": prompt + resp, "labels": [-100] * len(prompt) + resp})
-    cfg = dpo.TrainConfig(mode="sft", out_dir=str(tmp_path), batch_size=8, max_steps=25, lr=1e-2, warmup_steps=3,
+    cfg = dpo.TrainConfig(mode="sft", out_dir=str(tmp_path), batch_size=8, max_steps=12, lr=3e-3, warmup_steps=2,
                           sft_reduction="mean", progress=False)
     dpo.train(_smol_lora(path), cfg, feats, collate_sft, export=False)
     losses = [r["loss"] for r in log_records(tmp_path)]
-    assert losses[0] > 2.0 and losses[-1] < 0.1, losses  # per-token NLL: from unknown facts to memorized
+    assert losses[0] > 2.0 and losses[-1] < 0.05, losses  # per-token NLL: from unknown facts to memorized
 
 
 def test_smol_lora_dpo_separates_pairs(tmp_path, smol):

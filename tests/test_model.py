@@ -269,7 +269,7 @@ def test_wrong_shape_names_both_shapes(llama_dir):
         M.load_model(llama_dir)
 
 
-# ---------------------------------------------------------------------------------------------- names, hub cache, dtypes
+# ------------------------------------------------------------------------------ names, hub cache, dtypes
 
 def test_hub_id_from_local_cache_without_network(tmp_path, monkeypatch, llama_dir):
     ref = transformers.LlamaForCausalLM.from_pretrained(llama_dir).eval()
@@ -314,3 +314,14 @@ def test_load_in_half_precision(llama_dir, dtype):
     with torch.no_grad():
         err = (ours(ids).float() - ref(ids).logits).abs().max().item()
     assert err < 0.1, err
+
+
+def test_generate_respects_gpt2_context_and_int_stop(tmp_path):
+    hf_gpt2(tmp_path)                      # n_positions = 128
+    ours = M.load_model(tmp_path)
+    prompt = prompts_of(150, [100])[0]
+    with pytest.raises(ValueError, match="n_positions=128"):
+        M.generate(ours, [prompt], 30, stop_ids=None)
+    free = M.generate(ours, [prompt], 29, stop_ids=None)[0]   # positions 0..127: exactly fits
+    assert len(free) == 29
+    assert M.generate(ours, [prompt], 29, stop_ids=free[3])[0] == free[:free.index(free[3])]

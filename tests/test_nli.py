@@ -13,6 +13,16 @@ import nli as N
 LABELS = {0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"}  # roberta-large-mnli's order and spelling
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread; on a busy 2-core machine intra-op threading made the fine-tuning
+    test 10x slower. Restored after this module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _save_random_hf(d, vocab_size, id2label=LABELS, seed=0, layers=2, scale=0.3, dropout=0.1):
     """A tiny random RobertaForSequenceClassification saved by transformers. Weights are re-drawn with a large
     scale so that logits differ clearly between inputs (HF's 0.02 init makes every output nearly equal);
@@ -244,6 +254,17 @@ def test_c_score_hand_built():
         N.c_score(["x"], [], fake)
     with pytest.raises(TypeError, match="list of persona sentences"):
         N.c_score(["x"], ["i have a dog"], fake)
+    with pytest.raises(ValueError, match="unavailable"):
+        N.c_score(["x"], [["p"]], None)
+
+
+def test_load_nli_unknown_hub_id_offline(monkeypatch, tmp_path):
+    pytest.importorskip("model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(FileNotFoundError, match="roberta-large-mnli"):
+        N.load_nli("FacebookAI/roberta-large-mnli")
 
 
 def test_c_score_with_real_classifier_matches_hf_argmax(roberta_text_dir, text_clf, persona_texts):
@@ -294,7 +315,8 @@ def test_finetune_cli_learns_and_saves_hf_layout(tmp_path):
     _save_random_hf(src, vocab_size=_byte_tokenizer_dir(src), scale=None, dropout=0.0)  # HF's init: trainable
     rng = random.Random(0)
     words = "dogs cats skiing music nurse".split()
-    cue = {"contradiction": "no", "neutral": "maybe", "entailment": "yes"}
+    # one cue letter no other word has (z / q / y): learnable from a bag of tokens, wherever it lands
+    cue = {"contradiction": "zero", "neutral": "quite", "entailment": "yes"}
     rows = []
     for i in range(184):
         y = rng.choice(N.NLI_LABELS)
@@ -303,9 +325,10 @@ def test_finetune_cli_learns_and_saves_hf_layout(tmp_path):
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "out"
     N.main(["finetune", "--model", str(src), "--train", str(tmp_path / "pairs.jsonl"), "--out", str(out),
-            "--valid-fraction", "0.13", "--epochs", "4", "--lr", "5e-3", "--batch-size", "16", "--seed", "0"])
+            "--valid-fraction", "0.13", "--epochs", "5", "--lr", "5e-3", "--batch-size", "16", "--eval-every", "25",
+            "--seed", "0"])
     report = json.loads((out / "finetune.json").read_text())
-    assert report["train_pairs"] == 160 and report["valid_pairs"] == 24 and report["steps"] == 40
+    assert report["train_pairs"] == 160 and report["valid_pairs"] == 24 and report["steps"] == 50
     assert report["valid_accuracy_after"] >= 0.75 > report["valid_accuracy_before"], report
 
     # the saved directory: our loader and transformers agree on it, and it still predicts as trained
@@ -328,3 +351,23 @@ def test_read_pairs_errors(tmp_path):
     p.write_text('{"premise": "a", "hypothesis": "b", "label": "yes"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: label 'yes'"):
         N.read_pairs(p)
+
+
+def test_rename_table_covers_roberta_large_mnli_shapes():
+    """roberta-large-mnli's architecture (its config.json values), built on the meta device by transformers and
+    by us: the rename table maps every tensor to one of the same shape (no weights needed)."""
+    import transformers
+
+    hf_cfg = transformers.RobertaConfig(
+        vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+        max_position_embeddings=514, type_vocab_size=1, pad_token_id=1, layer_norm_eps=1e-5,
+        id2label={0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"})
+    with torch.device("meta"):
+        hf = transformers.RobertaForSequenceClassification(hf_cfg)
+        ours = N.RobertaClassifier(N.RobertaConfig.from_hf(hf_cfg.to_dict()))
+    theirs = {k: v.shape for k, v in hf.state_dict().items()}
+    names = N.hf_names(ours.config)
+    assert sorted(names.values()) == sorted(theirs)
+    for k, v in ours.state_dict().items():
+        assert theirs[names[k]] == v.shape, k
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters())

@@ -366,3 +366,47 @@ def test_errors_name_the_problem(tmp_path, gpt2_hf_dir):
     j.write_text('{"model": {"type": "Unigram"}}')
     with pytest.raises(TokenizerError, match="Unigram"):
         load_tokenizer(j)
+
+
+def test_smol_name_resolves_like_load_model(smol_from_gguf, en_lines):
+    """load_tokenizer("smol") goes through model.resolve_model_dir (the converted GGUF dir, or the official one)."""
+    pytest.importorskip("model")
+    _smol_gguf()
+    tok = load_tokenizer("smol")
+    lines = en_lines[:1000]
+    assert tok.encode_batch(lines) == smol_from_gguf.encode_batch(lines)
+    conv = [{"role": "user", "content": lines[0]}, {"role": "assistant", "content": lines[1]}]
+    assert tok.chat(conv) == smol_from_gguf.chat(conv)
+    assert (tok.eos_id, tok.pad_id, tok.stop_ids[0]) == (2, 2, 2)
+
+
+def test_split_pre_tokenizer_tokenizer_json(gpt2_hf_dir, en_lines, zh_lines, tmp_path):
+    """A tokenizer.json with Hugging Face's Llama 3 layout (Split regex, then ByteLevel without regex), here on
+    GPT-2's vocabulary, against the tokenizers library on the same file."""
+    from tokenizers import Tokenizer as HFTokenizer
+    ref = _hf("GPT2TokenizerFast", gpt2_hf_dir)
+    ref.save_pretrained(tmp_path)
+    j = json.loads((tmp_path / "tokenizer.json").read_text())
+    j["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": data.LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(j))
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    hf.encode_special_tokens = True
+    lines = en_lines + zh_lines
+    want = [e.ids for e in hf.encode_batch(lines, add_special_tokens=False)]
+    _assert_same_ids(load_tokenizer(tmp_path), want, lines, "split pre-tokenizer")
+
+
+def test_llama3_hub_layout_dir(tmp_path):
+    """A Llama 3.1 Instruct download: original/tokenizer.model, tokenizer_config.json naming <|eot_id|> as eos."""
+    (tmp_path / "original").mkdir()
+    shutil.copy(shared_file("tokenizers/llama3/tokenizer.model"), tmp_path / "original" / "tokenizer.model")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 128256}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eot_id|>"}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.eos_id == 128009 and set(tok.stop_ids) == {128009, 128001, 128008}
+    assert tok.encode("This is a test sentence.") == [2028, 374, 264, 1296, 11914, 13]
+    check_tokenizer_fits(tok, 128256)
+    with pytest.raises(TokenizerError, match="128256 ids"):
+        check_tokenizer_fits(tok, 128000)
