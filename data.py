@@ -1,18 +1,54 @@
-"""Text handling for PAL: tokenizers (this section) and, later, the persona dialogue datasets.
+"""Text handling for PAL: tokenizers (part 1), then the persona dialogue datasets (part 2).
 
-Every tokenizer here is rebuilt from the model's own files with tiktoken (byte-level BPE), sentencepiece
+Part 1. Every tokenizer here is rebuilt from the model's own files with tiktoken (byte-level BPE), sentencepiece
 (Llama 2) or a few lines of Python (BERT WordPiece for GPT-2 Chinese), and tested id for id against the
 Hugging Face tokenizer built from the same files (tests/test_tokenizer*.py). transformers is never imported here.
+
+Part 2. PERSONA-CHAT and Baidu-Persona-Chat -> PAL's examples, prompts, features and batches.
+
+Read top to bottom, the file follows the data:
+
+    files ──parse──> Dialogue(personas, turns) ──make_examples──> Example(personas, history, response, label)
+          ──splits──> {"train", "valid1", "valid2", "test"} ──prompts──> (prompt text, target text)
+          ──encode──> feature {"input_ids", "labels"} (python lists) ──collate──> batch of LongTensors [B, T]
+
+Formats understood:
+  * ParlAI "self" text (PERSONA-CHAT, ConvAI2), original or revised personas. Every line starts with a
+    number that restarts for each dialogue; persona lines read `N your persona: ...` (or `N partner's
+    persona: ...` in "both" files), turn lines read `N context\\tresponse[\\treward[\\tcand1|cand2|...]]`.
+    The context of the first turn is `__SILENCE__` when our speaker opens the conversation.
+  * Baidu-Persona-Chat JSON lines: `[personas, history, response]` or `[personas, history, response, label]`.
+  * The Chinese sample format of ../shared/data/zh_samples: blocks of three lines (persona sentences;
+    `<|endoftext|>`-terminated history; `<|endoftext|>`-terminated response) separated by `[SEP]` lines.
+
+Bad input never disappears silently: a line that cannot be parsed raises `DataFormatError` naming the
+file, the line number and the line; the irregularities that have a documented rule (blank lines, invalid
+UTF-8, empty dialogues, missing responses, odd numbering, `__SILENCE__` openers) are counted in the
+`ParseStats` object attached to what the parsers return (`dialogues.stats`).
+
+Run `python data.py download --data-dir DIR` to fetch PERSONA-CHAT and
+`python data.py stats --data-dir DIR` for the paper's Table 1 plus the persona-label distribution.
 """
 from __future__ import annotations
 
+import argparse
 import base64
+import hashlib
 import json
 import os
+import random
 import re
+import shutil
+import tarfile
+import tempfile
 import unicodedata
+import urllib.request
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
 
 # ---- Tokenizers ----------------------------------------------------------------------------------------------
 #
@@ -210,7 +246,10 @@ class BPETokenizer(Tokenizer):
 
     tiktoken merges, inside each regex piece, the adjacent pair whose concatenation has the lowest *rank*;
     Hugging Face merges the pair that comes first in merges.txt. Giving each merged token the index of the merge
-    that creates it as its rank makes the two the same algorithm. The model's ids may be a different numbering
+    that creates it as its rank makes the two agree whenever a token is only ever reached through its own merge,
+    which BPE training makes the rule (not a theorem: tests/test_tokenizer.py checks it on real text, and it held
+    on 100k fuzzed strings and on every vocab token and 30k token concatenations for GPT-2 and SmolLM2).
+    The model's ids may be a different numbering
     (RoBERTa's vocab.json follows fairseq's dictionary, SmolLM2 puts 17 specials first): `rank_to_id` maps
     tiktoken's output to them, and is skipped when ranks already are the ids.
     """
@@ -805,7 +844,1188 @@ def check_tokenizer_fits(tok: Tokenizer, model_or_vocab_size) -> None:
                              f"{n} rows: this tokenizer does not belong to this model")
 
 
-# TEMP (lead): dataset section lives in persona_data.py until the merge
-_lt = load_tokenizer
-from persona_data import *  # noqa
-load_tokenizer = _lt
+# ==============================================================================================================
+# Part 2. Persona dialogue datasets
+# ==============================================================================================================
+
+from dataclasses import dataclass, field
+
+
+# ----------------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass
+class Turn:
+    """One exchange seen from our speaker: the partner's message, then our speaker's response.
+
+    partner is None when our speaker opens the dialogue (ParlAI writes `__SILENCE__`). response is None when
+    the file holds a partner message without an answer (kept as history, no example is made from it)."""
+    partner: str | None
+    response: str | None
+    candidates: list[str] | None = None  # ConvAI2: 20 candidates, the gold response is among them
+    gold_label: int | None = None        # persona label given by the file itself (Baidu), if any
+    has_gold_label: bool = False         # distinguishes "file says: no persona" from "file says nothing"
+    source: str = ""                     # "file:line", for error messages
+
+
+@dataclass
+class Dialogue:
+    personas: list[str]                  # our speaker's persona sentences
+    turns: list[Turn]
+    dialogue_id: int                     # unit of every split: both speakers of one conversation share it
+    partner_personas: list[str] = field(default_factory=list)
+    context: list[str] = field(default_factory=list)  # utterances before the first turn (JSON lines that
+    source: str = ""                                   # start mid-conversation); empty for ParlAI files
+
+
+@dataclass
+class Example:
+    personas: list[str]
+    history: list[str]                   # every earlier utterance, oldest first; the last is the partner's
+    response: str
+    persona_label: int | None            # index into personas of the sentence the response draws on
+    dialogue_id: int
+    candidates: list[str] | None = None
+
+
+@dataclass
+class ParseStats:
+    """What a parser met, so that nothing is dropped without a trace (see the module docstring)."""
+    files: list[str] = field(default_factory=list)
+    lines: int = 0
+    dialogues: int = 0
+    examples: int = 0                    # turns with a response = examples make_examples will produce
+    blank_lines: int = 0                 # skipped
+    invalid_utf8_lines: int = 0          # decoded with U+FFFD replacement characters (strict_utf8 raises)
+    silence_openers: int = 0             # `__SILENCE__` contexts: turn kept, the marker is no utterance
+    empty_dialogues: int = 0             # dialogue without any response: no example possible, skipped
+    missing_responses: int = 0           # turn without response: message kept in history, no example
+    numbering_gaps: int = 0              # turn number jumped forward (N -> N+2...): accepted as is
+    numbering_restarts: int = 0          # number did not go back to 1 at a new dialogue: new dialogue anyway
+    conversation_breaks: int = 0         # JSON/zh lines whose history does not extend an earlier line's
+    notes: list[str] = field(default_factory=list)  # first few irregularities, with file:line
+
+    def note(self, msg: str) -> None:
+        if len(self.notes) < 20:
+            self.notes.append(msg)
+
+    def summary(self) -> str:
+        keys = [k for k, v in vars(self).items()
+                if isinstance(v, int) and v and k not in ("lines", "dialogues", "examples")]
+        return ", ".join(f"{k}={getattr(self, k)}" for k in keys)
+
+
+class Dialogues(list):
+    """A list of Dialogue that also carries the ParseStats of the files it came from (`.stats`)."""
+    stats: ParseStats
+
+
+class DataFormatError(ValueError):
+    def __init__(self, path, lineno: int, line: str, reason: str):
+        super().__init__(f"{path}:{lineno}: {reason}: {line[:300]!r}")
+        self.path, self.lineno, self.line, self.reason = str(path), lineno, line, reason
+
+
+SILENCE = "__SILENCE__"
+
+
+def _read_lines(path: Path, stats: ParseStats, strict_utf8: bool) -> list[tuple[int, str]]:
+    """(line number, text) for every line. Invalid UTF-8 raises when strict, else becomes U+FFFD (counted)."""
+    out = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            raw = raw.rstrip(b"\r\n")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if strict_utf8:
+                    raise DataFormatError(path, lineno, raw.decode("utf-8", "replace"), f"invalid UTF-8 ({e.reason})")
+                line = raw.decode("utf-8", "replace")
+                stats.invalid_utf8_lines += 1
+                stats.note(f"{path}:{lineno}: invalid UTF-8 replaced by U+FFFD")
+            out.append((lineno, line))
+    stats.lines += len(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# ParlAI "self" format (PERSONA-CHAT, ConvAI2)
+
+_NUMBERED = re.compile(r"^(\d+) (.*)$", re.S)
+_PERSONA_PREFIXES = (("your persona:", "self"), ("partner's persona:", "partner"))
+
+
+def read_personachat(path, strict_utf8: bool = False, first_id: int = 0) -> Dialogues:
+    """Parse a ParlAI self/both/none text file into dialogues.
+
+    Rules: a new dialogue starts when the line number does not grow (ParlAI's own rule); it should then be 1,
+    otherwise it is counted as a numbering restart. A number that skips ahead is accepted and counted. A turn
+    line is `context\\tresponse`, optionally followed by `\\treward` and `\\tcand1|cand2|...` (the reward
+    field is empty in PERSONA-CHAT, hence `\\t\\t`). Persona lines after the first turn of a dialogue, an
+    unnumbered line or more than four tab-separated fields are malformed and raise DataFormatError."""
+    path = Path(path)
+    stats = ParseStats(files=[str(path)])
+    dialogues = Dialogues()
+    cur: Dialogue | None = None
+    last_num = 0
+
+    def close(d: Dialogue | None):
+        if d is None:
+            return
+        if not any(t.response is not None for t in d.turns):
+            stats.empty_dialogues += 1
+            stats.note(f"{d.source}: dialogue without any response skipped")
+            return
+        d.dialogue_id = first_id + len(dialogues)
+        dialogues.append(d)
+
+    for lineno, line in _read_lines(path, stats, strict_utf8):
+        if not line.strip():
+            stats.blank_lines += 1
+            continue
+        m = _NUMBERED.match(line)
+        if m is None:
+            raise DataFormatError(path, lineno, line, "expected a line starting with its number and a space")
+        num, body = int(m.group(1)), m.group(2)
+        if cur is None or num <= last_num:  # the numbering went back: a new dialogue begins
+            if num != 1:
+                stats.numbering_restarts += 1
+                stats.note(f"{path}:{lineno}: new dialogue starts at number {num}, not 1")
+            close(cur)
+            cur = Dialogue(personas=[], turns=[], dialogue_id=-1, source=f"{path}:{lineno}")
+        elif num != last_num + 1:
+            stats.numbering_gaps += 1
+            stats.note(f"{path}:{lineno}: line number jumps from {last_num} to {num}")
+        last_num = num
+
+        kind = next((k for p, k in _PERSONA_PREFIXES if body.startswith(p)), None)
+        if kind is not None:
+            if cur.turns:
+                raise DataFormatError(path, lineno, line, "persona line after the dialogue's first turn")
+            text = body.split(":", 1)[1].strip()
+            (cur.personas if kind == "self" else cur.partner_personas).append(text)
+            continue
+
+        fields = body.split("\t")
+        if len(fields) > 4:
+            raise DataFormatError(path, lineno, line, f"{len(fields)} tab-separated fields, at most 4 expected")
+        context = fields[0].strip()
+        response = fields[1].strip() if len(fields) > 1 else ""
+        candidates = None
+        if len(fields) == 4 and fields[3].strip():
+            candidates = [c.strip() for c in fields[3].split("|")]
+        partner: str | None = context
+        if context == SILENCE or context == "":
+            partner = None
+            if context == SILENCE:
+                stats.silence_openers += 1
+            if cur.turns:  # silence in the middle of a dialogue: nothing was said, keep it as no message
+                stats.note(f"{path}:{lineno}: empty/silent context in the middle of a dialogue")
+        if not response:
+            stats.missing_responses += 1
+            stats.note(f"{path}:{lineno}: turn without a response (kept as history only)")
+            cur.turns.append(Turn(partner, None, None, source=f"{path}:{lineno}"))
+            continue
+        cur.turns.append(Turn(partner, response, candidates, source=f"{path}:{lineno}"))
+    close(cur)
+    stats.dialogues = len(dialogues)
+    stats.examples = sum(t.response is not None for d in dialogues for t in d.turns)
+    dialogues.stats = stats
+    return dialogues
+
+
+# ----------------------------------------------------------------------------------------------------
+# Example-per-line formats (Baidu-Persona-Chat JSON lines, zh samples) -> dialogues
+
+
+@dataclass
+class _Row:
+    personas: list[str]
+    history: list[str]
+    response: str
+    label: int | None
+    has_label: bool
+    source: str
+
+
+def _rows_to_dialogues(rows: list[_Row], stats: ParseStats, first_id: int = 0) -> Dialogues:
+    """Group example rows into conversations and per-speaker dialogues.
+
+    A row continues the current conversation when its history starts with the previous row's history plus
+    the previous row's response; otherwise a new conversation (a new dialogue_id) begins. Inside a
+    conversation, rows with the same persona sentences belong to the same speaker; a speaker's next row
+    must extend that speaker's dialogue by exactly one partner message, else a new dialogue of the same
+    conversation is opened (counted as a conversation break)."""
+    dialogues = Dialogues()
+    conv_id = first_id - 1
+    open_by_speaker: dict[tuple, Dialogue] = {}
+    prev: _Row | None = None
+    for row in rows:
+        extends = (prev is not None and len(row.history) > len(prev.history)
+                   and row.history[: len(prev.history) + 1] == prev.history + [prev.response])
+        if not extends:
+            conv_id += 1
+            open_by_speaker = {}
+        prev = row
+        key = tuple(row.personas)
+        d = open_by_speaker.get(key)
+        partner = row.history[-1] if row.history else None
+        if d is not None and _flatten(d) + [partner] == row.history:
+            d.turns.append(Turn(partner, row.response, None, row.label, row.has_label, row.source))
+            continue
+        if d is not None:
+            stats.conversation_breaks += 1
+            stats.note(f"{row.source}: history does not extend this speaker's earlier turns; new dialogue")
+        d = Dialogue(personas=list(row.personas), turns=[], dialogue_id=conv_id,
+                     context=list(row.history[:-1]), source=row.source)
+        d.turns.append(Turn(partner, row.response, None, row.label, row.has_label, row.source))
+        open_by_speaker[key] = d
+        dialogues.append(d)
+    stats.dialogues = len({d.dialogue_id for d in dialogues})
+    stats.examples = len(rows)
+    dialogues.stats = stats
+    return dialogues
+
+
+def _parse_label(value, n_personas: int) -> int | None:
+    """Baidu labels: an index, a list holding one index, a 0/1 vector over the personas, or -1/[]/null."""
+    if value is None or value == [] or value == -1:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"label {value!r} is a boolean")
+    if isinstance(value, int):
+        if not 0 <= value < n_personas:
+            raise ValueError(f"label {value} outside 0..{n_personas - 1}")
+        return value
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if len(value) == n_personas and n_personas > 1 and set(value) <= {0, 1}:
+            return value.index(1) if 1 in value else None  # one-hot / multi-hot: the first persona used
+        if len(value) == 1:
+            return _parse_label(value[0], n_personas)
+    raise ValueError(f"cannot read persona label {value!r}")
+
+
+def read_baidu_jsonl(path, strict_utf8: bool = False, first_id: int = 0) -> Dialogues:
+    """Baidu-Persona-Chat: one JSON array per line, `[personas, history, response]` + optional `label`.
+
+    personas is a list of sentences (a single string is split at sentence ends), history a list of
+    utterances oldest first, response a string. The file's label, when given, becomes the example's gold
+    persona label (see _parse_label); without it the persona labeler decides."""
+    path = Path(path)
+    stats = ParseStats(files=[str(path)])
+    rows = []
+    for lineno, line in _read_lines(path, stats, strict_utf8):
+        if not line.strip():
+            stats.blank_lines += 1
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(path, lineno, line, f"not JSON ({e.msg})") from None
+        if not isinstance(obj, list) or len(obj) not in (3, 4):
+            raise DataFormatError(path, lineno, line, "expected [personas, history, response(, label)]")
+        personas, history, response = obj[0], obj[1], obj[2]
+        if isinstance(personas, str):
+            personas = split_sentences(personas)
+        if not (isinstance(personas, list) and all(isinstance(p, str) for p in personas)):
+            raise DataFormatError(path, lineno, line, "personas must be a list of strings")
+        if not (isinstance(history, list) and all(isinstance(h, str) for h in history)):
+            raise DataFormatError(path, lineno, line, "history must be a list of strings")
+        if not isinstance(response, str):
+            raise DataFormatError(path, lineno, line, "response must be a string")
+        if not response.strip():
+            stats.missing_responses += 1
+            stats.note(f"{path}:{lineno}: empty response, line skipped (no example)")
+            continue
+        has_label = len(obj) == 4
+        try:
+            label = _parse_label(obj[3], len(personas)) if has_label else None
+        except ValueError as e:
+            raise DataFormatError(path, lineno, line, str(e)) from None
+        rows.append(_Row([p.strip() for p in personas], [h.strip() for h in history], response.strip(),
+                         label, has_label, f"{path}:{lineno}"))
+    return _rows_to_dialogues(rows, stats, first_id)
+
+
+_EOT = "<|endoftext|>"
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split a run of persona sentences at 。！？!? (Chinese) or '. ' (English), keeping the end mark."""
+    parts = re.findall(r"[^。！？!?]+[。！？!?]?", text.strip())
+    return [p.strip() for p in parts if p.strip()]
+
+
+def read_zh_samples(path, strict_utf8: bool = False, first_id: int = 0) -> Dialogues:
+    """The Chinese sample format: blocks separated by `[SEP]` lines, each block three lines:
+    persona sentences run together; `<|endoftext|>` followed by each history utterance terminated by
+    `<|endoftext|>`; the response terminated by `<|endoftext|>`. Blank lines between blocks are skipped."""
+    path = Path(path)
+    stats = ParseStats(files=[str(path)])
+    rows: list[_Row] = []
+    block: list[tuple[int, str]] = []
+
+    def flush():
+        if not block:
+            return
+        lineno0, first = block[0]
+        if len(block) != 3:
+            raise DataFormatError(path, lineno0, first, f"block of {len(block)} lines, 3 expected "
+                                  "(personas, history, response)")
+        (_, persona_line), (ln_h, hist_line), (ln_r, resp_line) = block
+        if not hist_line.startswith(_EOT):
+            raise DataFormatError(path, ln_h, hist_line, f"history line must start with {_EOT}")
+        if not resp_line.endswith(_EOT):
+            raise DataFormatError(path, ln_r, resp_line, f"response line must end with {_EOT}")
+        history = [u.strip() for u in hist_line[len(_EOT):].split(_EOT)]
+        if history and history[-1] == "":
+            history.pop()  # the terminator of the last utterance
+        if any(u == "" for u in history):
+            raise DataFormatError(path, ln_h, hist_line, "empty utterance in the history")
+        response = resp_line[: -len(_EOT)].strip()
+        if not response or _EOT in response:
+            stats.missing_responses += 1
+            stats.note(f"{path}:{ln_r}: empty or split response, block skipped (no example)")
+            return
+        rows.append(_Row(split_sentences(persona_line), history, response, None, False, f"{path}:{lineno0}"))
+
+    for lineno, line in _read_lines(path, stats, strict_utf8):
+        if line.strip() == "[SEP]":
+            flush()
+            block = []
+        elif not line.strip():
+            stats.blank_lines += 1
+        else:
+            block.append((lineno, line.strip()))
+    flush()
+    return _rows_to_dialogues(rows, stats, first_id)
+
+
+def read_dialogues(path, **kw) -> Dialogues:
+    """Pick the parser from the file's name/contents: `.jsonl`/`.json` -> Baidu, `[SEP]` blocks -> zh
+    samples, otherwise ParlAI text."""
+    path = Path(path)
+    if path.suffix in (".jsonl", ".json"):
+        return read_baidu_jsonl(path, **kw)
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if b"[SEP]" in head or head.lstrip().startswith(_EOT.encode()):
+        return read_zh_samples(path, **kw)
+    if head.lstrip().startswith(b"["):
+        return read_baidu_jsonl(path, **kw)
+    return read_personachat(path, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dialogues -> examples
+
+
+def _flatten(d: Dialogue) -> list[str]:
+    """Every utterance of the dialogue so far (context, then partner/response per turn), oldest first."""
+    out = list(d.context)
+    for t in d.turns:
+        if t.partner is not None:
+            out.append(t.partner)
+        if t.response is not None:
+            out.append(t.response)
+    return out
+
+
+def make_examples(dialogues: Iterable[Dialogue], labeler: str | Callable | None = "lexical") -> list[Example]:
+    """One Example per response. History = the dialogue's earlier utterances, oldest first, ending with the
+    partner message being answered (absent when our speaker opens, i.e. after `__SILENCE__`).
+
+    labeler: "lexical" (lexical_persona_label), None (no labels), or a callable(personas, response) -> int|None.
+    A label written in the file itself (Baidu) wins over the labeler."""
+    if labeler == "lexical":
+        labeler = lexical_persona_label
+    elif isinstance(labeler, str):
+        raise ValueError(f"unknown labeler {labeler!r} (use 'lexical', None or a callable)")
+    examples = []
+    for d in dialogues:
+        history = list(d.context)
+        for t in d.turns:
+            if t.partner is not None:
+                history.append(t.partner)
+            if t.response is None:
+                continue
+            if t.has_gold_label:
+                label = t.gold_label
+            else:
+                label = labeler(d.personas, t.response) if labeler is not None else None
+            examples.append(Example(list(d.personas), list(history), t.response, label, d.dialogue_id,
+                                    list(t.candidates) if t.candidates is not None else None))
+            history.append(t.response)
+    return examples
+
+
+def example_to_dict(ex: Example) -> dict:
+    """JSON-ready dict of an Example (for the pairs/generations JSONL files)."""
+    return {"personas": ex.personas, "history": ex.history, "response": ex.response,
+            "persona_label": ex.persona_label, "dialogue_id": ex.dialogue_id, "candidates": ex.candidates}
+
+
+def example_from_dict(d: dict) -> Example:
+    """Inverse of example_to_dict; a missing or unknown key is an error naming it."""
+    keys = {"personas", "history", "response", "persona_label", "dialogue_id", "candidates"}
+    if set(d) - keys or {"personas", "history", "response"} - set(d):
+        raise KeyError(f"example dict keys {sorted(d)}: expected {sorted(keys)} (candidates, persona_label and "
+                       f"dialogue_id optional)")
+    return Example(list(d["personas"]), list(d["history"]), d["response"], d.get("persona_label"),
+                   d.get("dialogue_id", -1), d.get("candidates"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Persona labels
+#
+# Lexical method (default, deterministic): each persona sentence and the response become sets of content
+# words: lower-cased alphanumeric words (apostrophes split words: "i've" -> "i", "ve"), stop words removed
+# (function words, and the generic verbs persona sentences are made of: like, love, have, enjoy...), each
+# word lightly stemmed by dropping one suffix of ing/ed/es/s/e when at least 3 letters remain
+# ("bakes", "baked", "baking", "bake" -> "bak"; "books" -> "book"). Chinese text (no spaces) uses the
+# characters of CJK runs that are not stop characters (我, 的, 喜欢...), plus the bigrams of two such adjacent
+# characters. The persona with the largest overlap wins if the overlap has at least `min_overlap` items and
+# covers at least `min_ratio` of that persona's content words; ties go to the higher ratio, then to the lower
+# index. Otherwise the label is None (no persona used).
+
+_STOP_EN = set("""
+a about above after again against all also am an and any are aren as at be because been before being below
+between both but by can cannot could couldn did didn do does doesn doing don down during each few for from
+further had hadn has hasn have haven having he her here hers herself him himself his how i if in into is isn
+it its itself just let ll m me more most my myself no nor not now of off on once only or other our ours
+ourselves out over own re s same she should so some such t than that the their theirs them themselves then
+there these they this those through to too under until up ve very was wasn we were weren what when where which
+while who whom why will with won would wouldn you your yours yourself yourselves d y o
+like likes liked love loves loved enjoy enjoys really well get got go going gone make made want wants
+one thing things lot lots much many time yes yeah oh ok okay hi hello hey lol um wow nice cool good great
+know think im dont favorite also just still always never ever sure maybe
+""".split())
+_STOP_ZH = set("我你他她它的了是在有和也都就不很吗呢吧啊呀哦嗯么这那个们一人会要说好没还喜欢最")
+_SUFFIXES = ("ing", "ed", "es", "s", "e")
+_CJK = re.compile(r"[\u4e00-\u9fff]+")
+
+
+def _stem(w: str) -> str:
+    for s in _SUFFIXES:
+        if w.endswith(s) and len(w) - len(s) >= 3:
+            return w[: -len(s)]
+    return w
+
+
+def content_words(text: str) -> set[str]:
+    """The normalized content items used by the lexical labeler (see the comment above)."""
+    text = text.lower()
+    items = {_stem(w) for w in re.findall(r"[a-z0-9]+", text) if w not in _STOP_EN}
+    for run in _CJK.findall(text):
+        kept = [c if c not in _STOP_ZH else None for c in run]  # stop characters break the run
+        items.update(c for c in kept if c is not None)
+        items.update(a + b for a, b in zip(kept, kept[1:]) if a is not None and b is not None)
+    return items
+
+
+def lexical_persona_label(personas: Sequence[str], response: str, min_overlap: int = 1,
+                          min_ratio: float = 0.2) -> int | None:
+    """Index of the persona sentence the response draws on, or None (see the method's comment above)."""
+    resp = content_words(response)
+    best, best_key = None, None
+    for i, p in enumerate(personas):
+        words = content_words(p)
+        if not words:
+            continue
+        overlap = len(words & resp)
+        ratio = overlap / len(words)
+        if overlap < min_overlap or ratio < min_ratio:
+            continue
+        key = (overlap, ratio, -i)
+        if best_key is None or key > best_key:
+            best, best_key = i, key
+    return best
+
+
+def nli_persona_labels(examples: Sequence[Example], nli_predict: Callable, threshold: float = 0.5,
+                       batch_size: int = 64) -> list[int | None]:
+    """Persona labels by NLI entailment: premise = the response, hypothesis = each persona sentence.
+
+    nli_predict(premises: list[str], hypotheses: list[str]) -> probs [N, 3] ordered (contradiction, neutral,
+    entailment), e.g. nli.NLIClassifier.predict. The label is the persona with the highest entailment
+    probability if that probability is >= threshold, else None. Use `relabel(examples, labels)` to apply."""
+    pairs = [(k, i, ex.response, p) for k, ex in enumerate(examples) for i, p in enumerate(ex.personas)]
+    ent = [0.0] * len(pairs)
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s: s + batch_size]
+        probs = nli_predict([c[2] for c in chunk], [c[3] for c in chunk])
+        probs = torch.as_tensor(probs, dtype=torch.float32)
+        if probs.shape != (len(chunk), 3):
+            raise ValueError(f"nli_predict returned shape {tuple(probs.shape)}, expected ({len(chunk)}, 3)")
+        ent[s: s + len(chunk)] = probs[:, 2].tolist()
+    labels: list[int | None] = [None] * len(examples)
+    best = [threshold] * len(examples)
+    for (k, i, _, _), e in zip(pairs, ent):
+        if e >= best[k] and (labels[k] is None or e > best[k]):  # strict > keeps the lower index on ties
+            labels[k], best[k] = i, e
+    return labels
+
+
+def relabel(examples: Sequence[Example], labels: Sequence[int | None]) -> list[Example]:
+    """Copies of the examples with new persona labels."""
+    if len(labels) != len(examples):
+        raise ValueError(f"{len(labels)} labels for {len(examples)} examples")
+    return [Example(e.personas, e.history, e.response, l, e.dialogue_id, e.candidates)
+            for e, l in zip(examples, labels)]
+
+
+def label_distribution(examples: Sequence[Example]) -> dict:
+    """{"labelled": n, "total": N, "by_index": {0: .., 1: .., ..., None: ..}}"""
+    by_index: dict = {}
+    for e in examples:
+        by_index[e.persona_label] = by_index.get(e.persona_label, 0) + 1
+    labelled = sum(v for k, v in by_index.items() if k is not None)
+    order = sorted((k for k in by_index if k is not None)) + ([None] if None in by_index else [])
+    return {"labelled": labelled, "total": len(examples), "by_index": {k: by_index[k] for k in order}}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Splits
+#
+# The paper: Train = official train (65,719 examples / 8,939 dialogues), Valid#1 ≈ 6,500 examples (where the
+# DPO pairs come from), Valid#2 ≈ 1,301 (validation), Test = official test (7,512 / 968). The official valid
+# set (7,801 / 1,000) is cut once, in file order, at the dialogue boundary closest to VALID1_TARGET examples,
+# so no dialogue is in both parts and the cut is the same on every machine.
+
+VALID1_TARGET = 6500
+SPLITS = ("train", "valid1", "valid2", "test")
+SPLIT_TITLES = {"train": "Train", "valid1": "Valid#1", "valid2": "Valid#2", "test": "Test"}
+
+
+def _group_by_dialogue(examples: Sequence[Example]) -> list[list[Example]]:
+    """Examples grouped by dialogue_id, groups in order of first appearance."""
+    groups: dict[int, list[Example]] = {}
+    for e in examples:
+        groups.setdefault(e.dialogue_id, []).append(e)
+    return list(groups.values())
+
+
+def split_valid(examples: Sequence[Example], valid1_target: int = VALID1_TARGET) -> tuple[list, list]:
+    """(valid1, valid2): the valid examples cut at the dialogue boundary nearest to valid1_target examples."""
+    groups = _group_by_dialogue(examples)
+    cum, best_cut, best_dist = 0, 0, abs(valid1_target)
+    for g_i, g in enumerate(groups):
+        cum += len(g)
+        if abs(cum - valid1_target) < best_dist:
+            best_cut, best_dist = g_i + 1, abs(cum - valid1_target)
+    v1 = [e for g in groups[:best_cut] for e in g]
+    v2 = [e for g in groups[best_cut:] for e in g]
+    return v1, v2
+
+
+def carve_splits(examples: Sequence[Example], limit: int | None = None,
+                 fractions: Sequence[float] = (0.6, 0.2, 0.1, 0.1)) -> dict[str, list[Example]]:
+    """Disjoint train/valid1/valid2/test parts out of one set of examples, for machines that lack the
+    official train/test files. Whole dialogues are taken in file order: train first, then valid1, valid2,
+    test. With `limit`, each part gets dialogues until it holds >= limit examples and is then cut to exactly
+    limit (the rest of that last dialogue is unused, never moved to another part). Without `limit`, the
+    parts get `fractions` of the examples. A part may come out short or empty when the data runs out."""
+    groups = _group_by_dialogue(examples)
+    total = sum(len(g) for g in groups)
+    if limit is not None:
+        quotas = [limit] * len(SPLITS)
+    else:
+        if len(fractions) != len(SPLITS) or abs(sum(fractions) - 1) > 1e-6:
+            raise ValueError(f"fractions must be {len(SPLITS)} numbers summing to 1, got {fractions}")
+        quotas = [round(f * total) for f in fractions]
+    out, g_i = {}, 0
+    for name, quota in zip(SPLITS, quotas):
+        part: list[Example] = []
+        while g_i < len(groups) and len(part) < quota:
+            part.extend(groups[g_i])
+            g_i += 1
+        out[name] = part[:quota] if limit is not None else part
+    return out
+
+
+# File names per split kind, first match wins: ParlAI (PERSONA-CHAT/ConvAI2, original or revised personas),
+# Baidu-Persona-Chat JSON lines, the Chinese sample files.
+SPLIT_FILES = {kind: (f"{kind}_self_{{v}}.txt", f"{kind}.jsonl", f"{kind}.json", f"Person_Dialog_ZH_{kind}.txt")
+               for kind in ("train", "valid", "test")}
+SPLIT_FILES["valid"] += ("dev.jsonl", "dev.json")
+
+
+def _split_paths(d: Path, variant: str) -> dict[str, Path]:
+    """{"train"/"valid"/"test": path} for the split files present in d."""
+    found = {}
+    for kind, names in SPLIT_FILES.items():
+        for n in names:
+            if (d / n.format(v=variant)).is_file():
+                found[kind] = d / n.format(v=variant)
+                break
+    return found
+
+
+def find_data_dir(data_dir, variant: str = "original") -> Path:
+    """The directory holding the split files: data_dir itself or data_dir/personachat."""
+    data_dir = Path(data_dir)
+    for cand in (data_dir, data_dir / "personachat"):
+        if cand.is_dir() and _split_paths(cand, variant):
+            return cand
+    raise FileNotFoundError(f"no split file ({', '.join(SPLIT_FILES['valid']).format(v=variant)} or the train/"
+                            f"test equivalents) in {data_dir} or {data_dir / 'personachat'}; for PERSONA-CHAT "
+                            f"run `python data.py download --data-dir {data_dir}`")
+
+
+@dataclass
+class SplitInfo:
+    carved: bool                         # True when parts were carved out of what was present
+    message: str                         # says which files were used and how (print it)
+    stats: dict[str, ParseStats] = field(default_factory=dict)  # per file kind: "train", "valid", "test"
+    sources: dict[str, list[Example]] = field(default_factory=dict)  # all examples of each file kind
+
+
+def load_splits(data_dir, variant: str = "original", limit: int | None = None,
+                labeler: str | Callable | None = "lexical") -> tuple[dict[str, list[Example]], SplitInfo]:
+    """The four splits of the paper from a data directory (PERSONA-CHAT, ConvAI2, Baidu JSON lines or the
+    Chinese samples; see SPLIT_FILES).
+
+    With train, valid and test present: the official files (valid cut by split_valid). Otherwise the parts
+    are carved (carve_splits) from the files present, and info.message says so. `limit` keeps the first
+    `limit` examples of each split (with carving: `limit` examples per part)."""
+    d = find_data_dir(data_dir, variant)
+    present = _split_paths(d, variant)
+    loaded, stats, next_id = {}, {}, 0
+    for k, p in present.items():
+        dialogues = read_dialogues(p, first_id=next_id)  # dialogue ids unique across files
+        next_id = max((x.dialogue_id for x in dialogues), default=next_id - 1) + 1
+        stats[k] = dialogues.stats
+        loaded[k] = make_examples(dialogues, labeler)
+    if set(present) == {"train", "valid", "test"}:
+        v1, v2 = split_valid(loaded["valid"])
+        splits = {"train": loaded["train"], "valid1": v1, "valid2": v2, "test": loaded["test"]}
+        if limit is not None:
+            splits = {k: v[:limit] for k, v in splits.items()}
+        msg = f"official splits from {d} ({variant}); valid cut into Valid#1/Valid#2 at a dialogue boundary"
+        return splits, SplitInfo(False, msg, stats, loaded)
+    pool = [e for k in ("train", "valid", "test") if k in loaded for e in loaded[k]]
+    splits = carve_splits(pool, limit)
+    names = ", ".join(p.name for p in present.values())
+    missing = ", ".join(k for k in SPLIT_FILES if k not in present)
+    msg = (f"no {missing} file in {d}: train/valid1/valid2/test carved at dialogue boundaries out of "
+           f"{names} (" + ", ".join(f"{SPLIT_TITLES[k]} {len(v)}" for k, v in splits.items()) +
+           " examples); these are NOT the paper's splits")
+    return splits, SplitInfo(True, msg, stats, loaded)
+
+
+def table1(splits: dict[str, list[Example]]) -> str:
+    """The paper's Table 1 layout (#dialogues, #examples per split) as a Markdown table."""
+    rows = ["| Split | #Dialogues | #Examples |", "|---|---:|---:|"]
+    for k in SPLITS:
+        if k in splits:
+            ex = splits[k]
+            rows.append(f"| {SPLIT_TITLES[k]} | {len({e.dialogue_id for e in ex})} | {len(ex)} |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts (our own wording; structure follows the paper's four uses)
+#
+#   select    personas + history                       -> the one relevant persona sentence, or NO_PERSONA
+#   generate  personas + history + highlighted persona  -> the response (training: gold label's persona;
+#             select-then-generate: the persona the model selected — pass it as `persona=`)
+#   history   history only                              -> the response (samples DPO's rejected responses)
+#   noprompt  personas and history as plain lines       -> the response (fine-tuning without prompts)
+# Every prompt ends with a newline and the target starts right after it, so that for BPE tokenizers the
+# prompt's tokens are a prefix of the tokens of prompt + target (checked in encode_prompt_target).
+
+NO_PERSONA = {"en": "No persona sentence applies.", "zh": "没有相关的人设。"}
+MODES = ("select", "generate", "history", "noprompt")
+
+_TEXT = {
+    "en": {
+        "partner": "Partner", "you": "You", "empty": "(nobody has spoken yet)",
+        "select": ("Here is what you know about yourself and the conversation so far. Which single sentence "
+                   "about yourself should your next reply build on? Copy it exactly, or write \"{none}\" if "
+                   "none of them fits.\n\nAbout you:\n{personas}\n\nConversation:\n{history}\n\n"
+                   "Sentence to build on:\n"),
+        "generate": ("You are taking part in a conversation as the person described below.\n\nAbout you:\n"
+                     "{personas}\n\nConversation:\n{history}\n\nKeep this in mind for your reply: {persona}\n"
+                     "Write your next reply.\nReply:\n"),
+        "history": "Continue the conversation below with your next reply.\n\nConversation:\n{history}\n\nReply:\n",
+    },
+    "zh": {
+        "partner": "对方", "you": "你", "empty": "（还没有人说话）",
+        "select": ("下面是关于你自己的描述和目前的对话。你接下来的回复应该以哪一句描述为依据？请原样写出那一句；"
+                   "如果都不合适，请写“{none}”。\n\n关于你：\n{personas}\n\n对话：\n{history}\n\n依据的句子：\n"),
+        "generate": ("你正在以下面描述的身份参与一段对话。\n\n关于你：\n{personas}\n\n对话：\n{history}\n\n"
+                     "回复时请记住：{persona}\n请写出你的下一句回复。\n回复：\n"),
+        "history": "请接着下面的对话写出你的下一句回复。\n\n对话：\n{history}\n\n回复：\n",
+    },
+}
+
+
+def _render_history(history: Sequence[str], t: dict) -> str:
+    # The last utterance is the partner's; speakers alternate backwards from there.
+    if not history:
+        return t["empty"]
+    n = len(history)
+    return "\n".join(f"{t['partner'] if (n - 1 - i) % 2 == 0 else t['you']}: {u}" for i, u in enumerate(history))
+
+
+def build_prompt(mode: str, personas: Sequence[str], history: Sequence[str], lang: str = "en",
+                 persona: str | None = None) -> str:
+    """The prompt text for one mode (see the table above). `persona` is the highlighted persona sentence of
+    the generate mode (None -> the NO_PERSONA sentinel)."""
+    if lang not in _TEXT:
+        raise ValueError(f"unknown language {lang!r}, expected one of {sorted(_TEXT)}")
+    t = _TEXT[lang]
+    if mode == "noprompt":
+        return "".join(p + "\n" for p in personas) + "".join(u + "\n" for u in history)
+    plist = "\n".join(f"- {p}" for p in personas) if personas else "-"
+    hist = _render_history(history, t)
+    if mode == "select":
+        return t["select"].format(personas=plist, history=hist, none=NO_PERSONA[lang])
+    if mode == "generate":
+        return t["generate"].format(personas=plist, history=hist,
+                                    persona=persona if persona is not None else NO_PERSONA[lang])
+    if mode == "history":
+        return t["history"].format(history=hist)
+    raise ValueError(f"unknown prompt mode {mode!r}, expected one of {MODES}")
+
+
+class _Gold:
+    """Marker for "highlight the gold label's persona" (training only). At generation time the highlighted
+    persona is always passed explicitly: a selected sentence, or None for the NO_PERSONA sentinel, so the
+    gold persona can never leak into select-then-generate by a forgotten argument."""
+
+    def __repr__(self):
+        return "GOLD"
+
+
+GOLD = _Gold()
+
+
+def gold_persona(ex: Example, lang: str = "en") -> str:
+    """The persona sentence of the example's label, or the NO_PERSONA sentinel."""
+    return ex.personas[ex.persona_label] if ex.persona_label is not None else NO_PERSONA[lang]
+
+
+def prompt_and_target(ex: Example, mode: str, lang: str = "en", persona: str | None | _Gold = GOLD,
+                      history: Sequence[str] | None = None) -> tuple[str, str]:
+    """(prompt, target) for an example. select's target is the gold persona sentence (or NO_PERSONA); the
+    other modes' target is the response. generate highlights `persona`: GOLD (default, training) = the gold
+    label's sentence, a string = that sentence (select-then-generate), None = the NO_PERSONA sentinel.
+    `history` overrides the example's history (used by truncation)."""
+    history = ex.history if history is None else history
+    if mode == "select":
+        return build_prompt("select", ex.personas, history, lang), gold_persona(ex, lang)
+    if mode == "generate":
+        p = gold_persona(ex, lang) if persona is GOLD else persona
+        return build_prompt("generate", ex.personas, history, lang, persona=p), ex.response
+    return build_prompt(mode, ex.personas, history, lang), ex.response
+
+
+def parse_selection(text: str, personas: Sequence[str], lang: str = "en") -> str | None:
+    """Map a model's selection output back to one of the personas (exact, then best lexical overlap), or None
+    for the NO_PERSONA sentinel / no match. Select-then-generate then highlights that sentence."""
+    s = text.strip().split("\n")[0].strip()
+    if not s or s == NO_PERSONA[lang] or s in NO_PERSONA.values():
+        return None
+    for p in personas:
+        if s == p.strip():
+            return p
+    i = lexical_persona_label(personas, s, min_overlap=1, min_ratio=0.5)
+    return personas[i] if i is not None else None
+
+
+def detect_lang(examples: Sequence[Example]) -> str:
+    """'zh' if the first examples contain CJK characters, else 'en'."""
+    for e in examples[:20]:
+        if _CJK.search(e.response) or any(_CJK.search(p) for p in e.personas):
+            return "zh"
+    return "en"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoding: (prompt, target) -> {"input_ids", "labels"}
+#
+# The tokenizer (passed in, never loaded here) is data.load_tokenizer's object: encode, decode, eos_id, bos_id,
+# pad_id, stop_ids, has_chat, chat.
+# Plain tokenizers: ids = [bos] + encode(prompt + target) + [eos], tokenized together (what the model sees at
+# generation time is encode(prompt) followed by generated tokens, so we insist the prompt's ids are a prefix).
+# Chat tokenizers: the prompt is the user turn of tok.chat(..., add_generation_prompt=True); the full
+# sequence is the same chat with the target as the assistant turn, cut right after the reply terminator (the
+# first stop id after the prompt). Labels are -100 on the prompt part, equal to the ids on the target part.
+
+IGNORE = -100
+
+
+class PromptPrefixError(ValueError):
+    pass
+
+
+def _use_bos(tok) -> bool:
+    # GPT-2's <|endoftext|> is both BOS and EOS and GPT-2 fine-tuning does not start with it.
+    bos = getattr(tok, "bos_id", None)
+    return bos is not None and bos != tok.eos_id
+
+
+def encode_prompt(tok, prompt: str) -> list[int]:
+    """The ids a model is given at generation time for this prompt."""
+    if getattr(tok, "has_chat", False):
+        return list(tok.chat([{"role": "user", "content": prompt}], add_generation_prompt=True))
+    return ([tok.bos_id] if _use_bos(tok) else []) + list(tok.encode(prompt))
+
+
+def encode_prompt_target(tok, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """(prompt_ids, target_ids): target_ids end with EOS (plain) or the reply terminator (chat)."""
+    prompt_ids = encode_prompt(tok, prompt)
+    if getattr(tok, "has_chat", False):
+        full = list(tok.chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": target}],
+                             add_generation_prompt=False))
+    else:
+        full = ([tok.bos_id] if _use_bos(tok) else []) + list(tok.encode(prompt + target))
+    n = len(prompt_ids)
+    if full[:n] != prompt_ids:
+        at = next((i for i, (a, b) in enumerate(zip(full, prompt_ids)) if a != b), min(len(full), n))
+        raise PromptPrefixError(
+            f"the prompt's token ids are not a prefix of prompt+target's (first difference at position {at} "
+            f"of {n}: prompt ...{tok.decode(prompt_ids[max(0, at - 3): at + 3])!r} vs full "
+            f"...{tok.decode(full[max(0, at - 3): at + 3])!r}); end the prompt with a newline or change the "
+            f"template so the target starts a new token")
+    target_ids = full[n:]
+    if getattr(tok, "has_chat", False):
+        stops = set(tok.stop_ids)
+        end = next((i for i, t in enumerate(target_ids) if t in stops), None)
+        target_ids = target_ids[: end + 1] if end is not None else target_ids + [tok.stop_ids[0]]
+    else:
+        target_ids = target_ids + [tok.eos_id]
+    return prompt_ids, target_ids
+
+
+def make_feature(prompt_ids: list[int], target_ids: list[int]) -> dict:
+    return {"input_ids": prompt_ids + target_ids, "labels": [IGNORE] * len(prompt_ids) + list(target_ids)}
+
+
+@dataclass
+class EncodeStats:
+    examples: int = 0
+    truncated: int = 0                   # examples that lost at least one history utterance
+    dropped_utterances: int = 0          # history utterances removed in total
+    overlong: int = 0                    # still > max_len with only the partner's last message left (kept)
+    max_length: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.examples} encoded, {self.truncated} truncated ({self.dropped_utterances} oldest history "
+                f"utterances dropped), {self.overlong} still over the limit, longest {self.max_length} tokens")
+
+
+def encode_example(tok, ex: Example, mode: str, lang: str = "en", max_len: int | None = None,
+                   persona: str | None | _Gold = GOLD, stats: EncodeStats | None = None,
+                   target: str | None = None) -> dict:
+    """Feature {"input_ids", "labels"} for one example and prompt mode.
+
+    When max_len is given and the sequence is longer, the oldest history utterances are dropped one at a
+    time (left truncation), down to the partner's last message; the personas and the target are never cut.
+    A sequence that is still too long is kept whole and counted in stats.overlong. `target` overrides the
+    target text (DPO's rejected response)."""
+    feat, _ = _encode_truncated(tok, ex, mode, lang, max_len, persona, stats, [target] if target else None)
+    return feat[0]
+
+
+def _encode_truncated(tok, ex, mode, lang, max_len, persona, stats, targets):
+    """Encode one prompt with one or more targets (DPO: chosen and rejected), dropping the oldest history
+    utterances until every sequence fits max_len. Fewer utterances never make a sequence longer, so the
+    smallest number to drop is found by bisection (a handful of tokenizations, not one per utterance)."""
+    stats = stats if stats is not None else EncodeStats()
+
+    def encode_from(start):  # -> (pairs of (prompt_ids, target_ids), longest total length)
+        prompt, gold_target = prompt_and_target(ex, mode, lang, persona, history=ex.history[start:])
+        pairs = [encode_prompt_target(tok, prompt, t) for t in (targets or [gold_target])]
+        return pairs, max(len(p) + len(t) for p, t in pairs)
+
+    start = 0
+    pairs, longest = encode_from(0)
+    min_start = max(0, len(ex.history) - 1)  # keep at least the partner's last message
+    if max_len is not None and longest > max_len and min_start > 0:
+        lo, hi = 1, min_start  # invariant: dropping hi utterances fits, or hi == min_start
+        best = encode_from(hi)
+        if best[1] <= max_len:
+            while lo < hi:
+                mid = (lo + hi) // 2
+                cand = encode_from(mid)
+                if cand[1] <= max_len:
+                    hi, best = mid, cand
+                else:
+                    lo = mid + 1
+        start, (pairs, longest) = hi, best
+    stats.examples += 1
+    if start:
+        stats.truncated += 1
+        stats.dropped_utterances += start
+    if max_len is not None and longest > max_len:
+        stats.overlong += 1
+    stats.max_length = max(stats.max_length, longest)
+    return [make_feature(p, t) for p, t in pairs], start
+
+
+def encode_generation_prompt(tok, ex: Example, mode: str, lang: str = "en", persona: str | None | _Gold = None,
+                             max_len: int | None = None) -> tuple[list[int], int]:
+    """(prompt ids a model generates from, number of oldest history utterances dropped so that the prompt
+    holds at most max_len ids). Used for the DPO rejected samples (mode "history") and select-then-generate
+    ("select", then "generate" with persona=the selected sentence, None = NO_PERSONA). Unlike training, the
+    default here is NOT the gold persona; pass persona=GOLD explicitly for an oracle run."""
+    min_start = max(0, len(ex.history) - 1)
+    for start in range(0, min_start + 1):
+        prompt, _ = prompt_and_target(ex, mode, lang, persona, history=ex.history[start:])
+        ids = encode_prompt(tok, prompt)
+        if max_len is None or len(ids) <= max_len:
+            break
+    return ids, start
+
+
+def _progress(it, total, desc):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is a runtime dependency, but encoding must not fail without it
+        return it
+    return tqdm(it, total=total, desc=desc, disable=total < 2000, leave=False, mininterval=2.0)
+
+
+def sft_features(tok, examples: Sequence[Example], mode: str = "generate", lang: str = "en",
+                 max_len: int | None = None, personas: Sequence[str | None] | None = None
+                 ) -> tuple[list[dict], EncodeStats]:
+    """One feature per example for one prompt mode. `personas` (one per example: a sentence, None for
+    NO_PERSONA, or GOLD) gives the highlighted persona of the generate mode; default: the gold label's."""
+    stats = EncodeStats()
+    feats = []
+    for k, ex in _progress(enumerate(examples), len(examples), f"encode {mode}"):
+        p = personas[k] if personas is not None else GOLD
+        feats.append(encode_example(tok, ex, mode, lang, max_len, persona=p, stats=stats))
+    return feats, stats
+
+
+def mixed_task_features(tok, examples: Sequence[Example], select_ratio: float = 1.0, seed: int = 0,
+                        lang: str = "en", max_len: int | None = None) -> tuple[list[dict], EncodeStats]:
+    """PAL's mixed-task SFT data: a persona-enhanced generation feature for every example plus a persona
+    selection feature for a `select_ratio` share of them (1.0: every example; the chosen ones are drawn with
+    `seed`), shuffled together with `seed` so both tasks are interleaved. Each feature carries "task"."""
+    if not 0.0 <= select_ratio <= 1.0:
+        raise ValueError(f"select_ratio must be in [0, 1], got {select_ratio}")
+    rng = random.Random(seed)
+    n_sel = round(select_ratio * len(examples))
+    chosen = set(rng.sample(range(len(examples)), n_sel))
+    stats = EncodeStats()
+    feats = []
+    for k, ex in _progress(enumerate(examples), len(examples), "encode mixed"):
+        feats.append({**encode_example(tok, ex, "generate", lang, max_len, stats=stats), "task": "generate"})
+        if k in chosen:
+            feats.append({**encode_example(tok, ex, "select", lang, max_len, stats=stats), "task": "select"})
+    rng.shuffle(feats)
+    return feats, stats
+
+
+def dpo_feature(tok, ex: Example, rejected: str, mode: str = "generate", lang: str = "en",
+                max_len: int | None = None, persona: str | None | _Gold = GOLD, stats: EncodeStats | None = None,
+                chosen: str | None = None) -> dict:
+    """DPO feature: the same prompt (truncated so that both fit) with chosen = the gold response (or
+    `chosen`) and rejected = a generated response; keys chosen_/rejected_ + input_ids/labels."""
+    (c, r), _ = _encode_truncated(tok, ex, mode, lang, max_len, persona, stats,
+                                  [chosen if chosen is not None else ex.response, rejected])
+    return {"chosen_input_ids": c["input_ids"], "chosen_labels": c["labels"],
+            "rejected_input_ids": r["input_ids"], "rejected_labels": r["labels"]}
+
+
+def dpo_features(tok, examples: Sequence[Example], rejected: Sequence[str], mode: str = "generate",
+                 lang: str = "en", max_len: int | None = None) -> tuple[list[dict], EncodeStats]:
+    if len(rejected) != len(examples):
+        raise ValueError(f"{len(rejected)} rejected responses for {len(examples)} examples")
+    stats = EncodeStats()
+    feats = [dpo_feature(tok, ex, r, mode, lang, max_len, stats=stats)
+             for ex, r in _progress(zip(examples, rejected), len(examples), "encode dpo")]
+    return feats, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Collate: features -> right-padded LongTensor batches. Masks come from lengths, never from token == pad
+# (GPT-2's pad id is its EOS id, which also appears as a real target token).
+
+
+def _pad(seqs: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(s) for s in seqs])
+    T = int(lengths.max()) if len(seqs) else 0
+    out = torch.tensor([list(s) + [value] * (T - len(s)) for s in seqs], dtype=torch.long).view(len(seqs), T)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()  # (B, T) 1 on real tokens
+    return out, mask
+
+
+def collate_sft(features: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """{"input_ids", "labels", "attention_mask"}: LongTensors (B, T), right-padded; labels -100 on prompt+pad."""
+    for f in features:
+        if len(f["input_ids"]) != len(f["labels"]):
+            raise ValueError(f"feature with {len(f['input_ids'])} input_ids but {len(f['labels'])} labels")
+    input_ids, mask = _pad([f["input_ids"] for f in features], pad_id)
+    labels, _ = _pad([f["labels"] for f in features], IGNORE)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def collate_dpo(features: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """chosen_/rejected_ + input_ids/labels/attention_mask, each (B, T_side), right-padded."""
+    out = {}
+    for side in ("chosen", "rejected"):
+        b = collate_sft([{"input_ids": f[f"{side}_input_ids"], "labels": f[f"{side}_labels"]} for f in features],
+                        pad_id)
+        out.update({f"{side}_{k}": v for k, v in b.items()})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Download: the official PERSONA-CHAT archive (the URL and sha256 ParlAI's personachat task pins).
+
+PERSONACHAT_URL = "http://parl.ai/downloads/personachat/personachat.tgz"
+PERSONACHAT_SHA256 = "507cf8641d333240654798870ea584d854ab5261071c5e3521c20d8fa41d5622"
+
+
+def download_personachat(data_dir, url: str = PERSONACHAT_URL, sha256: str | None = PERSONACHAT_SHA256,
+                         size: int | None = None, name: str = "personachat", timeout: float = 60.0) -> Path:
+    """Fetch and extract the archive into data_dir/name unless PERSONA-CHAT files are already there.
+
+    Everything happens in a temporary directory inside data_dir (same filesystem): the download is hashed as
+    it streams, its size checked against `size` and the server's Content-Length, its sha256 against
+    `sha256`, then extracted there (members with absolute paths or '..' are refused) and the directory that
+    holds the *_self_*.txt files is renamed into place in one step. On any failure the temporary directory
+    is removed, so data_dir never holds a half file. Returns the directory with the files."""
+    data_dir = Path(data_dir)
+    for cand in (data_dir, data_dir / name):
+        if cand.is_dir() and any(cand.glob("*_self_*.txt")):
+            return cand
+    target = data_dir / name
+    if target.exists():
+        raise FileExistsError(f"{target} exists but holds no *_self_*.txt file; remove it or pick another --data-dir")
+    created = not data_dir.exists()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-download-", dir=data_dir))
+    try:
+        archive = tmp / "archive.tgz"
+        h = hashlib.sha256()
+        got = 0
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(archive, "wb") as f:
+            length = r.headers.get("Content-Length")
+            length = int(length) if length is not None else None
+            bar = _download_bar(length or size, url)
+            while True:
+                chunk = r.read(1 << 20)
+                if not chunk:
+                    break
+                f.write(chunk)
+                h.update(chunk)
+                got += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+            if bar is not None:
+                bar.close()
+        if length is not None and got != length:
+            raise IOError(f"{url}: got {got} bytes, the server announced {length} (interrupted download)")
+        if size is not None and got != size:
+            raise IOError(f"{url}: got {got} bytes, expected {size}")
+        if sha256 is not None and h.hexdigest() != sha256.lower():
+            raise IOError(f"{url}: sha256 {h.hexdigest()} does not match the expected {sha256}")
+        extract = tmp / "extract"
+        extract.mkdir()
+        with tarfile.open(archive, "r:*") as tf:
+            for m in tf.getmembers():
+                parts = Path(m.name).parts
+                if m.name.startswith(("/", "\\")) or ".." in parts or m.issym() or m.islnk():
+                    raise IOError(f"{url}: refusing archive member {m.name!r}")
+            tf.extractall(extract, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        found = sorted({p.parent for p in extract.rglob("*_self_*.txt")}, key=lambda p: len(p.parts))
+        if not found:
+            raise IOError(f"{url}: the archive holds no *_self_*.txt file")
+        os.rename(found[0], target)  # atomic: the directory appears complete or not at all
+        print(f"PERSONA-CHAT ({got} bytes, sha256 {h.hexdigest()[:12]}…) extracted to {target}")
+        return target
+    except BaseException:
+        if created:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _download_bar(total, url):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, desc=f"download {url.rsplit('/', 1)[-1]}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _cmd_download(args) -> None:
+    d = download_personachat(args.data_dir, url=args.url, sha256=args.sha256 or None, size=args.size)
+    print(f"PERSONA-CHAT files in {d}: " + ", ".join(sorted(p.name for p in d.glob("*.txt"))))
+
+
+def _cmd_stats(args) -> None:
+    splits, info = load_splits(args.data_dir, variant=args.variant, limit=args.limit,
+                               labeler="lexical" if args.labels == "lexical" else None)
+    print(info.message)
+    if args.labels == "nli":
+        if not args.nli_model:
+            raise SystemExit("--labels nli needs --nli-model (a RoBERTa-MNLI style checkpoint for nli.load_nli)")
+        from nli import load_nli  # lazy: only this option needs the classifier
+        predict = load_nli(args.nli_model).predict
+        for ex in info.sources.values():  # the splits hold these same Example objects
+            for e, label in zip(ex, nli_persona_labels(ex, predict, threshold=args.nli_threshold)):
+                e.persona_label = label
+    for k, s in info.stats.items():
+        extra = s.summary()
+        print(f"  {k}: {Path(s.files[0]).name}: {s.dialogues} dialogues, {s.examples} examples"
+              + (f" ({extra})" if extra else ""))
+    print()
+    print(table1(splits))
+    if args.labels != "none":
+        print()
+        how = "content-word overlap" if args.labels == "lexical" else f"NLI entailment >= {args.nli_threshold}"
+        print(f"Persona labels ({args.labels}: {how}, see data.py):")
+        n_cols = 1 + max((e.persona_label for v in splits.values() for e in v if e.persona_label is not None),
+                         default=4)
+        print("| Split | labelled | no persona | " + " | ".join(f"p{i}" for i in range(n_cols)) + " |")
+        print("|---|---:|---:|" + "---:|" * n_cols)
+        for k in SPLITS:
+            if k not in splits:
+                continue
+            dist = label_distribution(splits[k])
+            n = max(dist["total"], 1)
+            cells = [str(dist["by_index"].get(i, 0)) for i in range(n_cols)]
+            print(f"| {SPLIT_TITLES[k]} | {dist['labelled']} ({100 * dist['labelled'] / n:.1f}%) | "
+                  f"{dist['by_index'].get(None, 0)} | " + " | ".join(cells) + " |")
+        for k, ex in info.sources.items():
+            dist = label_distribution(ex)
+            print(f"{Path(info.stats[k].files[0]).name} (all of it): {dist['labelled']} of {dist['total']} "
+                  f"examples ({100 * dist['labelled'] / max(dist['total'], 1):.1f}%) get a persona label.")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("download", help="fetch and extract PERSONA-CHAT (ParlAI archive) unless present")
+    d.add_argument("--data-dir", required=True)
+    d.add_argument("--url", default=PERSONACHAT_URL)
+    d.add_argument("--sha256", default=PERSONACHAT_SHA256, help="expected sha256 ('' to skip the check)")
+    d.add_argument("--size", type=int, default=None, help="expected size in bytes")
+    d.set_defaults(func=_cmd_download)
+    s = sub.add_parser("stats", help="Table 1 (#dialogues, #examples per split) and persona-label distribution")
+    s.add_argument("--data-dir", required=True)
+    s.add_argument("--variant", default="original", choices=["original", "revised"])
+    s.add_argument("--limit", type=int, default=None, help="examples per split (carved parts when no train/test)")
+    s.add_argument("--labels", default="lexical", choices=["lexical", "nli", "none"])
+    s.add_argument("--nli-model", default=None, help="NLI checkpoint for --labels nli (nli.load_nli)")
+    s.add_argument("--nli-threshold", type=float, default=0.5, help="minimum entailment probability")
+    s.set_defaults(func=_cmd_stats)
+    args = ap.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

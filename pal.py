@@ -363,6 +363,7 @@ class RunConfig:
     strategy: str | None = None
     lang: str | None = None             # "en" / "zh"; None: detected from the data
     limit: int | None = None            # examples per split (None: all)
+    labels: str = "lexical"             # persona labels of the selection task: lexical | nli (needs --nli)
     seed: int = 0
     select_ratio: float = 1.0           # share of examples that also get a selection feature in mixed SFT
     max_len: int = 512                  # tokens per training sequence (oldest history turns dropped first)
@@ -484,6 +485,13 @@ def load_data(cfg: RunConfig):
                          "fetches it)")
     splits, info = data.load_splits(cfg.data_dir, limit=cfg.limit)
     say(info.message)
+    if cfg.labels == "nli":  # entailment labels instead of the lexical ones (data.nli_persona_labels)
+        if not cfg.nli:
+            raise ValueError("--labels nli needs --nli (an NLI checkpoint for nli.load_nli)")
+        predict = _load_nli(cfg).predict
+        splits = {k: data.relabel(v, data.nli_persona_labels(v, predict)) for k, v in splits.items()}
+    elif cfg.labels != "lexical":
+        raise ValueError(f"--labels {cfg.labels!r}: choose lexical or nli")
     lang = cfg.lang or data.detect_lang(splits["valid1"] or splits["test"])
     return splits, lang
 

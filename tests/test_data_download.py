@@ -1,4 +1,4 @@
-"""persona_data.download_personachat against a local HTTP server on 127.0.0.1 serving archives built here.
+"""data.download_personachat against a local HTTP server on 127.0.0.1 serving archives built here.
 
 The reference is the archive the test builds: its bytes, its sha256 (hashlib) and its member files."""
 import hashlib
@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-import persona_data as pd
+import data as pd
 
 VALID = ("1 your persona: i ski.\n2 your persona: i swim.\n3 hi !\thello , i ski .\n4 cool\tthanks\n"
          "1 your persona: i am a nurse.\n2 hey\thi\n")

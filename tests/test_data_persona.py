@@ -1,4 +1,4 @@
-"""persona_data.py: parsers, examples, splits, persona labels, prompts, encoding and batches.
+"""data.py (datasets): parsers, examples, splits, persona labels, prompts, encoding and batches.
 
 References: the published sizes of PERSONA-CHAT / ConvAI2 valid (1000 dialogues, 7801 examples, 20
 candidates), hand-derived expectations for hand-made files, prompt snapshots written out here, and the
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import shared_file
-import persona_data as pd
+import data as pd
 
 PC_VALID = "data/personachat/valid_self_original.txt"
 CONVAI2_VALID = "data/convai2/valid_self_original.txt"

@@ -1,6 +1,5 @@
 """dpo.train with LoRA: exported checkpoints load in transformers with our logits, adapters-only export,
 resume, and learning on the real SmolLM2-135M-Instruct (SFT memorizes, DPO separates the pairs)."""
-import json
 
 import pytest
 import torch
@@ -28,7 +27,6 @@ def test_lora_dpo_export_loads_in_transformers(tmp_path):
     ids = _ids()
     with torch.no_grad():
         ours = policy.eval()(ids)
-        base = None
         with modeling.lora_disabled(policy):
             base = policy(ids)
         theirs = hf(ids).logits

@@ -201,3 +201,14 @@ def test_dpo_learns_tiny_full_finetuning(tmp_path, reference):
     assert abs(recs[0]["reward_margin"]) < 1e-4  # policy == reference at step 1: margin 0
     assert recs[-1]["reward_accuracy"] == 1.0 and recs[-1]["reward_margin"] > 1.0
     assert recs[-1]["loss"] < recs[0]["loss"]
+
+
+def test_dpo_turns_dropout_off(tmp_path):
+    """With lr 0 the policy stays equal to its reference: every margin is 0 only if dropout is off in both."""
+    policy, ref = tiny_gpt2(dropout=0.5), tiny_gpt2(dropout=0.5)
+    cfg = dpo.TrainConfig(mode="dpo", out_dir=str(tmp_path), batch_size=2, max_steps=3, lr=0.0, warmup_steps=1,
+                          reference="live", progress=False)
+    dpo.train(policy, cfg, dpo_features(4), collate_dpo, ref_model=ref, export=False)
+    for rec in log_records(tmp_path):
+        assert rec["reward_margin"] == 0.0 and rec["loss"] == pytest.approx(0.6931471806, abs=1e-6)  # log 2
+    assert not policy.training
