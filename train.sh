@@ -28,9 +28,9 @@ PY=${PYTHON:-python3}
 launch=("$PY")          # how training stages are started (torchrun for the multi-GPU preset)
 case "$preset" in
   smol)
-    what="SmolLM2-135M-Instruct with LoRA (r 16) on the CPU, bf16 autocast; a few epochs on --limit examples per split"
+    what="SmolLM2-135M-Instruct with LoRA (r 16) on the CPU, fp32; a few epochs on --limit examples per split"
     model=smol; limit=${limit:-64}
-    opts=(--dtype fp32 --precision bf16 --lora-r 16 --lora-alpha 32 --lora-dropout 0.05
+    opts=(--dtype fp32 --precision fp32 --lora-r 16 --lora-alpha 32 --lora-dropout 0.05
           --sft-lr 3e-4 --sft-epochs 2 --sft-warmup 4 --batch-size 8 --max-len 384
           --dpo-lr 5e-5 --dpo-epochs 2 --dpo-warmup 2 --eval-every 8 --patience 2 --eval-limit 16
           --max-new-tokens 32 --select-max-new-tokens 32 --gen-batch 16)

@@ -96,7 +96,7 @@ def weight_bytes(model) -> int:
 RSS_CHILD = r"""
 import json, resource, sys, torch
 sys.path.insert(0, sys.argv[1])
-import model, safetensors.torch, huggingface_hub, gguf_import
+import model, safetensors.torch, huggingface_hub; gguf_import = model
 def status(key):  # bytes, from /proc/self/status
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):

