@@ -1962,7 +1962,11 @@ def _download_bar(total, url):
 
 
 def _cmd_download(args) -> None:
-    d = download_personachat(args.data_dir, url=args.url, sha256=args.sha256 or None, size=args.size)
+    try:
+        d = download_personachat(args.data_dir, url=args.url, sha256=args.sha256 or None, size=args.size)
+    except OSError as e:  # URLError, timeouts, refused connections: say what failed, without a traceback
+        raise SystemExit(f"data.py download: could not fetch {args.url}: {getattr(e, 'reason', e)} "
+                         f"(nothing was written to {args.data_dir})")
     print(f"PERSONA-CHAT files in {d}: " + ", ".join(sorted(p.name for p in d.glob("*.txt"))))
 
 

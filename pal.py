@@ -478,7 +478,7 @@ def say(msg: str):
 
 
 def load_data(cfg: RunConfig):
-    """(splits, lang, tokenizer-independent info) for this run: the four splits of the paper's Table 1."""
+    """(splits, lang) of this run: the four splits of the paper's Table 1 with persona labels."""
     import data
     if cfg.data_dir is None:
         raise ValueError("no data: give --data-dir (a PERSONA-CHAT directory; `python data.py download` "
@@ -684,15 +684,14 @@ def stage_sft(cfg: RunConfig, run: Path):
         if not (phase_dir / "final").exists():
             say(f"sft phase {k} ({name}): tasks {modes} on {len(splits['train'])} Train examples")
             model = load_stage_model(cfg, weights, trainable=True)
-            data_mod = data
             feats = sft_features_for(tok, splits["train"], modes, cfg, lang)
             # validation: the summed NLL of the generation task on Valid#1+Valid#2 (higher score = lower loss)
             val = (splits["valid1"] + splits["valid2"])[: cfg.eval_limit]
-            val_feats = data_mod.sft_features(tok, val, modes[-1], lang, cfg.max_len)[0] if val else []
+            val_feats = data.sft_features(tok, val, modes[-1], lang, cfg.max_len)[0] if val else []
             tcfg = _train_config(cfg, "sft", phase_dir, len(feats))
             if val_feats:
                 tcfg.eval_every = max(1, int(math.ceil(len(feats) / (cfg.batch_size * cfg.grad_accum))))
-            collate = lambda fs: data_mod.collate_sft(fs, tok.pad_id)
+            collate = lambda fs: data.collate_sft(fs, tok.pad_id)
             eval_fn = (lambda m: _neg_val_loss(m, val_feats, collate, cfg.batch_size)) if val_feats else None
             dpo.train(model, tcfg, feats, collate, eval_fn=eval_fn)
             del model
