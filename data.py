@@ -1,56 +1,52 @@
-"""Text handling for PAL: tokenizers (part 1), then the persona dialogue datasets (part 2).
+"""Text for PAL: Part 1 turns text into token ids, Part 2 turns persona dialogues into training batches.
 
-Part 1. Every tokenizer here is rebuilt from the model's own files with tiktoken (byte-level BPE), sentencepiece
-(Llama 2) or a few lines of Python (BERT WordPiece for GPT-2 Chinese), and tested id for id against the
-Hugging Face tokenizer built from the same files (tests/test_tokenizer*.py). transformers is never imported here.
-
-Part 2. PERSONA-CHAT and Baidu-Persona-Chat -> PAL's examples, prompts, features and batches.
-
-Read top to bottom, the file follows the data:
+Read top to bottom:
+  Part 1. Tokenizers rebuilt from a model directory's own files, tested id for id against Hugging Face's
+      (tests/test_data_tokenizers.py; transformers is never imported here): Tokenizer (interface, chat formats)
+      -> BPETokenizer (tiktoken: GPT-2, DialoGPT, SmolLM2, RoBERTa, Llama 3) and its loaders
+      -> SentencePieceTokenizer (Llama 2) -> WordPieceTokenizer (GPT-2 Chinese) -> load_tokenizer(local path).
+  Part 2. PERSONA-CHAT / ConvAI2 (ParlAI text) and Baidu-Persona-Chat (JSON lines; extras/zh_samples.py
+      converts the Chinese samples of ../shared/data/zh_samples to them) -> PAL's examples, prompts, batches:
 
     files ──parse──> Dialogue(personas, turns) ──make_examples──> Example(personas, history, response, label)
           ──splits──> {"train", "valid1", "valid2", "test"} ──prompts──> (prompt text, target text)
-          ──encode──> feature {"input_ids", "labels"} (python lists) ──collate──> batch of LongTensors [B, T]
-
-Formats understood:
-  * ParlAI "self" text (PERSONA-CHAT, ConvAI2), original or revised personas. Every line starts with a
-    number that restarts for each dialogue; persona lines read `N your persona: ...` (or `N partner's
-    persona: ...` in "both" files), turn lines read `N context\\tresponse[\\treward[\\tcand1|cand2|...]]`.
-    The context of the first turn is `__SILENCE__` when our speaker opens the conversation.
-  * Baidu-Persona-Chat JSON lines: `[personas, history, response]` or `[personas, history, response, label]`.
-  * The Chinese sample format of ../shared/data/zh_samples: blocks of three lines (persona sentences;
-    `<|endoftext|>`-terminated history; `<|endoftext|>`-terminated response) separated by `[SEP]` lines.
+          ──encode──> feature {"input_ids", "labels"} (python lists) ──collate──> batch of LongTensors (B, T)
 
 Bad input never disappears silently: a line that cannot be parsed raises `DataFormatError` naming the
 file, the line number and the line; the irregularities that have a documented rule (blank lines, invalid
 UTF-8, empty dialogues, missing responses, odd numbering, `__SILENCE__` openers) are counted in the
 `ParseStats` object attached to what the parsers return (`dialogues.stats`).
 
-Run `python data.py download --data-dir DIR` to fetch PERSONA-CHAT and
-`python data.py stats --data-dir DIR` for the paper's Table 1 plus the persona-label distribution.
+`python data.py stats --data-dir DIR` prints the paper's Table 1 and the persona-label distribution
+(`python extras/download.py --data-dir DIR` fetches PERSONA-CHAT).
 """
 from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
 import json
 import os
 import random
 import re
-import shutil
-import tarfile
-import tempfile
 import unicodedata
-import urllib.request
-from dataclasses import dataclass, field
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
+from itertools import accumulate
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import sentencepiece as spm
+import tiktoken
 import torch
+from tqdm import tqdm
 
-# ---- Tokenizers ----------------------------------------------------------------------------------------------
+IGNORE = -100  # THE label value that is not a target (prompt, padding); dpo.py imports it from here
+
+# ==============================================================================================================
+# Part 1. Tokenizers
+# ==============================================================================================================
 #
 # One small class per algorithm, one loader that looks at a model directory and picks the right one:
 #
@@ -61,7 +57,7 @@ import torch
 #     in tiktoken format (base64 token + rank)
 #   tokenizer.model (sentencepiece protobuf)       -> SentencePieceTokenizer Llama 2
 #   vocab.txt (+ config.json/tokenizer_config.json) -> WordPieceTokenizer    GPT-2 Chinese (uer), BERT
-#   *.gguf                                         -> BPETokenizer           SmolLM2 GGUF (vocab + merges in metadata)
+# (SmolLM2's GGUF file becomes such a directory with tokenizer.json through extras/smol.py.)
 #
 # The rule for every tokenizer: `encode(text)` never turns text into a special token. "<|endoftext|>" typed by a
 # user becomes the ids of the characters "<", "|", "endoftext", ...; special ids are only put in by code
@@ -82,8 +78,6 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
                    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
                    "<|image|>"]
 LLAMA3_SPECIALS += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(LLAMA3_SPECIALS))]
-# Split regex named by llama.cpp's `tokenizer.ggml.pre` in a GGUF file.
-GGUF_PRE_SPLIT = {"gpt-2": GPT2_SPLIT, "smollm": SMOLLM_SPLIT, "llama-bpe": LLAMA3_SPLIT}
 
 
 class TokenizerError(ValueError):
@@ -97,24 +91,9 @@ def byte_to_unicode() -> dict[int, str]:
     Printable latin-1 bytes stand for themselves; the other 68 bytes (controls, space, ...) are shifted to
     chr(256 + k) in byte order, which is why a space shows up as "Ġ" (chr(288)) in GPT-2's files.
     """
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, shifted = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + shifted)
-            shifted += 1
-    return table
-
-
-def _token_bytes(token: str, where: str) -> bytes:
-    """A byte-level vocab string ("Ġhello") -> the raw bytes it stands for (b" hello")."""
-    inverse = _unicode_to_byte()
-    try:
-        return bytes(inverse[c] for c in token)
-    except KeyError as e:
-        raise TokenizerError(f"{where}: token {token!r} has character {e.args[0]!r} outside GPT-2's byte alphabet") from None
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    shifted = [b for b in range(256) if b not in keep]
+    return {b: chr(b) if b in keep else chr(256 + shifted.index(b)) for b in range(256)}
 
 
 @lru_cache(maxsize=1)
@@ -122,12 +101,20 @@ def _unicode_to_byte() -> dict[str, int]:
     return {c: b for b, c in byte_to_unicode().items()}
 
 
+def _token_bytes(token: str, where: str) -> bytes:
+    """A byte-level vocab string ("Ġhello") -> the raw bytes it stands for (b" hello")."""
+    inverse = _unicode_to_byte()
+    bad = next((c for c in token if c not in inverse), None)
+    if bad is not None:
+        raise TokenizerError(f"{where}: token {token!r} has character {bad!r} outside GPT-2's byte alphabet")
+    return bytes(inverse[c] for c in token)
+
+
 class Tokenizer:
     """Common interface. Subclasses set the attributes below and implement `encode` / `decode`.
 
     ids are the model's embedding rows. `specials` maps special-token text to its id (only code inserts them).
     """
-    kind = "base"
 
     def __init__(self, name: str, specials: dict[str, int], vocab_size: int, *, bos: str | None, eos: str | None,
                  pad: str | None, stops: list[str], chat_format: str | None = None, default_system: str | None = None):
@@ -154,20 +141,13 @@ class Tokenizer:
         return self._special_id(special_text)
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self._encode(text)
-        if bos:
-            ids = [self._require(self.bos_id, "bos")] + ids
-        if eos:
-            ids = ids + [self._require(self.eos_id, "eos")]
-        return ids
+        for wanted, i, what in ((bos, self.bos_id, "bos"), (eos, self.eos_id, "eos")):
+            if wanted and i is None:
+                raise TokenizerError(f"{self.name}: this tokenizer has no {what} token")
+        return [self.bos_id] * bos + self._encode(text) + [self.eos_id] * eos
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self._encode(t) for t in texts]
-
-    def _require(self, i: int | None, what: str) -> int:
-        if i is None:
-            raise TokenizerError(f"{self.name}: this tokenizer has no {what} token")
-        return i
 
     def _encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -247,17 +227,14 @@ class BPETokenizer(Tokenizer):
     tiktoken merges, inside each regex piece, the adjacent pair whose concatenation has the lowest *rank*;
     Hugging Face merges the pair that comes first in merges.txt. Giving each merged token the index of the merge
     that creates it as its rank makes the two agree whenever a token is only ever reached through its own merge,
-    which BPE training makes the rule (not a theorem: tests/test_tokenizer.py checks it on real text, and it held
+    which BPE training makes the rule (not a theorem: tests/test_data_tokenizers.py checks it on real text, and it held
     on 100k fuzzed strings and on every vocab token and 30k token concatenations for GPT-2 and SmolLM2).
-    The model's ids may be a different numbering
-    (RoBERTa's vocab.json follows fairseq's dictionary, SmolLM2 puts 17 specials first): `rank_to_id` maps
-    tiktoken's output to them, and is skipped when ranks already are the ids.
+    The model's ids may be a different numbering (RoBERTa's vocab.json follows fairseq's dictionary, SmolLM2
+    puts 17 specials first): `_rank_to_id` maps tiktoken's output to them, skipped when ranks already are ids.
     """
-    kind = "bpe"
 
     def __init__(self, name: str, ranks: dict[bytes, int], split: str, id_of_rank: dict[int, int] | None,
                  specials: dict[str, int], *, add_prefix_space: bool = False, **kw):
-        import tiktoken
         self.add_prefix_space = add_prefix_space
         ids_of = (lambda r: id_of_rank[r]) if id_of_rank is not None else (lambda r: r)
         dropped = {b for b, r in ranks.items() if ids_of(r) < 0}     # bytes without a token (see _ranks_from_merges)
@@ -289,16 +266,15 @@ class BPETokenizer(Tokenizer):
         self._special_set = set(specials.values())
         super().__init__(name, specials, n, **kw)
 
-    def _to_ids(self, text: str, ranks: list[int]) -> list[int]:
-        ids = ranks if self._rank_to_id is None else [self._rank_to_id[r] for r in ranks]
-        if self._drop is not None and (self._drop is True or self._drop.search(text)):
-            ids = [i for i in ids if 0 <= i < self.vocab_size]
-        return ids
-
     def _encode(self, text: str) -> list[int]:
         if self.add_prefix_space and not text.startswith(" "):
             text = " " + text
-        return self._to_ids(text, self._enc.encode_ordinary(text))
+        ids = self._enc.encode_ordinary(text)
+        if self._rank_to_id is not None:
+            ids = [self._rank_to_id[r] for r in ids]
+        if self._drop is not None and (self._drop is True or self._drop.search(text)):
+            ids = [i for i in ids if 0 <= i < self.vocab_size]
+        return ids
 
     def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
         """encode() of many texts. tiktoken releases the GIL while it encodes, so a few threads, each looping
@@ -306,7 +282,6 @@ class BPETokenizer(Tokenizer):
         n = min(num_threads or os.cpu_count() or 1, 8)
         if n == 1 or len(texts) < 512:
             return [self._encode(t) for t in texts]
-        from concurrent.futures import ThreadPoolExecutor
         size = -(-len(texts) // n)
         chunks = [texts[k:k + size] for k in range(0, len(texts), size)]
         with ThreadPoolExecutor(n) as pool:
@@ -356,14 +331,12 @@ def _ranks_from_merges(vocab: dict[str, int], merges: list[tuple[str, str]], whe
 
 
 def _parse_merges(lines, where: str) -> list[tuple[str, str]]:
+    """merges.txt lines ("a b"; "#version" and blank lines skipped) or tokenizer.json's [a, b] pairs."""
     merges = []
     for n, m in enumerate(lines):
-        if isinstance(m, str):
-            if m.startswith("#version") or not m.strip():
-                continue
-            parts = m.rstrip("\n").split(" ")
-        else:
-            parts = list(m)
+        if isinstance(m, str) and (m.startswith("#version") or not m.strip()):
+            continue
+        parts = m.rstrip("\n").split(" ") if isinstance(m, str) else list(m)
         if len(parts) != 2:
             raise TokenizerError(f"{where}: merge line {n + 1} is not two tokens: {m!r}")
         merges.append((parts[0], parts[1]))
@@ -393,20 +366,21 @@ def _split_from_pre_tokenizer(pre: dict | None, where: str) -> tuple[str, bool]:
     raise TokenizerError(f"{where}: unsupported pre_tokenizer type {t!r}")
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, missing: dict | None = None) -> dict:
+    """The JSON object in `path`; a missing file is an error, or `missing` (e.g. {}) when given."""
+    if not path.is_file():
+        if missing is not None:
+            return missing
+        raise TokenizerError(f"missing file {path}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TokenizerError(f"missing file {path}") from None
-    except json.JSONDecodeError as e:
+    except json.JSONDecodeError as e:  # re-raised naming the file
         raise TokenizerError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
 def _token_text(v) -> str | None:
     """tokenizer_config.json may store a special as "<s>" or as {"content": "<s>", ...}."""
-    if isinstance(v, dict):
-        return v.get("content")
-    return v
+    return v.get("content") if isinstance(v, dict) else v
 
 
 def _chat_settings(specials: dict[str, int], template: str | None) -> dict:
@@ -424,7 +398,7 @@ def _chat_settings(specials: dict[str, int], template: str | None) -> dict:
     return {}
 
 
-def _bpe_roles(name: str, specials: dict[str, int], cfg: dict, model_type: str | None) -> dict:
+def _bpe_roles(specials: dict[str, int], cfg: dict, model_type: str | None) -> dict:
     """bos / eos / pad / stop tokens of a byte-level BPE tokenizer, from tokenizer_config.json or the family default."""
     bos, eos, pad = (_token_text(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
     if model_type == "roberta" or "<s>" in specials and "</s>" in specials and "<|endoftext|>" not in specials:
@@ -458,7 +432,7 @@ def _bpe_from_vocab_merges(name: str, vocab: dict[str, int], merges, split: str,
         if t in vocab and t not in specials:
             specials[t] = vocab[t]
     return BPETokenizer(name, ranks, split, id_of_rank, specials, add_prefix_space=add_prefix_space,
-                        **_bpe_roles(name, specials, cfg, model_type), **_chat_settings(specials, template))
+                        **_bpe_roles(specials, cfg, model_type), **_chat_settings(specials, template))
 
 
 def _load_tokenizer_json(path: Path, cfg: dict, model_type: str | None, template: str | None):
@@ -478,6 +452,9 @@ def _load_tokenizer_json(path: Path, cfg: dict, model_type: str | None, template
                                   model_type, template, prefix)
 
 
+_TIKTOKEN_LINE = re.compile(rb"([A-Za-z0-9+/]+=*) (\d+)")
+
+
 def _load_tiktoken_model(path: Path, cfg: dict) -> BPETokenizer:
     """Llama 3 tokenizer.model: lines "base64(token) rank"; the 256 specials follow the last rank."""
     ranks: dict[bytes, int] = {}
@@ -485,83 +462,13 @@ def _load_tiktoken_model(path: Path, cfg: dict) -> BPETokenizer:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                tok, rank = line.split()
-                ranks[base64.b64decode(tok)] = int(rank)
-            except Exception:
-                raise TokenizerError(f"{path}: line {n} is not 'base64-token rank'") from None
+            m = _TIKTOKEN_LINE.fullmatch(line.strip())
+            if m is None or len(m.group(1)) % 4:  # base64 comes in groups of 4 characters
+                raise TokenizerError(f"{path}: line {n} is not 'base64-token rank'")
+            ranks[base64.b64decode(m.group(1))] = int(m.group(2))
     specials = {t: len(ranks) + k for k, t in enumerate(LLAMA3_SPECIALS)}
-    roles = _bpe_roles(path.name, specials, cfg, "llama")
+    roles = _bpe_roles(specials, cfg, "llama")
     return BPETokenizer(path.parent.name, ranks, LLAMA3_SPLIT, None, specials, **roles, chat_format="llama3")
-
-
-def read_gguf_metadata(path: Path) -> dict:
-    """The key/value header of a GGUF file (format v2/v3, little-endian), without touching the tensors.
-
-    Layout: b"GGUF", u32 version, u64 tensor count, u64 kv count, then per kv: string key, u32 type, value.
-    A string is u64 length + utf-8 bytes; an array is u32 item type + u64 count + items. (gguf.GGUFReader also
-    indexes every tensor, ~15 s for SmolLM2 on a busy machine; the tokenizer needs only this header.)
-    """
-    import struct
-    scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise TokenizerError(f"{path}: not a GGUF file (bad magic)")
-        version, _, n_kv = struct.unpack("<IQQ", f.read(20))
-        if version not in (2, 3):
-            raise TokenizerError(f"{path}: GGUF version {version} not supported (2 or 3)")
-
-        def string():
-            (n,) = struct.unpack("<Q", f.read(8))
-            return f.read(n).decode("utf-8", errors="replace")
-
-        def value(t):
-            if t == 8:
-                return string()
-            if t == 9:
-                item_t, count = struct.unpack("<IQ", f.read(12))
-                if item_t in scalar:   # numeric arrays in one read
-                    fmt = scalar[item_t]
-                    return list(struct.unpack(f"<{count}{fmt[1]}", f.read(count * struct.calcsize(fmt))))
-                return [value(item_t) for _ in range(count)]
-            if t not in scalar:
-                raise TokenizerError(f"{path}: unknown GGUF value type {t}")
-            fmt = scalar[t]
-            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-
-        meta = {}
-        for _ in range(n_kv):
-            key = string()
-            (t,) = struct.unpack("<I", f.read(4))
-            meta[key] = value(t)
-    return meta
-
-
-def _load_gguf(path: Path) -> BPETokenizer:
-    """The tokenizer stored in a GGUF file's metadata (vocab, merges, llama.cpp pre-tokenizer name)."""
-    meta = read_gguf_metadata(path)
-
-    def get(key, default=KeyError):
-        if key not in meta:
-            if default is KeyError:
-                raise TokenizerError(f"{path}: GGUF metadata key {key!r} missing")
-            return default
-        return meta[key]
-
-    if get("tokenizer.ggml.model") != "gpt2":
-        raise TokenizerError(f"{path}: GGUF tokenizer model {get('tokenizer.ggml.model')!r} is not byte-level BPE")
-    pre = get("tokenizer.ggml.pre", "gpt-2")
-    if pre not in GGUF_PRE_SPLIT:
-        raise TokenizerError(f"{path}: GGUF pre-tokenizer {pre!r} unknown (known: {sorted(GGUF_PRE_SPLIT)})")
-    tokens, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type")
-    # token_type 3 = control (special), 4 = user-defined; both are matched only as whole special tokens.
-    specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}
-    vocab = {t: i for i, t in enumerate(tokens) if t not in specials}
-    names = {k: tokens[get(f"tokenizer.ggml.{k}_token_id")] for k in ("bos", "eos", "padding")
-             if f"tokenizer.ggml.{k}_token_id" in meta}
-    cfg = {"bos_token": names.get("bos"), "eos_token": names.get("eos"), "pad_token": names.get("padding")}
-    return _bpe_from_vocab_merges(path.stem, vocab, get("tokenizer.ggml.merges"), GGUF_PRE_SPLIT[pre], specials,
-                                  str(path), cfg, None, get("tokenizer.chat_template", None))
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -569,12 +476,10 @@ class SentencePieceTokenizer(Tokenizer):
 
     sentencepiece adds the dummy-prefix "▁" to every encoded text and never matches "<s>" written in text.
     Hugging Face's LlamaTokenizer (legacy=False) agrees on ordinary text; it differs on a leading space and on
-    runs of spaces before a word, where we follow sentencepiece (tests/test_tokenizer.py lists the cases).
+    runs of spaces before a word, where we follow sentencepiece (tests/test_data_tokenizers.py lists the cases).
     """
-    kind = "sentencepiece"
 
     def __init__(self, path: Path):
-        import sentencepiece as spm
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         pieces = [self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())]
         specials = {pieces[i]: i for i in range(len(pieces)) if self.sp.is_control(i) or self.sp.is_unknown(i)}
@@ -589,31 +494,23 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.encode(texts, num_threads=min(num_threads or os.cpu_count() or 1, 8))
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
-        if not skip_special:  # sentencepiece drops control pieces; show them like HF does
-            out, run = [], []
-            for i in ids:
-                if i in self._special_ids:
-                    out.append(self.sp.decode(run))
-                    out.append(self.sp.id_to_piece(i))
-                    run = []
-                else:
-                    run.append(i)
-            out.append(self.sp.decode(run))
-            return "".join(out)
-        return self.sp.decode(list(ids))
-
-    @property
-    def _special_ids(self) -> set[int]:
-        return set(self.specials.values())
+        if skip_special:
+            return self.sp.decode(list(ids))
+        out, run = [], []  # sentencepiece drops control pieces; show them like HF does
+        for i in ids:
+            if i in self.specials.values():
+                out += [self.sp.decode(run), self.sp.id_to_piece(i)]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out + [self.sp.decode(run)])
 
 
-# BERT's "Chinese character" blocks: CJK ideographs only (not Hiragana/Katakana/Hangul, which BERT treats as letters).
+# BERT's "Chinese character" blocks: CJK ideographs only (not Hiragana/Katakana/Hangul, which BERT treats as
+# letters). CJK_CHAR is THE CJK test of the project: WordPiece, content_words, detect_lang, pal.py's metrics.
 _CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
                (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
-
-
-def _is_cjk(cp: int) -> bool:
-    return any(lo <= cp <= hi for lo, hi in _CJK_RANGES)
+CJK_CHAR = re.compile("[" + "".join(f"{chr(lo)}-{chr(hi)}" for lo, hi in _CJK_RANGES) + "]")  # one CJK ideograph
 
 
 def _is_bert_punct(ch: str) -> bool:
@@ -630,7 +527,7 @@ def _bert_char_kind(ch: str) -> str:
         return "space"
     if cp == 0 or cp == 0xFFFD or cat.startswith("C"):
         return "drop"
-    if _is_cjk(cp):
+    if CJK_CHAR.match(ch):
         return "cjk"
     if _is_bert_punct(ch):
         return "punct"
@@ -649,7 +546,6 @@ class WordPieceTokenizer(Tokenizer):
     whitespace and punctuation. WordPiece: longest vocab prefix, continuations prefixed "##"; a word that cannot be
     covered (or is longer than 100 characters) becomes [UNK] as a whole.
     """
-    kind = "wordpiece"
 
     def __init__(self, path: Path, lowercase: bool = True, strip_accents: bool | None = None):
         lines = path.read_text(encoding="utf-8").split("\n")
@@ -710,25 +606,18 @@ class WordPieceTokenizer(Tokenizer):
         return words
 
     def _wordpiece(self, word: str) -> list[int]:
+        """Greedy longest-match-first pieces of one word; the whole word is [UNK] when some rest has no piece."""
         if word in self._cache:
             return self._cache[word]
-        ids = []
-        if len(word) > 100:
-            ids = [self.unk]
-        else:
-            start = 0
-            while start < len(word):
-                end = len(word)
-                while end > start:
-                    piece = word[start:end] if start == 0 else "##" + word[start:end]
-                    if piece in self.vocab:
-                        ids.append(self.vocab[piece])
-                        break
-                    end -= 1
-                if end == start:   # no prefix of the rest is in the vocab: the whole word is unknown
-                    ids = [self.unk]
-                    break
-                start = end
+        ids, start = [], 0
+        while start < len(word) <= 100:
+            prefix = "##" if start else ""
+            end = next((e for e in range(len(word), start, -1) if prefix + word[start:e] in self.vocab), None)
+            if end is None:
+                break
+            ids.append(self.vocab[prefix + word[start:end]])
+            start = end
+        ids = ids if start == len(word) else [self.unk]
         if len(self._cache) < 100_000:
             self._cache[word] = ids
         return ids
@@ -772,32 +661,22 @@ def _is_tiktoken_file(path: Path) -> bool:
     return bool(re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\n?", head.split(b"\n")[0] + b"\n"))
 
 
-def _resolve_dir(name_or_path: str | Path) -> Path:
-    """Local path as is; anything else through model.resolve_model_dir (hub id, "smol")."""
-    p = Path(name_or_path).expanduser()
-    if p.exists():
-        return p
-    try:
-        from model import resolve_model_dir
-    except ImportError:
-        raise TokenizerError(f"unknown tokenizer {str(name_or_path)!r}: not a local path, and model.py "
-                             "(which resolves hub ids and 'smol') is not importable") from None
-    return Path(resolve_model_dir(name_or_path))
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Build the tokenizer of a LOCAL model directory (or of one tokenizer file), choosing by the files present.
 
-
-def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
-    """Build the tokenizer of a model directory (or of one tokenizer file / GGUF), choosing by the files present."""
-    p = _resolve_dir(name_or_path)
+    A hub id is the caller's to resolve: load_tokenizer(model.resolve_model_dir("gpt2"))."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise TokenizerError(f"{str(path)!r} is not a local file or directory (load_tokenizer reads local files "
+                             "only; resolve a hub id with model.resolve_model_dir first)")
     if p.is_file():
-        if p.suffix == ".gguf":
-            return _load_gguf(p)
         if p.name == "tokenizer.json":
             return _load_tokenizer_json(p, {}, None, None)
         if p.suffix == ".model":
             return _load_tiktoken_model(p, {}) if _is_tiktoken_file(p) else SentencePieceTokenizer(p)
-        raise TokenizerError(f"{p}: not a tokenizer file (expected tokenizer.json, *.model or *.gguf)")
-    config = _read_json(p / "config.json") if (p / "config.json").exists() else {}
-    tcfg = _read_json(p / "tokenizer_config.json") if (p / "tokenizer_config.json").exists() else {}
+        raise TokenizerError(f"{p}: not a tokenizer file (expected tokenizer.json or *.model)")
+    config = _read_json(p / "config.json", missing={})
+    tcfg = _read_json(p / "tokenizer_config.json", missing={})
     model_type = config.get("model_type")
     template = tcfg.get("chat_template")
     if template is None and (p / "chat_template.jinja").exists():
@@ -823,11 +702,9 @@ def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
             merges = (p / merges_name).read_text(encoding="utf-8").split("\n")
             return _bpe_from_vocab_merges(p.name, vocab, merges, GPT2_SPLIT, {}, str(p / merges_name), tcfg,
                                           model_type, template, bool(tcfg.get("add_prefix_space", False)))
-    ggufs = sorted(p.glob("*.gguf"))
-    if ggufs:
-        return _load_gguf(ggufs[0])
     raise TokenizerError(f"no tokenizer files in {p}: expected one of tokenizer.json, vocab.json+merges.txt, "
-                         "encoder.json+vocab.bpe, tokenizer.model, original/tokenizer.model, vocab.txt or *.gguf")
+                         "encoder.json+vocab.bpe, tokenizer.model, original/tokenizer.model or vocab.txt "
+                         "(a SmolLM2 GGUF file: convert it with `python extras/smol.py`)")
 
 
 def check_tokenizer_fits(tok: Tokenizer, model_or_vocab_size) -> None:
@@ -845,11 +722,8 @@ def check_tokenizer_fits(tok: Tokenizer, model_or_vocab_size) -> None:
 
 
 # ==============================================================================================================
-# Part 2. Persona dialogue datasets
+# Part 2. Persona dialogue datasets -> examples -> prompts -> batches
 # ==============================================================================================================
-
-from dataclasses import dataclass, field
-
 
 # ----------------------------------------------------------------------------------------------------
 # Records
@@ -903,12 +777,17 @@ class ParseStats:
     missing_responses: int = 0           # turn without response: message kept in history, no example
     numbering_gaps: int = 0              # turn number jumped forward (N -> N+2...): accepted as is
     numbering_restarts: int = 0          # number did not go back to 1 at a new dialogue: new dialogue anyway
-    conversation_breaks: int = 0         # JSON/zh lines whose history does not extend an earlier line's
+    conversation_breaks: int = 0         # JSON lines whose history does not extend an earlier line's
     notes: list[str] = field(default_factory=list)  # first few irregularities, with file:line
 
     def note(self, msg: str) -> None:
         if len(self.notes) < 20:
             self.notes.append(msg)
+
+    def count(self, what: str, msg: str) -> None:
+        """One more irregularity of kind `what` (a counter above), noted with its file:line."""
+        setattr(self, what, getattr(self, what) + 1)
+        self.note(msg)
 
     def summary(self) -> str:
         keys = [k for k, v in vars(self).items()
@@ -936,14 +815,11 @@ def _read_lines(path: Path, stats: ParseStats, strict_utf8: bool) -> list[tuple[
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             raw = raw.rstrip(b"\r\n")
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
+            line = raw.decode("utf-8", "replace")
+            if line.encode("utf-8") != raw:  # some bytes were not UTF-8 and became U+FFFD
                 if strict_utf8:
-                    raise DataFormatError(path, lineno, raw.decode("utf-8", "replace"), f"invalid UTF-8 ({e.reason})")
-                line = raw.decode("utf-8", "replace")
-                stats.invalid_utf8_lines += 1
-                stats.note(f"{path}:{lineno}: invalid UTF-8 replaced by U+FFFD")
+                    raise DataFormatError(path, lineno, line, "invalid UTF-8")
+                stats.count("invalid_utf8_lines", f"{path}:{lineno}: invalid UTF-8 replaced by U+FFFD")
             out.append((lineno, line))
     stats.lines += len(out)
     return out
@@ -959,7 +835,9 @@ _PERSONA_PREFIXES = (("your persona:", "self"), ("partner's persona:", "partner"
 def read_personachat(path, strict_utf8: bool = False, first_id: int = 0) -> Dialogues:
     """Parse a ParlAI self/both/none text file into dialogues.
 
-    Rules: a new dialogue starts when the line number does not grow (ParlAI's own rule); it should then be 1,
+    Every line starts with a number that restarts for each dialogue. Persona lines read `N your persona: ...`
+    (`N partner's persona: ...` in "both" files); a first turn whose context is `__SILENCE__` is opened by our
+    speaker. Rules: a new dialogue starts when the line number does not grow (ParlAI's own rule); it should then be 1,
     otherwise it is counted as a numbering restart. A number that skips ahead is accepted and counted. A turn
     line is `context\\tresponse`, optionally followed by `\\treward` and `\\tcand1|cand2|...` (the reward
     field is empty in PERSONA-CHAT, hence `\\t\\t`). Persona lines after the first turn of a dialogue, an
@@ -974,8 +852,7 @@ def read_personachat(path, strict_utf8: bool = False, first_id: int = 0) -> Dial
         if d is None:
             return
         if not any(t.response is not None for t in d.turns):
-            stats.empty_dialogues += 1
-            stats.note(f"{d.source}: dialogue without any response skipped")
+            stats.count("empty_dialogues", f"{d.source}: dialogue without any response skipped")
             return
         d.dialogue_id = first_id + len(dialogues)
         dialogues.append(d)
@@ -990,13 +867,11 @@ def read_personachat(path, strict_utf8: bool = False, first_id: int = 0) -> Dial
         num, body = int(m.group(1)), m.group(2)
         if cur is None or num <= last_num:  # the numbering went back: a new dialogue begins
             if num != 1:
-                stats.numbering_restarts += 1
-                stats.note(f"{path}:{lineno}: new dialogue starts at number {num}, not 1")
+                stats.count("numbering_restarts", f"{path}:{lineno}: new dialogue starts at number {num}, not 1")
             close(cur)
             cur = Dialogue(personas=[], turns=[], dialogue_id=-1, source=f"{path}:{lineno}")
         elif num != last_num + 1:
-            stats.numbering_gaps += 1
-            stats.note(f"{path}:{lineno}: line number jumps from {last_num} to {num}")
+            stats.count("numbering_gaps", f"{path}:{lineno}: line number jumps from {last_num} to {num}")
         last_num = num
 
         kind = next((k for p, k in _PERSONA_PREFIXES if body.startswith(p)), None)
@@ -1023,11 +898,8 @@ def read_personachat(path, strict_utf8: bool = False, first_id: int = 0) -> Dial
             if cur.turns:  # silence in the middle of a dialogue: nothing was said, keep it as no message
                 stats.note(f"{path}:{lineno}: empty/silent context in the middle of a dialogue")
         if not response:
-            stats.missing_responses += 1
-            stats.note(f"{path}:{lineno}: turn without a response (kept as history only)")
-            cur.turns.append(Turn(partner, None, None, source=f"{path}:{lineno}"))
-            continue
-        cur.turns.append(Turn(partner, response, candidates, source=f"{path}:{lineno}"))
+            stats.count("missing_responses", f"{path}:{lineno}: turn without a response (kept as history only)")
+        cur.turns.append(Turn(partner, response or None, candidates if response else None, source=f"{path}:{lineno}"))
     close(cur)
     stats.dialogues = len(dialogues)
     stats.examples = sum(t.response is not None for d in dialogues for t in d.turns)
@@ -1036,21 +908,18 @@ def read_personachat(path, strict_utf8: bool = False, first_id: int = 0) -> Dial
 
 
 # ----------------------------------------------------------------------------------------------------
-# Example-per-line formats (Baidu-Persona-Chat JSON lines, zh samples) -> dialogues
+# Baidu-Persona-Chat JSON lines (one example per line) -> dialogues
 
 
-@dataclass
-class _Row:
-    personas: list[str]
-    history: list[str]
-    response: str
-    label: int | None
-    has_label: bool
-    source: str
+def _flatten(d: Dialogue) -> list[str]:
+    """Every utterance of the dialogue so far (context, then partner/response per turn), oldest first."""
+    return list(d.context) + [u for t in d.turns for u in (t.partner, t.response) if u is not None]
 
 
-def _rows_to_dialogues(rows: list[_Row], stats: ParseStats, first_id: int = 0) -> Dialogues:
-    """Group example rows into conversations and per-speaker dialogues.
+def _rows_to_dialogues(rows: list[tuple[list[str], list[str], Turn]], stats: ParseStats,
+                       first_id: int = 0) -> Dialogues:
+    """Group example rows (personas, history, turn answering history[-1]) into conversations and per-speaker
+    dialogues.
 
     A row continues the current conversation when its history starts with the previous row's history plus
     the previous row's response; otherwise a new conversation (a new dialogue_id) begins. Inside a
@@ -1060,50 +929,49 @@ def _rows_to_dialogues(rows: list[_Row], stats: ParseStats, first_id: int = 0) -
     dialogues = Dialogues()
     conv_id = first_id - 1
     open_by_speaker: dict[tuple, Dialogue] = {}
-    prev: _Row | None = None
-    for row in rows:
-        extends = (prev is not None and len(row.history) > len(prev.history)
-                   and row.history[: len(prev.history) + 1] == prev.history + [prev.response])
-        if not extends:
+    prev_history, prev_response = None, None
+    for personas, history, turn in rows:
+        if not (prev_history is not None and len(history) > len(prev_history)
+                and history[: len(prev_history) + 1] == prev_history + [prev_response]):
             conv_id += 1
             open_by_speaker = {}
-        prev = row
-        key = tuple(row.personas)
-        d = open_by_speaker.get(key)
-        partner = row.history[-1] if row.history else None
-        if d is not None and _flatten(d) + [partner] == row.history:
-            d.turns.append(Turn(partner, row.response, None, row.label, row.has_label, row.source))
-            continue
-        if d is not None:
-            stats.conversation_breaks += 1
-            stats.note(f"{row.source}: history does not extend this speaker's earlier turns; new dialogue")
-        d = Dialogue(personas=list(row.personas), turns=[], dialogue_id=conv_id,
-                     context=list(row.history[:-1]), source=row.source)
-        d.turns.append(Turn(partner, row.response, None, row.label, row.has_label, row.source))
-        open_by_speaker[key] = d
-        dialogues.append(d)
+        prev_history, prev_response = history, turn.response
+        d = open_by_speaker.get(tuple(personas))
+        if d is None or _flatten(d) + [turn.partner] != history:
+            if d is not None:
+                stats.count("conversation_breaks",
+                            f"{turn.source}: history does not extend this speaker's earlier turns; new dialogue")
+            d = Dialogue(list(personas), [], conv_id, context=list(history[:-1]), source=turn.source)
+            open_by_speaker[tuple(personas)] = d
+            dialogues.append(d)
+        d.turns.append(turn)
     stats.dialogues = len({d.dialogue_id for d in dialogues})
     stats.examples = len(rows)
     dialogues.stats = stats
     return dialogues
 
 
-def _parse_label(value, n_personas: int) -> int | None:
-    """Baidu labels: an index, a list holding one index, a 0/1 vector over the personas, or -1/[]/null."""
+def _parse_label(value, n_personas: int, where: tuple) -> int | None:
+    """Baidu labels: an index, a list holding one index, a 0/1 vector over the personas, or -1/[]/null.
+    where = (path, lineno, line) of the label, for the DataFormatError of a label that cannot be read."""
     if value is None or value == [] or value == -1:
         return None
-    if isinstance(value, bool):
-        raise ValueError(f"label {value!r} is a boolean")
-    if isinstance(value, int):
+    ints = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if isinstance(value, int) and not isinstance(value, bool):
         if not 0 <= value < n_personas:
-            raise ValueError(f"label {value} outside 0..{n_personas - 1}")
+            raise DataFormatError(*where, f"label {value} outside 0..{n_personas - 1}")
         return value
-    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        if len(value) == n_personas and n_personas > 1 and set(value) <= {0, 1}:
-            return value.index(1) if 1 in value else None  # one-hot / multi-hot: the first persona used
-        if len(value) == 1:
-            return _parse_label(value[0], n_personas)
-    raise ValueError(f"cannot read persona label {value!r}")
+    if ints and len(value) == n_personas and n_personas > 1 and set(value) <= {0, 1}:
+        return value.index(1) if 1 in value else None  # one-hot / multi-hot: the first persona used
+    if ints and len(value) == 1:
+        return _parse_label(value[0], n_personas, where)
+    raise DataFormatError(*where, f"cannot read persona label {value!r}")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split a run of persona sentences after each 。！？!? (Chinese or English), keeping the end mark."""
+    parts = re.findall(r"[^。！？!?]+[。！？!?]?", text.strip())
+    return [p.strip() for p in parts if p.strip()]
 
 
 def read_baidu_jsonl(path, strict_utf8: bool = False, first_id: int = 0) -> Dialogues:
@@ -1121,115 +989,42 @@ def read_baidu_jsonl(path, strict_utf8: bool = False, first_id: int = 0) -> Dial
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
+        except json.JSONDecodeError as e:  # re-raised naming file:line
             raise DataFormatError(path, lineno, line, f"not JSON ({e.msg})") from None
         if not isinstance(obj, list) or len(obj) not in (3, 4):
             raise DataFormatError(path, lineno, line, "expected [personas, history, response(, label)]")
         personas, history, response = obj[0], obj[1], obj[2]
         if isinstance(personas, str):
             personas = split_sentences(personas)
-        if not (isinstance(personas, list) and all(isinstance(p, str) for p in personas)):
-            raise DataFormatError(path, lineno, line, "personas must be a list of strings")
-        if not (isinstance(history, list) and all(isinstance(h, str) for h in history)):
-            raise DataFormatError(path, lineno, line, "history must be a list of strings")
+        for name, value in (("personas", personas), ("history", history)):
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise DataFormatError(path, lineno, line, f"{name} must be a list of strings")
         if not isinstance(response, str):
             raise DataFormatError(path, lineno, line, "response must be a string")
         if not response.strip():
-            stats.missing_responses += 1
-            stats.note(f"{path}:{lineno}: empty response, line skipped (no example)")
+            stats.count("missing_responses", f"{path}:{lineno}: empty response, line skipped (no example)")
             continue
-        has_label = len(obj) == 4
-        try:
-            label = _parse_label(obj[3], len(personas)) if has_label else None
-        except ValueError as e:
-            raise DataFormatError(path, lineno, line, str(e)) from None
-        rows.append(_Row([p.strip() for p in personas], [h.strip() for h in history], response.strip(),
-                         label, has_label, f"{path}:{lineno}"))
-    return _rows_to_dialogues(rows, stats, first_id)
-
-
-_EOT = "<|endoftext|>"
-
-
-def split_sentences(text: str) -> list[str]:
-    """Split a run of persona sentences at 。！？!? (Chinese) or '. ' (English), keeping the end mark."""
-    parts = re.findall(r"[^。！？!?]+[。！？!?]?", text.strip())
-    return [p.strip() for p in parts if p.strip()]
-
-
-def read_zh_samples(path, strict_utf8: bool = False, first_id: int = 0) -> Dialogues:
-    """The Chinese sample format: blocks separated by `[SEP]` lines, each block three lines:
-    persona sentences run together; `<|endoftext|>` followed by each history utterance terminated by
-    `<|endoftext|>`; the response terminated by `<|endoftext|>`. Blank lines between blocks are skipped."""
-    path = Path(path)
-    stats = ParseStats(files=[str(path)])
-    rows: list[_Row] = []
-    block: list[tuple[int, str]] = []
-
-    def flush():
-        if not block:
-            return
-        lineno0, first = block[0]
-        if len(block) != 3:
-            raise DataFormatError(path, lineno0, first, f"block of {len(block)} lines, 3 expected "
-                                  "(personas, history, response)")
-        (_, persona_line), (ln_h, hist_line), (ln_r, resp_line) = block
-        if not hist_line.startswith(_EOT):
-            raise DataFormatError(path, ln_h, hist_line, f"history line must start with {_EOT}")
-        if not resp_line.endswith(_EOT):
-            raise DataFormatError(path, ln_r, resp_line, f"response line must end with {_EOT}")
-        history = [u.strip() for u in hist_line[len(_EOT):].split(_EOT)]
-        if history and history[-1] == "":
-            history.pop()  # the terminator of the last utterance
-        if any(u == "" for u in history):
-            raise DataFormatError(path, ln_h, hist_line, "empty utterance in the history")
-        response = resp_line[: -len(_EOT)].strip()
-        if not response or _EOT in response:
-            stats.missing_responses += 1
-            stats.note(f"{path}:{ln_r}: empty or split response, block skipped (no example)")
-            return
-        rows.append(_Row(split_sentences(persona_line), history, response, None, False, f"{path}:{lineno0}"))
-
-    for lineno, line in _read_lines(path, stats, strict_utf8):
-        if line.strip() == "[SEP]":
-            flush()
-            block = []
-        elif not line.strip():
-            stats.blank_lines += 1
-        else:
-            block.append((lineno, line.strip()))
-    flush()
+        label = _parse_label(obj[3], len(personas), (path, lineno, line)) if len(obj) == 4 else None
+        history = [h.strip() for h in history]
+        turn = Turn(history[-1] if history else None, response.strip(), None, label, len(obj) == 4,
+                    f"{path}:{lineno}")
+        rows.append(([p.strip() for p in personas], history, turn))
     return _rows_to_dialogues(rows, stats, first_id)
 
 
 def read_dialogues(path, **kw) -> Dialogues:
-    """Pick the parser from the file's name/contents: `.jsonl`/`.json` -> Baidu, `[SEP]` blocks -> zh
-    samples, otherwise ParlAI text."""
+    """Pick the parser from the file's name/contents: `.jsonl`/`.json` or a first line starting with "[" ->
+    Baidu JSON lines, otherwise ParlAI text."""
     path = Path(path)
-    if path.suffix in (".jsonl", ".json"):
-        return read_baidu_jsonl(path, **kw)
     with open(path, "rb") as f:
         head = f.read(4096)
-    if b"[SEP]" in head or head.lstrip().startswith(_EOT.encode()):
-        return read_zh_samples(path, **kw)
-    if head.lstrip().startswith(b"["):
+    if path.suffix in (".jsonl", ".json") or head.lstrip().startswith(b"["):
         return read_baidu_jsonl(path, **kw)
     return read_personachat(path, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Dialogues -> examples
-
-
-def _flatten(d: Dialogue) -> list[str]:
-    """Every utterance of the dialogue so far (context, then partner/response per turn), oldest first."""
-    out = list(d.context)
-    for t in d.turns:
-        if t.partner is not None:
-            out.append(t.partner)
-        if t.response is not None:
-            out.append(t.response)
-    return out
 
 
 def make_examples(dialogues: Iterable[Dialogue], labeler: str | Callable | None = "lexical") -> list[Example]:
@@ -1246,29 +1041,23 @@ def make_examples(dialogues: Iterable[Dialogue], labeler: str | Callable | None 
     for d in dialogues:
         history = list(d.context)
         for t in d.turns:
-            if t.partner is not None:
-                history.append(t.partner)
-            if t.response is None:
-                continue
-            if t.has_gold_label:
-                label = t.gold_label
-            else:
-                label = labeler(d.personas, t.response) if labeler is not None else None
-            examples.append(Example(list(d.personas), list(history), t.response, label, d.dialogue_id,
-                                    list(t.candidates) if t.candidates is not None else None))
-            history.append(t.response)
+            history += [t.partner] if t.partner is not None else []
+            if t.response is not None:
+                label = t.gold_label if t.has_gold_label else labeler(d.personas, t.response) if labeler else None
+                examples.append(Example(list(d.personas), list(history), t.response, label, d.dialogue_id,
+                                        list(t.candidates) if t.candidates is not None else None))
+                history.append(t.response)
     return examples
 
 
 def example_to_dict(ex: Example) -> dict:
     """JSON-ready dict of an Example (for the pairs/generations JSONL files)."""
-    return {"personas": ex.personas, "history": ex.history, "response": ex.response,
-            "persona_label": ex.persona_label, "dialogue_id": ex.dialogue_id, "candidates": ex.candidates}
+    return asdict(ex)
 
 
 def example_from_dict(d: dict) -> Example:
     """Inverse of example_to_dict; a missing or unknown key is an error naming it."""
-    keys = {"personas", "history", "response", "persona_label", "dialogue_id", "candidates"}
+    keys = {f.name for f in fields(Example)}
     if set(d) - keys or {"personas", "history", "response"} - set(d):
         raise KeyError(f"example dict keys {sorted(d)}: expected {sorted(keys)} (candidates, persona_label and "
                        f"dialogue_id optional)")
@@ -1287,7 +1076,7 @@ def example_from_dict(d: dict) -> Example:
 # characters of CJK runs that are not stop characters (我, 的, 喜欢...), plus the bigrams of two such adjacent
 # characters. The persona with the largest overlap wins if the overlap has at least `min_overlap` items and
 # covers at least `min_ratio` of that persona's content words; ties go to the higher ratio, then to the lower
-# index. Otherwise the label is None (no persona used).
+# index. Otherwise the label is None (no persona used). (NLI labels: nli.nli_persona_labels, then relabel.)
 
 _STOP_EN = set("""
 a about above after again against all also am an and any are aren as at be because been before being below
@@ -1303,7 +1092,7 @@ know think im dont favorite also just still always never ever sure maybe
 """.split())
 _STOP_ZH = set("我你他她它的了是在有和也都就不很吗呢吧啊呀哦嗯么这那个们一人会要说好没还喜欢最")
 _SUFFIXES = ("ing", "ed", "es", "s", "e")
-_CJK = re.compile(r"[\u4e00-\u9fff]+")
+_CJK_RUN = re.compile(CJK_CHAR.pattern + "+")
 
 
 def _stem(w: str) -> str:
@@ -1314,10 +1103,11 @@ def _stem(w: str) -> str:
 
 
 def content_words(text: str) -> set[str]:
-    """The normalized content items used by the lexical labeler (see the comment above)."""
+    """THE content-word rule (see the comment above): the items the lexical labeler compares, and the ones
+    pal.py's persona coverage counts. English: stemmed non-stop words; Chinese: characters and bigrams."""
     text = text.lower()
     items = {_stem(w) for w in re.findall(r"[a-z0-9]+", text) if w not in _STOP_EN}
-    for run in _CJK.findall(text):
+    for run in _CJK_RUN.findall(text):
         kept = [c if c not in _STOP_ZH else None for c in run]  # stop characters break the run
         items.update(c for c in kept if c is not None)
         items.update(a + b for a, b in zip(kept, kept[1:]) if a is not None and b is not None)
@@ -1328,43 +1118,13 @@ def lexical_persona_label(personas: Sequence[str], response: str, min_overlap: i
                           min_ratio: float = 0.2) -> int | None:
     """Index of the persona sentence the response draws on, or None (see the method's comment above)."""
     resp = content_words(response)
-    best, best_key = None, None
+    candidates = []  # (overlap, ratio, -index): the largest wins, so ties go to the higher ratio, then lower index
     for i, p in enumerate(personas):
         words = content_words(p)
-        if not words:
-            continue
         overlap = len(words & resp)
-        ratio = overlap / len(words)
-        if overlap < min_overlap or ratio < min_ratio:
-            continue
-        key = (overlap, ratio, -i)
-        if best_key is None or key > best_key:
-            best, best_key = i, key
-    return best
-
-
-def nli_persona_labels(examples: Sequence[Example], nli_predict: Callable, threshold: float = 0.5,
-                       batch_size: int = 64) -> list[int | None]:
-    """Persona labels by NLI entailment: premise = the response, hypothesis = each persona sentence.
-
-    nli_predict(premises: list[str], hypotheses: list[str]) -> probs [N, 3] ordered (contradiction, neutral,
-    entailment), e.g. nli.NLIClassifier.predict. The label is the persona with the highest entailment
-    probability if that probability is >= threshold, else None. Use `relabel(examples, labels)` to apply."""
-    pairs = [(k, i, ex.response, p) for k, ex in enumerate(examples) for i, p in enumerate(ex.personas)]
-    ent = [0.0] * len(pairs)
-    for s in range(0, len(pairs), batch_size):
-        chunk = pairs[s: s + batch_size]
-        probs = nli_predict([c[2] for c in chunk], [c[3] for c in chunk])
-        probs = torch.as_tensor(probs, dtype=torch.float32)
-        if probs.shape != (len(chunk), 3):
-            raise ValueError(f"nli_predict returned shape {tuple(probs.shape)}, expected ({len(chunk)}, 3)")
-        ent[s: s + len(chunk)] = probs[:, 2].tolist()
-    labels: list[int | None] = [None] * len(examples)
-    best = [threshold] * len(examples)
-    for (k, i, _, _), e in zip(pairs, ent):
-        if e >= best[k] and (labels[k] is None or e > best[k]):  # strict > keeps the lower index on ties
-            labels[k], best[k] = i, e
-    return labels
+        if words and overlap >= min_overlap and overlap / len(words) >= min_ratio:
+            candidates.append((overlap, overlap / len(words), -i))
+    return -max(candidates)[2] if candidates else None
 
 
 def relabel(examples: Sequence[Example], labels: Sequence[int | None]) -> list[Example]:
@@ -1377,12 +1137,10 @@ def relabel(examples: Sequence[Example], labels: Sequence[int | None]) -> list[E
 
 def label_distribution(examples: Sequence[Example]) -> dict:
     """{"labelled": n, "total": N, "by_index": {0: .., 1: .., ..., None: ..}}"""
-    by_index: dict = {}
-    for e in examples:
-        by_index[e.persona_label] = by_index.get(e.persona_label, 0) + 1
-    labelled = sum(v for k, v in by_index.items() if k is not None)
-    order = sorted((k for k in by_index if k is not None)) + ([None] if None in by_index else [])
-    return {"labelled": labelled, "total": len(examples), "by_index": {k: by_index[k] for k in order}}
+    by_index = Counter(e.persona_label for e in examples)
+    order = sorted(k for k in by_index if k is not None) + ([None] if None in by_index else [])
+    return {"labelled": len(examples) - by_index[None], "total": len(examples),
+            "by_index": {k: by_index[k] for k in order}}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1409,14 +1167,9 @@ def _group_by_dialogue(examples: Sequence[Example]) -> list[list[Example]]:
 def split_valid(examples: Sequence[Example], valid1_target: int = VALID1_TARGET) -> tuple[list, list]:
     """(valid1, valid2): the valid examples cut at the dialogue boundary nearest to valid1_target examples."""
     groups = _group_by_dialogue(examples)
-    cum, best_cut, best_dist = 0, 0, abs(valid1_target)
-    for g_i, g in enumerate(groups):
-        cum += len(g)
-        if abs(cum - valid1_target) < best_dist:
-            best_cut, best_dist = g_i + 1, abs(cum - valid1_target)
-    v1 = [e for g in groups[:best_cut] for e in g]
-    v2 = [e for g in groups[best_cut:] for e in g]
-    return v1, v2
+    before = [0] + list(accumulate(len(g) for g in groups))  # before[k]: examples in the first k dialogues
+    cut = min(range(len(before)), key=lambda k: abs(before[k] - valid1_target))  # the first of equal ones
+    return [e for g in groups[:cut] for e in g], [e for g in groups[cut:] for e in g]
 
 
 def carve_splits(examples: Sequence[Example], limit: int | None = None,
@@ -1445,21 +1198,15 @@ def carve_splits(examples: Sequence[Example], limit: int | None = None,
 
 
 # File names per split kind, first match wins: ParlAI (PERSONA-CHAT/ConvAI2, original or revised personas),
-# Baidu-Persona-Chat JSON lines, the Chinese sample files.
-SPLIT_FILES = {kind: (f"{kind}_self_{{v}}.txt", f"{kind}.jsonl", f"{kind}.json", f"Person_Dialog_ZH_{kind}.txt")
-               for kind in ("train", "valid", "test")}
+# Baidu-Persona-Chat JSON lines (also what extras/zh_samples.py writes).
+SPLIT_FILES = {kind: (f"{kind}_self_{{v}}.txt", f"{kind}.jsonl", f"{kind}.json") for kind in ("train", "valid", "test")}
 SPLIT_FILES["valid"] += ("dev.jsonl", "dev.json")
 
 
 def _split_paths(d: Path, variant: str) -> dict[str, Path]:
     """{"train"/"valid"/"test": path} for the split files present in d."""
-    found = {}
-    for kind, names in SPLIT_FILES.items():
-        for n in names:
-            if (d / n.format(v=variant)).is_file():
-                found[kind] = d / n.format(v=variant)
-                break
-    return found
+    found = {kind: [d / n.format(v=variant) for n in names] for kind, names in SPLIT_FILES.items()}
+    return {kind: next(p for p in paths if p.is_file()) for kind, paths in found.items() if any(p.is_file() for p in paths)}
 
 
 def find_data_dir(data_dir, variant: str = "original") -> Path:
@@ -1470,7 +1217,7 @@ def find_data_dir(data_dir, variant: str = "original") -> Path:
             return cand
     raise FileNotFoundError(f"no split file ({', '.join(SPLIT_FILES['valid']).format(v=variant)} or the train/"
                             f"test equivalents) in {data_dir} or {data_dir / 'personachat'}; for PERSONA-CHAT "
-                            f"run `python data.py download --data-dir {data_dir}`")
+                            f"run `python extras/download.py --data-dir {data_dir}`")
 
 
 @dataclass
@@ -1483,8 +1230,8 @@ class SplitInfo:
 
 def load_splits(data_dir, variant: str = "original", limit: int | None = None,
                 labeler: str | Callable | None = "lexical") -> tuple[dict[str, list[Example]], SplitInfo]:
-    """The four splits of the paper from a data directory (PERSONA-CHAT, ConvAI2, Baidu JSON lines or the
-    Chinese samples; see SPLIT_FILES).
+    """The four splits of the paper from a data directory (PERSONA-CHAT, ConvAI2 or Baidu JSON lines; see
+    SPLIT_FILES).
 
     With train, valid and test present: the official files (valid cut by split_valid). Otherwise the parts
     are carved (carve_splits) from the files present, and info.message says so. `limit` keeps the first
@@ -1638,7 +1385,7 @@ def parse_selection(text: str, personas: Sequence[str], lang: str = "en") -> str
 def detect_lang(examples: Sequence[Example]) -> str:
     """'zh' if the first examples contain CJK characters, else 'en'."""
     for e in examples[:20]:
-        if _CJK.search(e.response) or any(_CJK.search(p) for p in e.personas):
+        if CJK_CHAR.search(e.response) or any(CJK_CHAR.search(p) for p in e.personas):
             return "zh"
     return "en"
 
@@ -1652,36 +1399,32 @@ def detect_lang(examples: Sequence[Example]) -> str:
 # generation time is encode(prompt) followed by generated tokens, so we insist the prompt's ids are a prefix).
 # Chat tokenizers: the prompt is the user turn of tok.chat(..., add_generation_prompt=True); the full
 # sequence is the same chat with the target as the assistant turn, cut right after the reply terminator (the
-# first stop id after the prompt). Labels are -100 on the prompt part, equal to the ids on the target part.
-
-IGNORE = -100
+# first stop id after the prompt). Labels are IGNORE (-100) on the prompt part, equal to the ids on the target.
 
 
 class PromptPrefixError(ValueError):
     pass
 
 
-def _use_bos(tok) -> bool:
+def _encode_text(tok, prompt: str, target: str | None) -> list[int]:
+    """ids of the prompt alone (target None: what generation starts from) or of prompt and target together."""
+    if tok.has_chat:
+        turns = [{"role": "user", "content": prompt}]
+        turns += [{"role": "assistant", "content": target}] if target is not None else []
+        return list(tok.chat(turns, add_generation_prompt=target is None))
     # GPT-2's <|endoftext|> is both BOS and EOS and GPT-2 fine-tuning does not start with it.
-    bos = getattr(tok, "bos_id", None)
-    return bos is not None and bos != tok.eos_id
+    bos = [tok.bos_id] if tok.bos_id is not None and tok.bos_id != tok.eos_id else []
+    return bos + list(tok.encode(prompt + (target or "")))
 
 
 def encode_prompt(tok, prompt: str) -> list[int]:
     """The ids a model is given at generation time for this prompt."""
-    if getattr(tok, "has_chat", False):
-        return list(tok.chat([{"role": "user", "content": prompt}], add_generation_prompt=True))
-    return ([tok.bos_id] if _use_bos(tok) else []) + list(tok.encode(prompt))
+    return _encode_text(tok, prompt, None)
 
 
 def encode_prompt_target(tok, prompt: str, target: str) -> tuple[list[int], list[int]]:
     """(prompt_ids, target_ids): target_ids end with EOS (plain) or the reply terminator (chat)."""
-    prompt_ids = encode_prompt(tok, prompt)
-    if getattr(tok, "has_chat", False):
-        full = list(tok.chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": target}],
-                             add_generation_prompt=False))
-    else:
-        full = ([tok.bos_id] if _use_bos(tok) else []) + list(tok.encode(prompt + target))
+    prompt_ids, full = encode_prompt(tok, prompt), _encode_text(tok, prompt, target)
     n = len(prompt_ids)
     if full[:n] != prompt_ids:
         at = next((i for i, (a, b) in enumerate(zip(full, prompt_ids)) if a != b), min(len(full), n))
@@ -1691,7 +1434,7 @@ def encode_prompt_target(tok, prompt: str, target: str) -> tuple[list[int], list
             f"...{tok.decode(full[max(0, at - 3): at + 3])!r}); end the prompt with a newline or change the "
             f"template so the target starts a new token")
     target_ids = full[n:]
-    if getattr(tok, "has_chat", False):
+    if tok.has_chat:
         stops = set(tok.stop_ids)
         end = next((i for i, t in enumerate(target_ids) if t in stops), None)
         target_ids = target_ids[: end + 1] if end is not None else target_ids + [tok.stop_ids[0]]
@@ -1730,38 +1473,41 @@ def encode_example(tok, ex: Example, mode: str, lang: str = "en", max_len: int |
     return feat[0]
 
 
+def _drop_oldest(encode_from: Callable, n_history: int, max_len: int | None) -> tuple[int, tuple]:
+    """(start, encode_from(start)) for the smallest start (number of oldest history utterances dropped) whose
+    length fits max_len, keeping at least the partner's last message; encode_from(start) -> (ids..., length).
+    Fewer utterances never make a sequence longer, so the start is found by bisection (a handful of
+    tokenizations, not one per utterance). When even the shortest does not fit, that one is returned."""
+    best = encode_from(0)
+    min_start = max(0, n_history - 1)  # keep at least the partner's last message
+    if max_len is None or best[1] <= max_len or min_start == 0:
+        return 0, best
+    lo, hi = 1, min_start  # invariant: dropping hi utterances fits, or hi == min_start
+    best = encode_from(hi)
+    while best[1] <= max_len and lo < hi:
+        mid = (lo + hi) // 2
+        cand = encode_from(mid)
+        if cand[1] <= max_len:
+            hi, best = mid, cand
+        else:
+            lo = mid + 1
+    return hi, best
+
+
 def _encode_truncated(tok, ex, mode, lang, max_len, persona, stats, targets):
     """Encode one prompt with one or more targets (DPO: chosen and rejected), dropping the oldest history
-    utterances until every sequence fits max_len. Fewer utterances never make a sequence longer, so the
-    smallest number to drop is found by bisection (a handful of tokenizations, not one per utterance)."""
-    stats = stats if stats is not None else EncodeStats()
-
+    utterances until every sequence fits max_len (_drop_oldest). -> (features, utterances dropped)."""
     def encode_from(start):  # -> (pairs of (prompt_ids, target_ids), longest total length)
         prompt, gold_target = prompt_and_target(ex, mode, lang, persona, history=ex.history[start:])
         pairs = [encode_prompt_target(tok, prompt, t) for t in (targets or [gold_target])]
         return pairs, max(len(p) + len(t) for p, t in pairs)
 
-    start = 0
-    pairs, longest = encode_from(0)
-    min_start = max(0, len(ex.history) - 1)  # keep at least the partner's last message
-    if max_len is not None and longest > max_len and min_start > 0:
-        lo, hi = 1, min_start  # invariant: dropping hi utterances fits, or hi == min_start
-        best = encode_from(hi)
-        if best[1] <= max_len:
-            while lo < hi:
-                mid = (lo + hi) // 2
-                cand = encode_from(mid)
-                if cand[1] <= max_len:
-                    hi, best = mid, cand
-                else:
-                    lo = mid + 1
-        start, (pairs, longest) = hi, best
+    start, (pairs, longest) = _drop_oldest(encode_from, len(ex.history), max_len)
+    stats = stats if stats is not None else EncodeStats()
     stats.examples += 1
-    if start:
-        stats.truncated += 1
-        stats.dropped_utterances += start
-    if max_len is not None and longest > max_len:
-        stats.overlong += 1
+    stats.truncated += start > 0
+    stats.dropped_utterances += start
+    stats.overlong += max_len is not None and longest > max_len
     stats.max_length = max(stats.max_length, longest)
     return [make_feature(p, t) for p, t in pairs], start
 
@@ -1772,20 +1518,15 @@ def encode_generation_prompt(tok, ex: Example, mode: str, lang: str = "en", pers
     holds at most max_len ids). Used for the DPO rejected samples (mode "history") and select-then-generate
     ("select", then "generate" with persona=the selected sentence, None = NO_PERSONA). Unlike training, the
     default here is NOT the gold persona; pass persona=GOLD explicitly for an oracle run."""
-    min_start = max(0, len(ex.history) - 1)
-    for start in range(0, min_start + 1):
-        prompt, _ = prompt_and_target(ex, mode, lang, persona, history=ex.history[start:])
-        ids = encode_prompt(tok, prompt)
-        if max_len is None or len(ids) <= max_len:
-            break
+    def encode_from(start):  # -> (prompt ids, their length)
+        ids = encode_prompt(tok, prompt_and_target(ex, mode, lang, persona, history=ex.history[start:])[0])
+        return ids, len(ids)
+
+    start, (ids, _) = _drop_oldest(encode_from, len(ex.history), max_len)
     return ids, start
 
 
-def _progress(it, total, desc):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is a runtime dependency, but encoding must not fail without it
-        return it
+def _progress(it, total, desc):  # a progress bar for long encodings only
     return tqdm(it, total=total, desc=desc, disable=total < 2000, leave=False, mininterval=2.0)
 
 
@@ -1877,155 +1618,48 @@ def collate_dpo(features: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Te
 
 
 # ----------------------------------------------------------------------------------------------------
-# Download: the official PERSONA-CHAT archive (the URL and sha256 ParlAI's personachat task pins).
-
-PERSONACHAT_URL = "http://parl.ai/downloads/personachat/personachat.tgz"
-PERSONACHAT_SHA256 = "507cf8641d333240654798870ea584d854ab5261071c5e3521c20d8fa41d5622"
-
-
-def download_personachat(data_dir, url: str = PERSONACHAT_URL, sha256: str | None = PERSONACHAT_SHA256,
-                         size: int | None = None, name: str = "personachat", timeout: float = 60.0) -> Path:
-    """Fetch and extract the archive into data_dir/name unless PERSONA-CHAT files are already there.
-
-    Everything happens in a temporary directory inside data_dir (same filesystem): the download is hashed as
-    it streams, its size checked against `size` and the server's Content-Length, its sha256 against
-    `sha256`, then extracted there (members with absolute paths or '..' are refused) and the directory that
-    holds the *_self_*.txt files is renamed into place in one step. On any failure the temporary directory
-    is removed, so data_dir never holds a half file. Returns the directory with the files."""
-    data_dir = Path(data_dir)
-    for cand in (data_dir, data_dir / name):
-        if cand.is_dir() and any(cand.glob("*_self_*.txt")):
-            return cand
-    target = data_dir / name
-    if target.exists():
-        raise FileExistsError(f"{target} exists but holds no *_self_*.txt file; remove it or pick another --data-dir")
-    created = not data_dir.exists()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-download-", dir=data_dir))
-    try:
-        archive = tmp / "archive.tgz"
-        h = hashlib.sha256()
-        got = 0
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(archive, "wb") as f:
-            length = r.headers.get("Content-Length")
-            length = int(length) if length is not None else None
-            bar = _download_bar(length or size, url)
-            while True:
-                chunk = r.read(1 << 20)
-                if not chunk:
-                    break
-                f.write(chunk)
-                h.update(chunk)
-                got += len(chunk)
-                if bar is not None:
-                    bar.update(len(chunk))
-            if bar is not None:
-                bar.close()
-        if length is not None and got != length:
-            raise IOError(f"{url}: got {got} bytes, the server announced {length} (interrupted download)")
-        if size is not None and got != size:
-            raise IOError(f"{url}: got {got} bytes, expected {size}")
-        if sha256 is not None and h.hexdigest() != sha256.lower():
-            raise IOError(f"{url}: sha256 {h.hexdigest()} does not match the expected {sha256}")
-        extract = tmp / "extract"
-        extract.mkdir()
-        with tarfile.open(archive, "r:*") as tf:
-            for m in tf.getmembers():
-                parts = Path(m.name).parts
-                if m.name.startswith(("/", "\\")) or ".." in parts or m.issym() or m.islnk():
-                    raise IOError(f"{url}: refusing archive member {m.name!r}")
-            tf.extractall(extract, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-        found = sorted({p.parent for p in extract.rglob("*_self_*.txt")}, key=lambda p: len(p.parts))
-        if not found:
-            raise IOError(f"{url}: the archive holds no *_self_*.txt file")
-        os.rename(found[0], target)  # atomic: the directory appears complete or not at all
-        print(f"PERSONA-CHAT ({got} bytes, sha256 {h.hexdigest()[:12]}…) extracted to {target}")
-        return target
-    except BaseException:
-        if created:
-            shutil.rmtree(data_dir, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _download_bar(total, url):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="B", unit_scale=True, desc=f"download {url.rsplit('/', 1)[-1]}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command line
-
-
-def _cmd_download(args) -> None:
-    try:
-        d = download_personachat(args.data_dir, url=args.url, sha256=args.sha256 or None, size=args.size)
-    except OSError as e:  # URLError, timeouts, refused connections: say what failed, without a traceback
-        raise SystemExit(f"data.py download: could not fetch {args.url}: {getattr(e, 'reason', e)} "
-                         f"(nothing was written to {args.data_dir})")
-    print(f"PERSONA-CHAT files in {d}: " + ", ".join(sorted(p.name for p in d.glob("*.txt"))))
+# Command line: `python data.py stats --data-dir DIR` (the README's Table 1 and persona-label tables)
 
 
 def _cmd_stats(args) -> None:
     splits, info = load_splits(args.data_dir, variant=args.variant, limit=args.limit,
                                labeler="lexical" if args.labels == "lexical" else None)
     print(info.message)
-    if args.labels == "nli":
-        if not args.nli_model:
-            raise SystemExit("--labels nli needs --nli-model (a RoBERTa-MNLI style checkpoint for nli.load_nli)")
-        from nli import load_nli  # lazy: only this option needs the classifier
-        predict = load_nli(args.nli_model).predict
-        for ex in info.sources.values():  # the splits hold these same Example objects
-            for e, label in zip(ex, nli_persona_labels(ex, predict, threshold=args.nli_threshold)):
-                e.persona_label = label
     for k, s in info.stats.items():
         extra = s.summary()
         print(f"  {k}: {Path(s.files[0]).name}: {s.dialogues} dialogues, {s.examples} examples"
               + (f" ({extra})" if extra else ""))
     print()
     print(table1(splits))
-    if args.labels != "none":
-        print()
-        how = "content-word overlap" if args.labels == "lexical" else f"NLI entailment >= {args.nli_threshold}"
-        print(f"Persona labels ({args.labels}: {how}, see data.py):")
-        n_cols = 1 + max((e.persona_label for v in splits.values() for e in v if e.persona_label is not None),
-                         default=4)
-        print("| Split | labelled | no persona | " + " | ".join(f"p{i}" for i in range(n_cols)) + " |")
-        print("|---|---:|---:|" + "---:|" * n_cols)
-        for k in SPLITS:
-            if k not in splits:
-                continue
-            dist = label_distribution(splits[k])
-            n = max(dist["total"], 1)
-            cells = [str(dist["by_index"].get(i, 0)) for i in range(n_cols)]
-            print(f"| {SPLIT_TITLES[k]} | {dist['labelled']} ({100 * dist['labelled'] / n:.1f}%) | "
-                  f"{dist['by_index'].get(None, 0)} | " + " | ".join(cells) + " |")
-        for k, ex in info.sources.items():
-            dist = label_distribution(ex)
-            print(f"{Path(info.stats[k].files[0]).name} (all of it): {dist['labelled']} of {dist['total']} "
-                  f"examples ({100 * dist['labelled'] / max(dist['total'], 1):.1f}%) get a persona label.")
+    if args.labels == "none":
+        return
+    print()
+    print("Persona labels (lexical: content-word overlap, see data.py):")
+    n_cols = 1 + max((e.persona_label for v in splits.values() for e in v if e.persona_label is not None),
+                     default=4)
+    print("| Split | labelled | no persona | " + " | ".join(f"p{i}" for i in range(n_cols)) + " |")
+    print("|---|---:|---:|" + "---:|" * n_cols)
+    for k in (k for k in SPLITS if k in splits):
+        dist = label_distribution(splits[k])
+        n = max(dist["total"], 1)
+        cells = [str(dist["by_index"].get(i, 0)) for i in range(n_cols)]
+        print(f"| {SPLIT_TITLES[k]} | {dist['labelled']} ({100 * dist['labelled'] / n:.1f}%) | "
+              f"{dist['by_index'].get(None, 0)} | " + " | ".join(cells) + " |")
+    for k, ex in info.sources.items():
+        dist = label_distribution(ex)
+        print(f"{Path(info.stats[k].files[0]).name} (all of it): {dist['labelled']} of {dist['total']} "
+              f"examples ({100 * dist['labelled'] / max(dist['total'], 1):.1f}%) get a persona label.")
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("download", help="fetch and extract PERSONA-CHAT (ParlAI archive) unless present")
-    d.add_argument("--data-dir", required=True)
-    d.add_argument("--url", default=PERSONACHAT_URL)
-    d.add_argument("--sha256", default=PERSONACHAT_SHA256, help="expected sha256 ('' to skip the check)")
-    d.add_argument("--size", type=int, default=None, help="expected size in bytes")
-    d.set_defaults(func=_cmd_download)
     s = sub.add_parser("stats", help="Table 1 (#dialogues, #examples per split) and persona-label distribution")
     s.add_argument("--data-dir", required=True)
     s.add_argument("--variant", default="original", choices=["original", "revised"])
     s.add_argument("--limit", type=int, default=None, help="examples per split (carved parts when no train/test)")
-    s.add_argument("--labels", default="lexical", choices=["lexical", "nli", "none"])
-    s.add_argument("--nli-model", default=None, help="NLI checkpoint for --labels nli (nli.load_nli)")
-    s.add_argument("--nli-threshold", type=float, default=0.5, help="minimum entailment probability")
+    s.add_argument("--labels", default="lexical", choices=["lexical", "none"],
+                   help="lexical persona labels, or none (NLI labels: pal.py --labels nli)")
     s.set_defaults(func=_cmd_stats)
     args = ap.parse_args(argv)
     args.func(args)

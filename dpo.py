@@ -1,15 +1,14 @@
 """SFT and DPO for PAL: losses over summed log-probs, and one training loop from a CPU to torchrun.
 
 Read top to bottom:
-  1. losses      - pure functions: sequence_logps, sft_loss, dpo_loss (shape docstrings, fp32 log-softmax)
-  2. log-probs   - model_logps: runs the model but projects to the vocabulary only at labelled positions,
-                   in row chunks, so the [B, T, V] logits tensor never exists; concatenated_forward
-  3. reference   - DPO reference log-probs: adapters off, a frozen copy, or precomputed once and cached
-  4. train()     - the loop: deterministic sharding, accumulation with no_sync, AdamW/RMSprop, warmup,
-                   clipping, bf16/fp16, eval + early stopping, JSONL log, atomic checkpoints, exact resume
+  1. losses     - pure functions: sequence_logps, sft_loss, dpo_loss (shape docstrings, fp32 log-softmax)
+  2. log-probs  - model_logps: the model's final hidden states projected to the vocabulary only at labelled
+                  positions, in row chunks, so the (B, T, V) logits never exist; concatenated_forward
+  3. reference  - DPO reference log-probs: adapters off, a frozen copy, or precomputed once and cached
+  4. the loop   - train(): set-up, resume, optimizer steps, log, evaluate, checkpoint, export
 
-Conventions. A batch is right-padded; labels are -100 on prompt and padding; the label at position t is the
-token that the model should predict *from* position t-1 (Hugging Face convention), so every loss shifts by one.
+Conventions. A batch is right-padded; labels are IGNORE (-100) on prompt and padding; the label at position t is
+the token the model should predict *from* position t-1 (Hugging Face convention), so every loss shifts by one.
 """
 from __future__ import annotations
 
@@ -32,8 +31,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
-IGNORE = -100  # label value that is not a target (prompt, padding)
+from data import IGNORE
+from model import atomic_path, lora_disabled, save_lora, save_model, write_json
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -42,9 +44,8 @@ IGNORE = -100  # label value that is not a target (prompt, padding)
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each sequence's target tokens.
 
-    logits: [B, T, V] (any float dtype; log-softmax is taken in fp32)
-    labels: [B, T] long, -100 where the position is not a target
-    returns (logps [B] fp32, ntokens [B] long): sum over t of log p(labels[t] | tokens < t), and the count.
+    logits: (B, T, V) any float dtype (log-softmax is taken in fp32); labels: (B, T) long, IGNORE off-target.
+    returns (logps (B,) fp32, ntokens (B,) long): sum over t of log p(labels[t] | tokens < t), and the count.
     """
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"sequence_logps: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
@@ -76,7 +77,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
              beta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Direct Preference Optimization, sigmoid form (Rafailov et al. 2023, eq. 7).
 
-    All inputs: [B] summed sequence log-probs. Returns (losses [B], chosen_rewards [B], rejected_rewards [B]):
+    All inputs: (B,) summed sequence log-probs. Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)):
       losses  = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
       rewards = beta * (pi - ref), detached: they are for logging, the gradient flows through `losses` only.
     """
@@ -87,13 +88,12 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. Log-probs from a model, without the [B, T, V] logits.
+# 2. Log-probs from a model, without the (B, T, V) logits.
 #
 # A training step on a 50k-vocabulary model spends a large share of its memory and time on logits: B*T*V floats,
-# a fp32 copy, the log-softmax output and its gradient (4 x 400 MB for 8 x 256 tokens of SmolLM2), each one
-# a full pass over memory. Only labelled positions matter, so we take the final hidden states, keep the
-# labelled rows (N of them), and compute log p(target) = h.w_target - logsumexp(h W^T) chunk by chunk, so that
-# at most (chunk x V) logits exist at a time.
+# a fp32 copy, the log-softmax output and its gradient (4 x 400 MB for 8 x 256 tokens of SmolLM2). Only labelled
+# positions matter, so we take the final hidden states, keep the labelled rows (N of them), and compute
+# log p(target) = h.w_target - logsumexp(h W^T) chunk by chunk: at most (chunk x V) logits exist at a time.
 #
 # The gradient w.r.t. h does not need the incoming gradient until the very end:
 #     d logp_n / d h_n = w_{y_n} - softmax(h_n W^T) W            (a (C,) vector per row)
@@ -149,8 +149,8 @@ def target_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
                  chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """sequence_logps computed from final hidden states and the output projection.
 
-    hidden: [B, T, C] final (normed) hidden states; weight: [V, C] lm_head weight; labels: [B, T]
-    returns (logps [B] fp32, ntokens [B]) equal to sequence_logps(hidden @ weight.T, labels).
+    hidden: (B, T, C) final (normed) hidden states; weight: (V, C) output projection; labels: (B, T)
+    returns (logps (B,) fp32, ntokens (B,)) equal to sequence_logps(hidden @ weight.T, labels).
     """
     targets = labels[:, 1:]  # (B, T-1) shifted: position t predicts label t+1
     mask = targets != IGNORE
@@ -165,52 +165,15 @@ def target_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     return logps, mask.sum(-1)
 
 
-class _HiddenReady(Exception):
-    """Raised by a forward hook to leave the model's forward once the final hidden states exist."""
-
-    def __init__(self, hidden):
-        self.hidden = hidden
-
-
-def _final_norm_and_head(model: nn.Module) -> tuple[nn.Module, torch.Tensor] | None:
-    """(final norm module, output projection weight [V, C]) of our GPT2 / Llama, or None for other modules."""
-    family = getattr(model, "family", None)
-    if family == "gpt2":
-        return model.ln_f, model.wte.weight  # GPT-2's head is tied to wte
-    if family == "llama":
-        head = model.lm_head.weight if model.lm_head is not None else model.embed.weight  # tied (SmolLM2)
-        return model.norm, head
-    return None
-
-
-def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Final normed hidden states [B, T, C] of our GPT2 / Llama: the forward runs up to the final norm, whose
-    output a hook hands back by exception, so the vocabulary projection over all B*T positions never runs."""
-    norm, _ = _final_norm_and_head(model)
-
-    def hook(module, inputs, output):
-        raise _HiddenReady(output)
-
-    handle = norm.register_forward_hook(hook)
-    try:
-        model(input_ids)
-    except _HiddenReady as ready:
-        return ready.hidden
-    finally:
-        handle.remove()
-    raise RuntimeError(f"dpo.py: the final norm of {type(model).__name__} never ran")
-
-
 def model_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logps [B], ntokens [B]) of a causal LM on a right-padded batch (no attention mask needed: causal).
+    """(logps (B,), ntokens (B,)) of a causal LM on a right-padded batch (no attention mask needed: causal).
 
-    Our GPT2 / Llama take the memory-lean path (final hidden states, projected at labelled positions only);
-    any other module is called as model(input_ids) -> logits [B, T, V].
+    Our GPT2 / Llama (model.family) take the memory-lean path: final normed hidden states (B, T, C), projected
+    at labelled positions only; any other module is called as model(input_ids) -> logits (B, T, V).
     """
-    parts = _final_norm_and_head(model)
-    if parts is None:
+    if getattr(model, "family", None) is None:
         return sequence_logps(model(input_ids), labels)
-    return target_logps(final_hidden(model, input_ids), parts[1], labels)
+    return target_logps(model(input_ids, hidden_only=True), model.output_weight, labels)
 
 
 class LogpModel(nn.Module):
@@ -224,27 +187,24 @@ class LogpModel(nn.Module):
         return model_logps(self.lm, input_ids, labels)
 
 
-def _pad_right(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
-    return F.pad(x, (0, length - x.shape[1]), value=value)
-
-
 def concatenated_forward(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over chosen and rejected together: (chosen_logps [B], rejected_logps [B]).
+    """One forward over chosen and rejected together: (chosen_logps (B,), rejected_logps (B,)).
 
-    batch: chosen_input_ids / chosen_labels [B, Tc], rejected_input_ids / rejected_labels [B, Tr]. Both halves
-    are right-padded to max(Tc, Tr) (pad id 0 is never a target) and stacked to [2B, T]: one pass, one graph.
+    batch: chosen_input_ids / chosen_labels (B, Tc), rejected_input_ids / rejected_labels (B, Tr). Both halves
+    are right-padded to max(Tc, Tr) (pad id 0 is never a target) and stacked to (2B, T): one pass, one graph.
     `model` is a causal LM or a LogpModel (possibly DDP-wrapped).
     """
     t = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-    ids = torch.cat([_pad_right(batch["chosen_input_ids"], t, 0), _pad_right(batch["rejected_input_ids"], t, 0)])
-    labels = torch.cat([_pad_right(batch["chosen_labels"], t, IGNORE), _pad_right(batch["rejected_labels"], t, IGNORE)])
-    logps, _ = model(ids, labels) if _is_logp_model(model) else model_logps(model, ids, labels)
+
+    def both(key: str, value: int) -> torch.Tensor:  # (2B, T)
+        return torch.cat([F.pad(batch[f"{half}_{key}"], (0, t - batch[f"{half}_{key}"].shape[1]), value=value)
+                          for half in ("chosen", "rejected")])
+
+    ids, labels = both("input_ids", 0), both("labels", IGNORE)
+    is_logp_model = isinstance(getattr(model, "module", model), LogpModel)
+    logps, _ = model(ids, labels) if is_logp_model else model_logps(model, ids, labels)
     b = batch["chosen_input_ids"].shape[0]
     return logps[:b], logps[b:]
-
-
-def _is_logp_model(m: nn.Module) -> bool:
-    return isinstance(getattr(m, "module", m), LogpModel)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -261,40 +221,32 @@ def reference_logps(ref: nn.Module | None, policy: nn.Module, batch: dict) -> tu
     its LoRA adapters switched off (the base model *is* the reference: no second copy in memory)."""
     if ref is not None:
         return concatenated_forward(ref, batch)
-    from model import lora_disabled
     with lora_disabled(policy):
         return concatenated_forward(policy, batch)
 
 
-def _model_fingerprint(model: nn.Module) -> str:
-    """Cheap identity of the weights: names, shapes and two float64 moments per tensor."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        if "lora_" in name:  # adapters are off for the reference; their values do not matter
-            continue
-        t64 = t.detach().double()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}{t64.sum().item():.12e}{t64.abs().sum().item():.12e}".encode())
-    return h.hexdigest()
-
-
-def _features_fingerprint(features: list[dict]) -> str:
+def _fingerprint(model: nn.Module, features: list[dict], precision: str) -> str:
+    """Identity of a reference cache: the pairs' token ids, the reference weights (names, shapes and two float64
+    moments per tensor; adapters are off for the reference, so their values do not count), the precision."""
     h = hashlib.sha256()
     for f in features:
         for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
-            h.update(np.asarray(f[k], dtype=np.int64).tobytes())
-            h.update(b"|")
-    return h.hexdigest()
+            h.update(np.asarray(f[k], dtype=np.int64).tobytes() + b"|")
+    for name, t in model.state_dict().items():
+        if "lora_" not in name:
+            t64 = t.detach().double()
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}{t64.sum().item():.12e}{t64.abs().sum().item():.12e}".encode())
+    return h.hexdigest() + precision
 
 
 def cached_reference_logps(policy: nn.Module, ref: nn.Module | None, features: list[dict], collate: Callable,
                            cache_path: str | os.PathLike, batch_size: int = 8, autocast=contextlib.nullcontext,
                            device="cpu", rank: int = 0, world: int = 1, precision: str = "fp32") -> torch.Tensor:
-    """Reference log-probs of every DPO pair, computed once and stored at cache_path: a [N, 2] fp32 tensor
+    """Reference log-probs of every DPO pair, computed once and stored at cache_path: a (N, 2) fp32 tensor
     (chosen, rejected). The file records a key of (features, reference weights, precision: the name of what
-    `autocast` does); a stale cache is detected and recomputed. Under DDP each rank computes every world-th pair and the parts are summed."""
-    key = hashlib.sha256(
-        (_features_fingerprint(features) + _model_fingerprint(ref if ref is not None else policy)
-         + precision).encode()).hexdigest()
+    `autocast` does); a stale cache is detected and recomputed. Under DDP each rank computes every world-th
+    pair and the parts are summed."""
+    key = _fingerprint(ref if ref is not None else policy, features, precision)
     path = Path(cache_path)
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -306,7 +258,6 @@ def cached_reference_logps(policy: nn.Module, ref: nn.Module | None, features: l
     mine = list(range(rank, len(features), world))
     was_training = policy.training
     policy.eval()
-    from tqdm import tqdm
     for s in tqdm(range(0, len(mine), batch_size), desc="reference log-probs", disable=rank != 0):
         idx = mine[s:s + batch_size]
         batch = _to_device(collate([features[i] for i in idx]), device)
@@ -319,13 +270,13 @@ def cached_reference_logps(policy: nn.Module, ref: nn.Module | None, features: l
         dist.all_reduce(t)
         out = t.cpu()
     if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save({"key": key, "logps": out}, path)
+        with atomic_path(path) as tmp:
+            torch.save({"key": key, "logps": out}, tmp)
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Training.
+# 4. The training loop: its configuration, its named steps, then train() itself.
 
 @dataclass
 class TrainConfig:
@@ -374,38 +325,6 @@ class TrainConfig:
             raise ValueError("TrainConfig.batch_size and grad_accum must be >= 1")
 
 
-def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
-    """(rank, world, device). Initializes the process group under torchrun (WORLD_SIZE > 1) if needed."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    if cfg.device != "auto":
-        device = torch.device(cfg.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX); without them bf16 GEMMs are
-    converted element by element and run far slower than fp32 (measured ~10x on an AVX2 host)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
 def global_batch_indices(n: int, global_batch: int, seed: int, step: int) -> list[int]:
     """Indices of the examples of optimizer step `step` (0-based).
 
@@ -417,62 +336,12 @@ def global_batch_indices(n: int, global_batch: int, seed: int, step: int) -> lis
     if per_epoch == 0:
         raise ValueError(f"dpo.py: {n} training examples are fewer than one global batch ({global_batch})")
     epoch, k = divmod(step, per_epoch)
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(n, generator=g)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     return perm[k * global_batch:(k + 1) * global_batch].tolist()
 
 
-def _target_count(feature: dict, prefix: str = "") -> int:
-    """Number of target tokens of one encoded feature (after the shift by one)."""
-    return sum(1 for y in feature[prefix + "labels"][1:] if y != IGNORE)
-
-
-def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    def f(step: int) -> float:  # multiplier of cfg.lr for optimizer step `step` (0-based)
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "linear":
-            return max(0.0, (total_steps - step) / max(1, total_steps - cfg.warmup_steps))
-        return 1.0
-    return f
-
-
-# --- checkpoints --------------------------------------------------------------------------------------------
-# out_dir/
-#   log.jsonl                    one JSON object per logged step / eval
-#   ckpt/step-000120/            trainable.safetensors (our parameter names: LoRA adapters, or all weights),
-#                                trainer.pt (optimizer, scheduler, step, best score, patience), rng-rank{r}.pt
-#   latest.json                  {"dir": "ckpt/step-000120"}: written with os.replace, so it always names a
-#                                complete directory (which itself was renamed into place from a tmp name)
-#   best.json                    {"dir": ..., "score": ..., "step": ...}; that directory is kept while it is best
-#   final/                       exported weights, Hugging Face layout (config.json + model.safetensors),
-#                                or adapter.safetensors for lora_export="adapter"
-
-def _atomic_torch_save(obj, path: Path):
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_json(obj, path: Path):
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def _rng_state() -> dict:
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def _set_rng_state(s: dict):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def _to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -484,45 +353,300 @@ def _barrier(world: int):
         dist.barrier()
 
 
-def save_checkpoint(out_dir: Path, step: int, model: nn.Module, trainer_state: dict, rank: int, world: int) -> Path:
-    """Write ckpt/step-N atomically (tmp dir, then rename) and point latest.json at it. All ranks call this."""
-    from safetensors.torch import save_file
-    final = out_dir / "ckpt" / f"step-{step:06d}"
-    tmp = out_dir / "ckpt" / f".tmp-step-{step:06d}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier(world)
-    torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")  # every rank has its own dropout stream
-    if rank == 0:
-        save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
-                  str(tmp / "trainable.safetensors"))
-        torch.save(trainer_state, tmp / "trainer.pt")
-    _barrier(world)
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _atomic_json({"dir": str(final.relative_to(out_dir)), "step": step}, out_dir / "latest.json")
-        _prune_checkpoints(out_dir)
-    _barrier(world)
-    return final
+@dataclass
+class Run:
+    """What set_up builds once: where this process runs and the objects one optimizer step uses."""
+    rank: int
+    world: int
+    device: torch.device
+    out_dir: Path
+    dpo: bool
+    dropout: bool  # the model's train() mode: dropout on or off
+    autocast: Callable  # () -> context manager of the chosen precision
+    scaler: torch.amp.GradScaler  # loss scaling, fp16 only (a no-op otherwise)
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    net: nn.Module  # LogpModel(model), DDP-wrapped under torchrun
+    global_batch: int  # sequences (pairs) per optimizer step, over all ranks
+    steps_per_epoch: int
+    total_steps: int
 
 
-def _prune_checkpoints(out_dir: Path):
-    """Keep the latest and the best checkpoint directories only."""
-    keep = set()
-    for name in ("latest.json", "best.json"):
-        p = out_dir / name
-        if p.exists():
-            keep.add(json.loads(p.read_text())["dir"])
-    for d in (out_dir / "ckpt").glob("step-*"):
-        if str(d.relative_to(out_dir)) not in keep:
-            shutil.rmtree(d, ignore_errors=True)
+def set_up(model: nn.Module, cfg: TrainConfig, n_examples: int, ref_model: nn.Module | None) -> Run:
+    """Device and process group (torchrun: nccl on GPU, gloo on CPU), precision, optimizer, lr schedule, DDP."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if cfg.device != "auto":
+        device = torch.device(cfg.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    out_dir = Path(cfg.out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    dpo = cfg.mode == "dpo"
+    if dpo and ref_model is None and not has_lora(model):
+        raise ValueError("dpo.py: DPO with full fine-tuning needs ref_model (a frozen copy of the start weights)")
+
+    model.to(device)
+    dropout = cfg.dropout if cfg.dropout is not None else not dpo
+    model.train(dropout)  # eval() semantics = dropout off; nothing else in our models depends on the mode
+    if ref_model is not None:
+        ref_model.to(device).eval().requires_grad_(False)
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ValueError("dpo.py: precision='fp16' needs a GPU; use 'bf16' on CPU")
+    if cfg.precision == "bf16" and device.type == "cpu" and rank == 0 and not cpu_has_fast_bf16():
+        print("dpo.py: warning: this CPU has no bf16 matrix instructions (no AVX512-BF16 / AMX): bf16 autocast "
+              "matmuls run ~10x slower than fp32 here. precision='fp32' is the fast choice.", file=sys.stderr)
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+
+    params = list(_trainable(model).values())
+    if not params:
+        raise ValueError("dpo.py: the model has no trainable parameters")
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.RMSprop(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    steps_per_epoch = n_examples // global_batch
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * max(steps_per_epoch, 1)))
+
+    def lr_factor(step: int) -> float:  # multiplier of cfg.lr for optimizer step `step` (0-based)
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "linear":
+            return max(0.0, (total_steps - step) / max(1, total_steps - cfg.warmup_steps))
+        return 1.0
+
+    net = LogpModel(model)  # forward(input_ids, labels) -> (logps, ntokens): the unit DDP syncs
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    return Run(rank=rank, world=world, device=device, out_dir=out_dir, dpo=dpo, dropout=dropout, autocast=autocast,
+               scaler=torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16"), opt=opt,
+               sched=torch.optim.lr_scheduler.LambdaLR(opt, lr_factor), net=net, global_batch=global_batch,
+               steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX); without them bf16 GEMMs are
+    converted element by element (measured ~10x slower than fp32 on an AVX2 host)."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint's trainer.pt."""
+    step: int = 0  # optimizer steps done
+    best_score: float | None = None
+    bad_evals: int = 0  # evaluations since the best one
+    best_dir: str | None = None  # checkpoint of the best score, relative to out_dir
+
+    def record(self, score: float, patience: int) -> tuple[bool, bool]:
+        """(new best?, stop early?) after an evaluation at this step; higher scores are better."""
+        if self.best_score is None or score > self.best_score:
+            self.best_score, self.bad_evals, self.best_dir = score, 0, _ckpt_name(self.step)
+            return True, False
+        self.bad_evals += 1
+        return False, patience > 0 and self.bad_evals >= patience
+
+
+@dataclass
+class RunningSums:
+    """Sums since the last log line. The loss is normalized by `units`: sequences, pairs, or target tokens."""
+    loss: float = 0.0
+    units: float = 0.0
+    correct: float = 0.0  # DPO: pairs whose chosen reward beats the rejected one
+    margin: float = 0.0  # DPO: chosen reward - rejected reward
+    chosen: float = 0.0
+    rejected: float = 0.0
+    tokens: int = 0  # input tokens over all ranks, for the throughput
+    since: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+def optimizer_step(run: Run, cfg: TrainConfig, model: nn.Module, features: list[dict], collate: Callable,
+                   step: int, ref_model: nn.Module | None, ref_cache: torch.Tensor | None,
+                   sums: RunningSums) -> tuple[float, float | None]:
+    """This rank's micro-batches of global batch `step`, gradients accumulated, then one update. -> (lr, grad norm)"""
+    idx = global_batch_indices(len(features), run.global_batch, cfg.seed, step)
+    # the loss of one step is normalized over the whole global batch, so that 1 process x 8 sequences and
+    # 2 processes x 4 sequences take the same step: per sequence (pair), or per target token
+    per_token = not run.dpo and cfg.sft_reduction == "mean"
+    norm = sum(sum(y != IGNORE for y in features[i]["labels"][1:]) if per_token else 1 for i in idx)
+    for micro in range(cfg.grad_accum):
+        lo = (micro * run.world + run.rank) * cfg.batch_size
+        rows = idx[lo:lo + cfg.batch_size]
+        batch = _to_device(collate([features[i] for i in rows]), run.device)
+        # gradients are all-reduced once per optimizer step, in the backward of the last micro-step
+        last = micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if run.world == 1 or last else run.net.no_sync():
+            with run.autocast():
+                if run.dpo:
+                    pc, pr = concatenated_forward(run.net, batch)
+                    if ref_cache is not None:
+                        rc, rr = ref_cache[rows].to(run.device).unbind(1)
+                    else:
+                        rc, rr = reference_logps(ref_model, model, batch)
+                    losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, cfg.beta)
+                    loss_sum = losses.sum()
+                    sums.correct += (chosen_r > rejected_r).sum().item()
+                    sums.margin += (chosen_r - rejected_r).sum().item()
+                    sums.chosen += chosen_r.sum().item()
+                    sums.rejected += rejected_r.sum().item()
+                    ntok = batch["chosen_input_ids"].numel() + batch["rejected_input_ids"].numel()
+                else:
+                    logps, _ = run.net(batch["input_ids"], batch["labels"])
+                    loss_sum = -logps.sum()
+                    ntok = batch["input_ids"].numel()
+            # DDP averages gradients over ranks, hence * world: the step's loss is sum / norm overall
+            run.scaler.scale(loss_sum * run.world / norm).backward()
+        sums.loss += loss_sum.item()
+        sums.tokens += ntok * run.world  # every rank sees a batch of the same shape budget
+    sums.units += norm
+    grad_norm = None
+    if cfg.grad_clip:
+        run.scaler.unscale_(run.opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.opt.param_groups[0]["params"], cfg.grad_clip).item()
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.opt.zero_grad(set_to_none=True)
+    lr = run.sched.get_last_lr()[0]
+    run.sched.step()
+    return lr, grad_norm
+
+
+def log_record(run: Run, step: int, lr: float, grad_norm: float | None, sums: RunningSums) -> dict:
+    """One log line: the running sums of every rank, averaged over the units they were normalized by."""
+    if run.world > 1:  # units is the same on every rank: only the other sums are added up
+        names = ("loss", "correct", "margin", "chosen", "rejected")
+        t = torch.tensor([getattr(sums, k) for k in names], dtype=torch.float64, device=run.device)
+        dist.all_reduce(t)
+        sums = dataclasses.replace(sums, **dict(zip(names, t.tolist())))
+    n = max(sums.units, 1)
+    rec = {"step": step, "epoch": step / max(run.steps_per_epoch, 1), "lr": lr, "loss": sums.loss / n,
+           "grad_norm": grad_norm, "tokens_per_s": sums.tokens / max(time.perf_counter() - sums.since, 1e-9)}
+    if run.dpo:
+        rec.update(reward_accuracy=sums.correct / n, reward_margin=sums.margin / n,
+                   chosen_reward=sums.chosen / n, rejected_reward=sums.rejected / n)
+    return rec
+
+
+def evaluate(run: Run, model: nn.Module, eval_fn: Callable, step: int, log: Callable[[dict], None]) -> float:
+    """eval_fn(model) on rank 0 with dropout off; its score, broadcast to every rank."""
+    score = torch.zeros(1, dtype=torch.float64)
+    if run.rank == 0:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            r = eval_fn(model)
+        model.train(was)
+        score[0] = float(r["score"] if isinstance(r, dict) else r)
+        log({"step": step, "eval": r if isinstance(r, dict) else {"score": score.item()}})
+    if run.world > 1:
+        t = score.to(run.device)
+        dist.broadcast(t, 0)
+        score = t.cpu()
+    return score.item()
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------
+# out_dir/
+#   log.jsonl                    one JSON object per logged step / eval
+#   ckpt/step-000120/            trainable.safetensors (our parameter names: LoRA adapters, or all weights),
+#                                trainer.pt (optimizer, scheduler, Progress), rng-rank{r}.pt; all tensors and
+#                                plain containers, read back with torch.load(weights_only=True)
+#   latest.json                  {"dir": "ckpt/step-000120", "step": 120}: written last, so it always names a
+#                                complete directory (itself renamed into place from a temporary name)
+#   best.json                    {"dir": ..., "score": ..., "step": ...}; that directory is kept while it is best
+#   final/                       exported weights, Hugging Face layout (config.json + model.safetensors),
+#                                or adapter.safetensors for lora_export="adapter"
+
+def _ckpt_name(step: int) -> str:
+    return f"ckpt/step-{step:06d}"
+
+
+def _rng_state() -> dict:
+    """Every random stream (dropout), as tensors and plain lists: python's Mersenne state, numpy's, torch's."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    s = {"python": [version, list(mt), gauss], "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                        has_gauss, cached], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_state(s: dict):
+    version, mt, gauss = s["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(run: Run, model: nn.Module, progress: Progress, cfg: TrainConfig, new_best: bool) -> None:
+    """Write ckpt/step-N atomically, then latest.json (and best.json) naming it; prune the rest. All ranks call
+    this: rank 0 writes the directory, every other rank then adds its own RNG state to it."""
+    name = _ckpt_name(progress.step)
+    final = run.out_dir / name
+    if run.rank == 0:
+        with atomic_path(final) as tmp:
+            tmp.mkdir()
+            save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
+                      str(tmp / "trainable.safetensors"))
+            torch.save({"optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+                        "scaler": run.scaler.state_dict(), **dataclasses.asdict(progress),
+                        "config": dataclasses.asdict(cfg)}, tmp / "trainer.pt")
+            torch.save(_rng_state(), tmp / "rng-rank0.pt")
+    _barrier(run.world)
+    if run.rank > 0:  # every rank has its own dropout stream
+        with atomic_path(final / f"rng-rank{run.rank}.pt") as tmp:
+            torch.save(_rng_state(), tmp)
+    _barrier(run.world)
+    if run.rank == 0:
+        write_json(run.out_dir / "latest.json", {"dir": name, "step": progress.step})
+        if new_best:
+            write_json(run.out_dir / "best.json", {"dir": name, "score": progress.best_score, "step": progress.step})
+        keep = {json.loads((run.out_dir / f).read_text())["dir"] for f in ("latest.json", "best.json")
+                if (run.out_dir / f).exists()}
+        for d in (run.out_dir / "ckpt").glob("step-*"):  # only the latest and the best are kept
+            if str(d.relative_to(run.out_dir)) not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+    _barrier(run.world)
+
+
+def resume(run: Run, model: nn.Module, cfg: TrainConfig) -> Progress:
+    """Seed the random streams; with cfg.resume, load the latest checkpoint: weights, optimizer, schedule,
+    loss scale, progress and this rank's RNG state (the data position follows from the step)."""
+    torch.manual_seed(cfg.seed + run.rank)  # dropout streams differ per rank
+    random.seed(cfg.seed + run.rank)
+    np.random.seed(cfg.seed + run.rank)
+    latest = run.out_dir / "latest.json"
+    if not (cfg.resume and latest.exists()):
+        if cfg.resume and run.rank == 0:
+            print(f"dpo.py: resume requested but {latest} does not exist; starting from step 0", file=sys.stderr)
+        return Progress()
+    ckpt = run.out_dir / json.loads(latest.read_text())["dir"]
+    load_trainable(model, ckpt)
+    state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+    run.opt.load_state_dict(state["optimizer"])
+    run.sched.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    rng_file = ckpt / f"rng-rank{run.rank}.pt"
+    if rng_file.exists():
+        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    if run.rank == 0:
+        print(f"dpo.py: resumed from {ckpt} at step {state['step']}", file=sys.stderr)
+    return Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress)})
 
 
 def load_trainable(model: nn.Module, ckpt_dir: Path):
-    """Copy trainable.safetensors into the model; the key sets must match exactly."""
-    from safetensors.torch import load_file
+    """Copy trainable.safetensors into the model; the key sets and every shape must match exactly."""
     saved = load_file(str(ckpt_dir / "trainable.safetensors"))
     params = _trainable(model)
     if set(saved) != set(params):
@@ -538,238 +662,76 @@ def load_trainable(model: nn.Module, ckpt_dir: Path):
 
 
 def export_model(model: nn.Module, out: Path, lora_export: str = "merged"):
-    """Write the model for use outside training, atomically (tmp dir, then rename): Hugging Face layout
-    (model.save_model folds LoRA into the weights without touching the model) or the adapters alone."""
-    import model as modeling
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if has_lora(model) and lora_export == "adapter":
-        modeling.save_lora(model, tmp / "adapter.safetensors")
-    else:
-        modeling.save_model(model, tmp)
-    old = out.with_name(f".old-{out.name}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    """Write the model for use outside training, atomically: Hugging Face layout (model.save_model folds LoRA
+    into the weights without touching the model) or the adapters alone."""
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        if has_lora(model) and lora_export == "adapter":
+            save_lora(model, tmp / "adapter.safetensors")
+        else:
+            save_model(model, tmp)
 
-
-# --- the loop -----------------------------------------------------------------------------------------------
 
 def train(model: nn.Module, cfg: TrainConfig, train_features: list[dict], collate: Callable,
           eval_fn: Callable[[nn.Module], float | dict] | None = None, ref_model: nn.Module | None = None,
           export: bool = True) -> dict:
     """Train `model` in place on `train_features` (encoded dicts of lists) batched by `collate`.
 
-    mode "sft": batches {"input_ids", "labels"} [B, T]; mode "dpo": {"chosen_input_ids", "chosen_labels",
+    mode "sft": batches {"input_ids", "labels"} (B, T); mode "dpo": {"chosen_input_ids", "chosen_labels",
     "rejected_input_ids", "rejected_labels"}. eval_fn(model) -> score (or dict with "score"), higher is better;
     it runs on rank 0 every cfg.eval_every steps, drives best-checkpoint selection and early stopping.
     DPO reference: `ref_model` (a frozen copy, for full fine-tuning) or, when None, the policy with LoRA off.
     Returns {"step", "best_score", "best_dir", "final_dir", "stopped_early"}. Under torchrun it initializes
     the process group itself (nccl on GPU, gloo on CPU).
     """
-    rank, world, device = _setup_distributed(cfg)
-    out_dir = Path(cfg.out_dir)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    dpo = cfg.mode == "dpo"
-    if dpo and ref_model is None and not has_lora(model):
-        raise ValueError("dpo.py: DPO with full fine-tuning needs ref_model (a frozen copy of the start weights)")
+    run = set_up(model, cfg, len(train_features), ref_model)
+    progress = resume(run, model, cfg)
+    ref_cache = None  # DPO reference log-probs of every pair, computed once
+    if run.dpo and cfg.reference == "cache":
+        ref_cache = cached_reference_logps(model, ref_model, train_features, collate, run.out_dir / "ref_logps.pt",
+                                           cfg.batch_size, run.autocast, run.device, run.rank, run.world,
+                                           cfg.precision)
+        model.train(run.dropout)
 
-    # ---- model, precision, optimizer, schedule
-    model.to(device)
-    dropout = cfg.dropout if cfg.dropout is not None else not dpo
-    model.train(dropout)  # eval() semantics = dropout off; nothing else in our models depends on the mode
-    if ref_model is not None:
-        ref_model.to(device).eval().requires_grad_(False)
-    if cfg.precision == "fp16" and device.type != "cuda":
-        raise ValueError("dpo.py: precision='fp16' needs a GPU; use 'bf16' on CPU")
-    if cfg.precision == "bf16" and device.type == "cpu" and rank == 0 and not cpu_has_fast_bf16():
-        print("dpo.py: warning: this CPU has no bf16 matrix instructions (no AVX512-BF16 / AMX); bf16 autocast "
-              "matmuls are emulated here, ~10x slower than fp32. precision='fp32' is the fast choice.",
-              file=sys.stderr)
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+    log_file = open(run.out_dir / "log.jsonl", "a") if run.rank == 0 else None
 
-    params = list(_trainable(model).values())
-    if not params:
-        raise ValueError("dpo.py: the model has no trainable parameters")
-    if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.RMSprop(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    global_batch = cfg.batch_size * cfg.grad_accum * world
-    steps_per_epoch = len(train_features) // global_batch
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * max(steps_per_epoch, 1)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total_steps))
+    def log(rec: dict):
+        if log_file:
+            log_file.write(json.dumps(rec) + "\n")
+            log_file.flush()
 
-    net = LogpModel(model)  # forward(input_ids, labels) -> (logps, ntokens); the unit DDP syncs
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # ---- resume
-    step, best_score, bad_evals, best_dir = 0, None, 0, None
-    torch.manual_seed(cfg.seed + rank)  # dropout streams differ per rank
-    random.seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    latest = out_dir / "latest.json"
-    if cfg.resume and latest.exists():
-        ckpt = out_dir / json.loads(latest.read_text())["dir"]
-        load_trainable(model, ckpt)
-        state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, best_score, bad_evals, best_dir = state["step"], state["best_score"], state["bad_evals"], state["best_dir"]
-        rng_file = ckpt / f"rng-rank{rank}.pt"
-        if rng_file.exists():
-            _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
-        if rank == 0:
-            print(f"dpo.py: resumed from {ckpt} at step {step}", file=sys.stderr)
-    elif cfg.resume and rank == 0:
-        print(f"dpo.py: resume requested but {latest} does not exist; starting from step 0", file=sys.stderr)
-
-    # ---- DPO reference log-probs, once
-    ref_cache = None
-    if dpo and cfg.reference == "cache":
-        ref_cache = cached_reference_logps(model, ref_model, train_features, collate, out_dir / "ref_logps.pt",
-                                           cfg.batch_size, autocast, device, rank, world, cfg.precision)
-        model.train(dropout)
-
-    # units that normalize the loss of one optimizer step, counted over the whole global batch so that
-    # 1 process x 8 sequences and 2 processes x 4 sequences take the same step
-    def units(i: int) -> int:
-        if dpo or cfg.sft_reduction == "sum":
-            return 1  # per sequence (pair)
-        return _target_count(train_features[i])  # per target token
-
-    def trainer_state() -> dict:
-        return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "best_score": best_score, "bad_evals": bad_evals, "best_dir": best_dir,
-                "config": dataclasses.asdict(cfg)}
-
-    log_f = open(out_dir / "log.jsonl", "a") if rank == 0 else None
-    stop_at = min(total_steps, cfg.stop_at) if cfg.stop_at is not None else total_steps
-    from tqdm import tqdm
-    bar = tqdm(total=total_steps, initial=step, desc=cfg.mode, disable=rank != 0 or not cfg.progress,
-               dynamic_ncols=True)
-    stopped_early, t_last, tokens_since = False, time.perf_counter(), 0
-    stats = torch.zeros(6, dtype=torch.float64)  # loss, units, correct, margin, chosen_r, rejected_r (sums)
-
-    while step < stop_at and not stopped_early:
-        idx_global = global_batch_indices(len(train_features), global_batch, cfg.seed, step)
-        norm = sum(units(i) for i in idx_global)  # identical on every rank
-        for micro in range(cfg.grad_accum):
-            lo = (micro * world + rank) * cfg.batch_size
-            batch = _to_device(collate([train_features[i] for i in idx_global[lo:lo + cfg.batch_size]]), device)
-            last_micro = micro == cfg.grad_accum - 1
-            # gradients are all-reduced once per optimizer step, in the backward of the last micro-step
-            sync = contextlib.nullcontext() if (world == 1 or last_micro) else net.no_sync()
-            with sync:
-                with autocast():
-                    if dpo:
-                        pc, pr = concatenated_forward(net, batch)
-                        if ref_cache is not None:
-                            ref = ref_cache[idx_global[lo:lo + cfg.batch_size]].to(device)
-                            rc, rr = ref[:, 0], ref[:, 1]
-                        else:
-                            rc, rr = reference_logps(ref_model, model, batch)
-                        losses, cr, rr_ = dpo_loss(pc, pr, rc, rr, cfg.beta)
-                        loss_sum = losses.sum()
-                        stats[2:] += torch.stack([(cr > rr_).sum(), (cr - rr_).sum(), cr.sum(), rr_.sum()]).double().cpu()
-                        ntok = batch["chosen_input_ids"].numel() + batch["rejected_input_ids"].numel()
-                    else:
-                        logps, n_target = net(batch["input_ids"], batch["labels"])
-                        loss_sum = -logps.sum()
-                        ntok = batch["input_ids"].numel()
-                    # DDP averages gradients over ranks, hence * world: the step's loss is sum / norm overall
-                    loss = loss_sum * world / norm
-                scaler.scale(loss).backward()
-            stats[0] += loss_sum.item()
-            tokens_since += ntok * world  # every rank sees a batch of the same shape budget
-        stats[1] += norm
-        if cfg.grad_clip:
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-        else:
-            grad_norm = None
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        lr = sched.get_last_lr()[0]
-        sched.step()
-        step += 1
-
-        # ---- log
+    stop_at = min(run.total_steps, cfg.stop_at) if cfg.stop_at is not None else run.total_steps
+    bar = tqdm(total=run.total_steps, initial=progress.step, desc=cfg.mode, dynamic_ncols=True,
+               disable=run.rank != 0 or not cfg.progress)
+    sums, stopped_early = RunningSums(), False
+    while progress.step < stop_at and not stopped_early:
+        lr, grad_norm = optimizer_step(run, cfg, model, train_features, collate, progress.step, ref_model,
+                                       ref_cache, sums)
+        progress.step += 1
+        step = progress.step
         if step % cfg.log_every == 0 or step == stop_at:
-            if world > 1:
-                t = stats.to(device)
-                dist.all_reduce(t)  # stats[1] (norm) is the same on each rank: divide back
-                stats = t.cpu()
-                stats[1] /= world
-            now = time.perf_counter()
-            rec = {"step": step, "epoch": step / max(steps_per_epoch, 1), "lr": lr,
-                   "loss": stats[0].item() / max(stats[1].item(), 1), "grad_norm": grad_norm,
-                   "tokens_per_s": tokens_since / max(now - t_last, 1e-9)}
-            if dpo:
-                n = stats[1].item()
-                rec.update(reward_accuracy=stats[2].item() / n, reward_margin=stats[3].item() / n,
-                           chosen_reward=stats[4].item() / n, rejected_reward=stats[5].item() / n)
-            if rank == 0:
-                log_f.write(json.dumps(rec) + "\n")
-                log_f.flush()
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            stats.zero_()
-            t_last, tokens_since = now, 0
+            rec = log_record(run, step, lr, grad_norm, sums)
+            log(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            sums = RunningSums()
         bar.update(1)
-
-        # ---- eval, best checkpoint, early stopping
         new_best = False
-        if eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
-            score = torch.zeros(1, dtype=torch.float64)
-            if rank == 0:
-                was = model.training
-                model.eval()
-                with torch.no_grad():
-                    r = eval_fn(model)
-                model.train(was)
-                score[0] = float(r["score"] if isinstance(r, dict) else r)
-                log_f.write(json.dumps({"step": step, "eval": r if isinstance(r, dict) else {"score": score.item()}}) + "\n")
-                log_f.flush()
-            if world > 1:
-                t = score.to(device)
-                dist.broadcast(t, 0)
-                score = t.cpu()
-            score = score.item()
-            if best_score is None or score > best_score:
-                best_score, bad_evals, new_best = score, 0, True
-            else:
-                bad_evals += 1
-                stopped_early = cfg.patience > 0 and bad_evals >= cfg.patience
+        if eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == run.total_steps):
+            new_best, stopped_early = progress.record(evaluate(run, model, eval_fn, step, log), cfg.patience)
         if new_best or (cfg.save_every and step % cfg.save_every == 0) or step == stop_at or stopped_early:
-            d = save_checkpoint(out_dir, step, model, trainer_state(), rank, world)
-            if new_best:
-                best_dir = str(d.relative_to(out_dir))
-                if rank == 0:
-                    _atomic_json({"dir": best_dir, "score": best_score, "step": step}, out_dir / "best.json")
-                # trainer.pt was written before best_dir changed: rewrite it so a resume knows the best
-                if rank == 0:
-                    _atomic_torch_save(trainer_state(), d / "trainer.pt")
+            save_checkpoint(run, model, progress, cfg, new_best)
     bar.close()
-    if log_f:
-        log_f.close()
+    if log_file:
+        log_file.close()
 
-    # ---- export: the best weights when there was an evaluation, else the last ones
+    # export: the best weights when there was an evaluation, else the last ones
     final_dir = None
-    finished = step >= total_steps or stopped_early
-    if export and finished:
-        if best_dir is not None:
-            load_trainable(model, out_dir / best_dir)
-        if rank == 0:
-            final_dir = out_dir / "final"
+    if export and (progress.step >= run.total_steps or stopped_early):
+        if progress.best_dir is not None:
+            load_trainable(model, run.out_dir / progress.best_dir)
+        if run.rank == 0:
+            final_dir = run.out_dir / "final"
             export_model(model, final_dir, cfg.lora_export)
-        _barrier(world)
-    return {"step": step, "best_score": best_score, "best_dir": best_dir, "final_dir": final_dir,
-            "stopped_early": stopped_early}
+        _barrier(run.world)
+    return {"step": progress.step, "best_score": progress.best_score, "best_dir": progress.best_dir,
+            "final_dir": final_dir, "stopped_early": stopped_early}

@@ -1,25 +1,21 @@
-"""NLI for PAL's consistency score: a hand-written RoBERTa sequence classifier and C.score.
+"""NLI for PAL's consistency score: a hand-written RoBERTa sequence classifier, C.score, and NLI persona labels.
 
 Read top to bottom:
-  1. RobertaConfig          - filled from the checkpoint's config.json, never re-derived
-  2. the model              - embeddings (positions start after the padding index), post-LN encoder blocks,
-                              the <s>-token classification head (dense -> tanh -> out_proj)
-  3. loading                - rename table Hugging Face -> ours, an assert on every shape and on the key set
-  4. NLIClassifier          - tokenize pairs, batch with padding, probabilities in a fixed label order
-  5. c_score                - Madotto et al. (2019)'s C.score
-  6. fine-tuning + CLI      - `python nli.py finetune ...` with dpo.py's training loop
+  1. RobertaConfig      - filled from the checkpoint's config.json, never re-derived
+  2. the model          - embeddings (positions start after the padding index), post-LN encoder blocks,
+                          the <s>-token classification head (dense -> tanh -> out_proj)
+  3. loading / saving   - rename table Hugging Face -> ours, an assert on every shape and on the key set
+  4. NLIClassifier      - tokenize pairs, batch with padding, probabilities in a fixed label order; load_nli
+  5. c_score            - Madotto et al. (2019)'s C.score; nli_persona_labels - persona labels by entailment
 
 Works with roberta-large-mnli and any RobertaForSequenceClassification checkpoint whose id2label names the
-three NLI classes. Runtime imports: torch, safetensors, tqdm (+ data.py for the tokenizer, model.py to resolve
-hub ids, dpo.py for fine-tuning), all lazily where they are only needed by one path.
+three NLI classes. Fine-tuning one on labelled pairs: extras/nli_finetune.py.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
-import random
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -28,6 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from data import Example, load_tokenizer
+from model import atomic_path, checkpoint_files, resolve_model_dir, write_json
 
 # Our fixed output order of predict(): index 0 contradiction, 1 neutral, 2 entailment.
 NLI_LABELS = ("contradiction", "neutral", "entailment")
@@ -36,8 +37,6 @@ C_SCORE_VALUE = (-1, 0, 1)  # what each of NLI_LABELS contributes to C.score
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Config
-# ----------------------------------------------------------------------------------------------------------
-
 
 @dataclass
 class RobertaConfig:
@@ -76,17 +75,16 @@ class RobertaConfig:
                              "(only 'absolute')")
         if hf.get("is_decoder") or hf.get("add_cross_attention"):
             raise ValueError(f"{where}: a decoder RoBERTa is not an NLI classifier")
-        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                    "max_position_embeddings", "pad_token_id")
-        for k in required:
+        for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "max_position_embeddings", "pad_token_id"):
             if k not in hf:
                 raise KeyError(f"{where}: missing key {k!r}")
         kw = {f: hf[f] for f in cls.__dataclass_fields__ if f in hf and f != "id2label"}
         if "id2label" in hf:
-            try:
-                kw["id2label"] = {int(k): str(v) for k, v in hf["id2label"].items()}
-            except (TypeError, ValueError, AttributeError):
-                raise ValueError(f"{where}: id2label must map integer ids to names, got {hf['id2label']!r}") from None
+            labels = hf["id2label"]
+            if not isinstance(labels, dict) or not all(str(k).lstrip("-").isdigit() for k in labels):
+                raise ValueError(f"{where}: id2label must map integer ids to names, got {labels!r}")
+            kw["id2label"] = {int(k): str(v) for k, v in labels.items()}
         elif "num_labels" in hf:
             kw["id2label"] = {i: f"LABEL_{i}" for i in range(int(hf["num_labels"]))}
         else:
@@ -120,8 +118,6 @@ _ACTIVATIONS = {
 
 # ----------------------------------------------------------------------------------------------------------
 # 2. The model
-# ----------------------------------------------------------------------------------------------------------
-
 
 class Embeddings(nn.Module):
     """token + position + token-type embeddings, LayerNorm, dropout."""
@@ -222,60 +218,39 @@ class RobertaClassifier(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Loading Hugging Face checkpoints
-# ----------------------------------------------------------------------------------------------------------
+# 3. Loading and saving Hugging Face checkpoints
 
 # Keys a RobertaForSequenceClassification checkpoint may hold that the classifier does not use: the pooler of
 # the pre-trained RobertaModel (roberta-large-mnli ships it) and an old position_ids buffer. Anything else
 # unknown is an error.
 IGNORED_KEYS = ("roberta.pooler.dense.weight", "roberta.pooler.dense.bias", "roberta.embeddings.position_ids")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 
 
 def hf_names(cfg: RobertaConfig) -> dict[str, str]:
     """Rename table: our parameter name -> Hugging Face RobertaForSequenceClassification name."""
-    names = {
-        "emb.tok.weight": "roberta.embeddings.word_embeddings.weight",
-        "emb.pos.weight": "roberta.embeddings.position_embeddings.weight",
-        "emb.seg.weight": "roberta.embeddings.token_type_embeddings.weight",
-        "emb.ln.weight": "roberta.embeddings.LayerNorm.weight",
-        "emb.ln.bias": "roberta.embeddings.LayerNorm.bias",
-    }
-    per_block = {
-        "attn.q": "attention.self.query", "attn.k": "attention.self.key", "attn.v": "attention.self.value",
-        "attn.o": "attention.output.dense", "ln1": "attention.output.LayerNorm",
-        "fc1": "intermediate.dense", "fc2": "output.dense", "ln2": "output.LayerNorm",
-    }
-    for i in range(cfg.num_hidden_layers):
-        for ours, theirs in per_block.items():
-            for w in ("weight", "bias"):
-                names[f"blocks.{i}.{ours}.{w}"] = f"roberta.encoder.layer.{i}.{theirs}.{w}"
-    for ours, theirs in (("head.dense", "classifier.dense"), ("head.out_proj", "classifier.out_proj")):
+    names = {"emb.tok.weight": "roberta.embeddings.word_embeddings.weight",
+             "emb.pos.weight": "roberta.embeddings.position_embeddings.weight",
+             "emb.seg.weight": "roberta.embeddings.token_type_embeddings.weight",
+             "emb.ln.weight": "roberta.embeddings.LayerNorm.weight",
+             "emb.ln.bias": "roberta.embeddings.LayerNorm.bias"}
+    per_block = {"attn.q": "attention.self.query", "attn.k": "attention.self.key", "attn.v": "attention.self.value",
+                 "attn.o": "attention.output.dense", "ln1": "attention.output.LayerNorm",
+                 "fc1": "intermediate.dense", "fc2": "output.dense", "ln2": "output.LayerNorm"}
+    modules = {f"blocks.{i}.{ours}": f"roberta.encoder.layer.{i}.{theirs}"
+               for i in range(cfg.num_hidden_layers) for ours, theirs in per_block.items()}
+    modules.update({"head.dense": "classifier.dense", "head.out_proj": "classifier.out_proj"})
+    for ours, theirs in modules.items():
         for w in ("weight", "bias"):
             names[f"{ours}.{w}"] = f"{theirs}.{w}"
     return names
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found (an NLI model directory needs config.json)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-
-
 def read_hf_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint: model.safetensors, sharded safetensors (index json), or pytorch_model.bin."""
-    from safetensors.torch import load_file
-
-    single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
-    if single.exists():
-        return load_file(str(single))
-    if index.exists():
-        sd = {}
-        for shard in sorted(set(_read_json(index)["weight_map"].values())):
-            sd.update(load_file(str(model_dir / shard)))
-        return sd
+    safetensors = [model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"]
+    if any(p.exists() for p in safetensors):
+        return {k: t for f in checkpoint_files(model_dir) for k, t in load_file(str(f)).items()}
     if (model_dir / "pytorch_model.bin").exists():
         return torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"{model_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
@@ -284,7 +259,10 @@ def read_hf_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
 def load_classifier(model_dir: Path, dtype=torch.float32, device="cpu") -> RobertaClassifier:
     """Build RobertaClassifier from a Hugging Face directory: rename, assert every shape and the key set."""
     model_dir = Path(model_dir)
-    cfg = RobertaConfig.from_hf(_read_json(model_dir / "config.json"), str(model_dir / "config.json"))
+    config = model_dir / "config.json"
+    if not config.exists():
+        raise FileNotFoundError(f"{config}: not found (an NLI model directory needs config.json)")
+    cfg = RobertaConfig.from_hf(json.loads(config.read_text(encoding="utf-8")), str(config))
     sd = read_hf_state_dict(model_dir)
     names = hf_names(cfg)
     with torch.device("meta"):  # no random init of weights that are overwritten next (gpt-fast's trick)
@@ -309,26 +287,17 @@ def load_classifier(model_dir: Path, dtype=torch.float32, device="cpu") -> Rober
 
 def save_classifier(model: RobertaClassifier, out_dir, tokenizer_from: Path | None = None) -> Path:
     """Write config.json + model.safetensors in Hugging Face's layout (transformers loads it as is), plus the
-    tokenizer files of `tokenizer_from`; atomic (tmp dir, then rename)."""
-    from safetensors.torch import save_file
-
+    tokenizer files of `tokenizer_from`; atomically (model.atomic_path)."""
     out = Path(out_dir)
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     names = hf_names(model.config)
-    save_file({names[n]: t.detach().cpu().contiguous() for n, t in model.state_dict().items()},
-              str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2), encoding="utf-8")
-    if tokenizer_from is not None:
-        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
-            if (Path(tokenizer_from) / f).exists():
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        save_file({names[n]: t.detach().cpu().contiguous() for n, t in model.state_dict().items()},
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "config.json", model.config.to_hf())
+        for f in TOKENIZER_FILES:
+            if tokenizer_from is not None and (Path(tokenizer_from) / f).exists():
                 shutil.copy2(Path(tokenizer_from) / f, tmp / f)
-    old = out.with_name(f".old-{out.name}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -349,8 +318,6 @@ def label_order(id2label: dict[int, str], where: str = "config.json") -> list[in
 
 # ----------------------------------------------------------------------------------------------------------
 # 4. The classifier as used in evaluation
-# ----------------------------------------------------------------------------------------------------------
-
 
 class NLIClassifier:
     """A RobertaClassifier + its tokenizer. predict() returns probabilities ordered (contradiction, neutral,
@@ -379,10 +346,7 @@ class NLIClassifier:
             return ids
         a, b = self.tokenizer.encode(premise), self.tokenizer.encode(hypothesis)
         while len(a) + len(b) + 4 > limit:  # 4 specials: <s> </s> </s> </s>
-            if len(a) >= len(b):
-                a.pop()
-            else:
-                b.pop()
+            (a if len(a) >= len(b) else b).pop()
         cls, sep = ids[0], ids[-1]
         return [cls] + a + [sep, sep] + b + [sep]
 
@@ -393,28 +357,23 @@ class NLIClassifier:
         Sequences are sorted by length so each batch pads little, right-padded with <pad>, the mask built from
         the lengths; results come back in input order."""
         cfg = self.model.config
-        n = len(seqs)
-        out = torch.empty(n, cfg.num_labels)
-        order = sorted(range(n), key=lambda i: -len(seqs[i]))
-        batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-        if progress is None:
-            progress = n > 2000
-        from tqdm import tqdm
-
+        for i, s in enumerate(seqs):
+            if not 0 < len(s) <= cfg.max_tokens:
+                raise ValueError(f"sequence {i} has {len(s)} tokens; must be 1..{cfg.max_tokens}")
+        out = torch.empty(len(seqs), cfg.num_labels)
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        batches = [order[i:i + batch_size] for i in range(0, len(seqs), batch_size)]
         was_training = self.model.training
         self.model.eval()  # dropout off, even when called from inside a training loop
-        for idx in tqdm(batches, desc="nli", disable=not progress, dynamic_ncols=True):
-            lens = [len(seqs[i]) for i in idx]
-            if min(lens) == 0 or max(lens) > cfg.max_tokens:
-                bad = next(i for i in idx if not 0 < len(seqs[i]) <= cfg.max_tokens)
-                raise ValueError(f"sequence {bad} has {len(seqs[bad])} tokens; must be 1..{cfg.max_tokens}")
-            T = max(lens)
+        for idx in tqdm(batches, desc="nli", disable=not (len(seqs) > 2000 if progress is None else progress),
+                        dynamic_ncols=True):
+            lens = torch.tensor([len(seqs[i]) for i in idx])
+            T = int(lens.max())
             ids = torch.full((len(idx), T), cfg.pad_token_id, dtype=torch.long)
             for row, i in enumerate(idx):
-                ids[row, :lens[row]] = torch.tensor(seqs[i])
-            mask = (torch.arange(T)[None, :] < torch.tensor(lens)[:, None]).long()  # (B, T) from lengths
-            logits = self.model(ids.to(self.device), mask.to(self.device))
-            out[idx] = logits.float().cpu()
+                ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
+            mask = (torch.arange(T)[None, :] < lens[:, None]).long()  # (B, T) from lengths
+            out[idx] = self.model(ids.to(self.device), mask.to(self.device)).float().cpu()
         self.model.train(was_training)
         return out
 
@@ -428,17 +387,7 @@ class NLIClassifier:
         neutral to / contradicts hypothesis i."""
         if len(premises) != len(hypotheses):
             raise ValueError(f"{len(premises)} premises but {len(hypotheses)} hypotheses")
-        seqs = [self.encode(p, h) for p, h in zip(premises, hypotheses)]
-        return self.predict_ids(seqs, batch_size, progress)
-
-
-def _resolve(name_or_path) -> Path:
-    p = Path(name_or_path).expanduser()
-    if p.is_dir():
-        return p
-    from model import resolve_model_dir  # lazy: hub ids only
-
-    return Path(resolve_model_dir(name_or_path))
+        return self.predict_ids([self.encode(p, h) for p, h in zip(premises, hypotheses)], batch_size, progress)
 
 
 def load_nli(name_or_path, dtype=torch.float32, device="cpu", label_names: list[str] | None = None) -> NLIClassifier:
@@ -446,10 +395,8 @@ def load_nli(name_or_path, dtype=torch.float32, device="cpu", label_names: list[
 
     The directory needs config.json, the weights (safetensors preferred) and RoBERTa's tokenizer files.
     label_names overrides config.json's id2label when it is generic (LABEL_0, ...)."""
-    d = _resolve(name_or_path)
+    d = resolve_model_dir(name_or_path)
     model = load_classifier(d, dtype=dtype, device=device)
-    from data import load_tokenizer  # lazy: only the text path needs it
-
     tok = load_tokenizer(d)
     if not hasattr(tok, "encode_pair"):
         raise TypeError(f"{d}: tokenizer {type(tok).__name__} has no encode_pair (is this a RoBERTa directory?)")
@@ -460,8 +407,23 @@ def load_nli(name_or_path, dtype=torch.float32, device="cpu", label_names: list[
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. C.score
-# ----------------------------------------------------------------------------------------------------------
+# 5. What PAL asks of NLI: C.score, and persona labels by entailment
+
+def _pairs(responses: list[str], personas_per_response: list[list[str]]) -> list[tuple[int, int, str, str]]:
+    """(response index, persona index, premise = the response, hypothesis = the persona sentence) for every
+    persona sentence of every response: "u entails p_j", as Madotto et al. and Dialogue NLI pair them."""
+    for i, personas in enumerate(personas_per_response):
+        if isinstance(personas, str):
+            raise TypeError(f"personas_per_response[{i}] must be a list of persona sentences, got a str")
+    return [(i, j, r, p) for i, (r, ps) in enumerate(zip(responses, personas_per_response)) for j, p in enumerate(ps)]
+
+
+def _entailment_probs(nli_predict, pairs: list[tuple[int, int, str, str]], **kw) -> torch.Tensor:
+    """nli_predict on the pairs' (premise, hypothesis) texts -> probs (N, 3) (contradiction, neutral, entailment)."""
+    probs = torch.as_tensor(nli_predict([p[2] for p in pairs], [p[3] for p in pairs], **kw), dtype=torch.float32)
+    if probs.shape != (len(pairs), 3):
+        raise ValueError(f"the NLI classifier returned shape {tuple(probs.shape)}, expected ({len(pairs)}, 3)")
+    return probs
 
 
 def c_score(responses: list[str], personas_per_response: list[list[str]], nli, batch_size: int = 64,
@@ -484,158 +446,45 @@ def c_score(responses: list[str], personas_per_response: list[list[str]], nli, b
                          "(metrics.persona_coverage is the model-free persona score)")
     if len(responses) != len(personas_per_response):
         raise ValueError(f"{len(responses)} responses but {len(personas_per_response)} persona lists")
-    premises, hypotheses, owner = [], [], []
-    for i, (resp, personas) in enumerate(zip(responses, personas_per_response)):
-        if isinstance(personas, str):
-            raise TypeError(f"personas_per_response[{i}] must be a list of persona sentences, got a str")
-        for p in personas:
-            premises.append(resp)
-            hypotheses.append(p)
-            owner.append(i)
+    pairs = _pairs(responses, personas_per_response)
     per_response = [0.0] * len(responses)
-    if premises:
-        probs = torch.as_tensor(nli.predict(premises, hypotheses, batch_size=batch_size))
-        if probs.shape != (len(premises), 3):
-            raise ValueError(f"nli.predict returned shape {tuple(probs.shape)}, expected ({len(premises)}, 3)")
-        values = torch.tensor(C_SCORE_VALUE, dtype=torch.float64)[probs.argmax(dim=-1)]
-        for i, v in zip(owner, values.tolist()):
+    if pairs:  # one call for all pairs: the classifier batches (and sorts by length) itself
+        values = torch.tensor(C_SCORE_VALUE, dtype=torch.float64)[
+            _entailment_probs(nli.predict, pairs, batch_size=batch_size).argmax(dim=-1)]
+        for (i, _, _, _), v in zip(pairs, values.tolist()):
             per_response[i] += v
     score = math.fsum(per_response) / len(responses) if responses else 0.0
     return (score, per_response) if return_per_response else score
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 6. Fine-tuning on (premise, hypothesis, label) pairs with dpo.py's loop
-# ----------------------------------------------------------------------------------------------------------
+def nli_persona_labels(examples: list[Example], nli_predict, threshold: float = 0.5,
+                       batch_size: int = 64) -> list[int | None]:
+    """Persona labels by NLI entailment: premise = the response, hypothesis = each persona sentence.
 
-
-class ClassifierAsLM(nn.Module):
-    """Presents the classifier to dpo.train's SFT mode, which maximizes summed label log-probs of a causal LM:
-    logits (B, 2, L) whose position 0 holds the class logits and labels (B, 2) = [-100, y]. After dpo.py's
-    shift by one, the only target is y predicted from position 0, so "SFT loss" = cross-entropy.
-
-    dpo.train calls model(input_ids) without a mask, so the mask is rebuilt here from <pad>: RoBERTa's pad
-    is a special id that tokenizer.encode never produces (specials only come from code), the same rule
-    fairseq and Hugging Face use for RoBERTa positions."""
-
-    def __init__(self, clf: RobertaClassifier):
-        super().__init__()
-        self.clf = clf
-
-    def forward(self, input_ids):
-        mask = (input_ids != self.clf.config.pad_token_id).long()
-        logits = self.clf(input_ids, mask)  # (B, L)
-        return torch.stack([logits, torch.zeros_like(logits)], dim=1)  # (B, 2, L)
-
-
-def read_pairs(path) -> list[tuple[str, str, int]]:
-    """JSONL lines {"premise": str, "hypothesis": str, "label": "entailment"|"neutral"|"contradiction"}.
-    Returns (premise, hypothesis, label index in NLI_LABELS)."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                p, h, y = d["premise"], d["hypothesis"], str(d["label"]).strip().lower()
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{ln}: expected {{'premise', 'hypothesis', 'label'}} JSON ({e})") from None
-            if y not in NLI_LABELS:
-                raise ValueError(f"{path}:{ln}: label {d['label']!r} is not one of {NLI_LABELS}")
-            out.append((p, h, NLI_LABELS.index(y)))
-    if not out:
-        raise ValueError(f"{path}: no pairs")
-    return out
-
-
-def accuracy(nli: NLIClassifier, pairs: list[tuple[str, str, int]], batch_size: int = 32) -> float:
-    probs = nli.predict([p for p, _, _ in pairs], [h for _, h, _ in pairs], batch_size=batch_size)
-    gold = torch.tensor([y for _, _, y in pairs])
-    return (probs.argmax(-1) == gold).float().mean().item()
-
-
-def finetune(model_dir, train_path, out_dir, valid_path=None, valid_fraction: float = 0.1, epochs: float = 1.0,
-             lr: float = 1e-5, batch_size: int = 16, eval_every: int = 0, seed: int = 0, max_steps=None,
-             progress: bool = True) -> dict:
-    """Fine-tune an NLI classifier with dpo.train (mode "sft" on ClassifierAsLM); keep the weights with the best
-    held-out accuracy; save them (HF layout + tokenizer files) to out_dir/model. Returns accuracies."""
-    from dpo import TrainConfig, load_trainable, train
-
-    nli = load_nli(model_dir)
-    src = _resolve(model_dir)
-    pairs = read_pairs(train_path)
-    if valid_path is not None:
-        train_pairs, valid_pairs = pairs, read_pairs(valid_path)
-    else:
-        shuffled = pairs[:]
-        random.Random(seed).shuffle(shuffled)
-        k = max(1, round(len(shuffled) * valid_fraction))
-        if k >= len(shuffled):
-            raise ValueError(f"{train_path}: {len(shuffled)} pairs are too few to hold out {k}")
-        valid_pairs, train_pairs = shuffled[:k], shuffled[k:]
-    before = accuracy(nli, valid_pairs)
-
-    pad = nli.model.config.pad_token_id
-    # labels in the checkpoint's own index space, so the saved model keeps its id2label
-    features = [{"input_ids": nli.encode(p, h), "labels": [-100, nli.order[y]]} for p, h, y in train_pairs]
-
-    def collate(batch: list[dict]) -> dict:
-        T = max(len(f["input_ids"]) for f in batch)
-        ids = torch.tensor([f["input_ids"] + [pad] * (T - len(f["input_ids"])) for f in batch])
-        return {"input_ids": ids, "labels": torch.tensor([f["labels"] for f in batch])}
-
-    net = ClassifierAsLM(nli.model)
-
-    def eval_fn(m) -> float:
-        return accuracy(nli, valid_pairs)  # nli.model is m.clf: the weights being trained
-
-    steps_per_epoch = max(1, len(features) // batch_size)
-    cfg = TrainConfig(mode="sft", out_dir=str(Path(out_dir) / "train"), batch_size=batch_size, lr=lr, epochs=epochs,
-                      max_steps=max_steps, seed=seed, warmup_steps=min(100, steps_per_epoch // 10),
-                      eval_every=eval_every or steps_per_epoch, progress=progress)
-    result = train(net, cfg, features, collate, eval_fn=eval_fn, export=False)
-    if result["best_dir"] is not None:
-        load_trainable(net, Path(cfg.out_dir) / result["best_dir"])
-    nli.model.eval()
-    after = accuracy(nli, valid_pairs)
-    saved = save_classifier(nli.model, Path(out_dir) / "model", tokenizer_from=src)
-    report = {"train_pairs": len(train_pairs), "valid_pairs": len(valid_pairs), "valid_accuracy_before": before,
-              "valid_accuracy_after": after, "steps": result["step"], "model_dir": str(saved)}
-    tmp = Path(out_dir) / ".tmp-finetune.json"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, Path(out_dir) / "finetune.json")
-    return report
+    nli_predict(premises: list[str], hypotheses: list[str]) -> probs (N, 3) ordered (contradiction, neutral,
+    entailment), e.g. NLIClassifier.predict, called on batch_size pairs at a time. The label is the persona with
+    the highest entailment probability if that probability is >= threshold, else None. Apply the labels with
+    data.relabel(examples, labels)."""
+    pairs = _pairs([e.response for e in examples], [e.personas for e in examples])
+    entail = [e for s in range(0, len(pairs), batch_size)
+              for e in _entailment_probs(nli_predict, pairs[s:s + batch_size])[:, 2].tolist()]
+    labels: list[int | None] = [None] * len(examples)
+    best = [threshold] * len(examples)
+    for (k, i, _, _), e in zip(pairs, entail):
+        if e >= best[k] and (labels[k] is None or e > best[k]):  # strict > keeps the lower index on ties
+            labels[k], best[k] = i, e
+    return labels
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="RoBERTa NLI for PAL: predict, or fine-tune on labelled pairs")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    ft = sub.add_parser("finetune", help="fine-tune on JSONL {premise, hypothesis, label} pairs")
-    ft.add_argument("--model", required=True, help="local dir or hub id of a RobertaForSequenceClassification")
-    ft.add_argument("--train", required=True, help="JSONL training pairs")
-    ft.add_argument("--valid", default=None, help="JSONL held-out pairs (default: --valid-fraction of --train)")
-    ft.add_argument("--valid-fraction", type=float, default=0.1)
-    ft.add_argument("--out", required=True, help="output directory (model/ in HF layout, train/, finetune.json)")
-    ft.add_argument("--epochs", type=float, default=1.0)
-    ft.add_argument("--max-steps", type=int, default=None)
-    ft.add_argument("--lr", type=float, default=1e-5)
-    ft.add_argument("--batch-size", type=int, default=16)
-    ft.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0: each epoch)")
-    ft.add_argument("--seed", type=int, default=0)
-    pr = sub.add_parser("predict", help="probabilities for one pair")
-    pr.add_argument("--model", required=True)
-    pr.add_argument("--premise", required=True)
-    pr.add_argument("--hypothesis", required=True)
+    ap = argparse.ArgumentParser(description="RoBERTa NLI for PAL: probabilities for one (premise, hypothesis) "
+                                 "pair. Fine-tuning: python extras/nli_finetune.py")
+    ap.add_argument("--model", required=True, help="local dir or hub id of a RobertaForSequenceClassification")
+    ap.add_argument("--premise", required=True)
+    ap.add_argument("--hypothesis", required=True)
     args = ap.parse_args(argv)
-    if args.cmd == "finetune":
-        report = finetune(args.model, args.train, args.out, valid_path=args.valid, valid_fraction=args.valid_fraction,
-                          epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, eval_every=args.eval_every,
-                          seed=args.seed, max_steps=args.max_steps)
-        print(json.dumps(report, indent=2))
-    else:
-        probs = load_nli(args.model).predict([args.premise], [args.hypothesis])[0]
-        print(json.dumps({name: round(p, 4) for name, p in zip(NLI_LABELS, probs.tolist())}))
+    probs = load_nli(args.model).predict([args.premise], [args.hypothesis])[0]
+    print(json.dumps({name: round(p, 4) for name, p in zip(NLI_LABELS, probs.tolist())}))
 
 
 if __name__ == "__main__":

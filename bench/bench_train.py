@@ -16,6 +16,8 @@ Peak memory is the process's ru_maxrss, each config measured in its own fresh pr
 Tokens/s: 2048 / (median time of the timed steps), after one warm-up step.
 """
 import argparse
+import contextlib
+import copy
 import json
 import os
 import resource
@@ -25,14 +27,18 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import dpo  # noqa: E402
+import model as modeling  # noqa: E402
+from extras.smol import smol_model_dir  # noqa: E402
 
 B, T, PROMPT = 8, 256, 64
 
 
 def make_batches(vocab: int):
-    import torch
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (B, T), generator=g)
     labels = ids.clone()
@@ -50,7 +56,6 @@ def make_batches(vocab: int):
 
 def wrap_lora_hf(hf):
     """The same LoRA layer (model.LoRALinear) around transformers' q/k/v/o and MLP linears."""
-    import model as modeling
     for p in hf.parameters():
         p.requires_grad_(False)
     for layer in hf.model.layers:
@@ -61,13 +66,7 @@ def wrap_lora_hf(hf):
 
 
 def run_one(impl: str, mode: str, adapt: str, prec: str, steps: int) -> dict:
-    import copy
-    import contextlib
-    import torch
-    import dpo
-    import model as modeling
-
-    path = modeling.resolve_model_dir("smol")
+    path = smol_model_dir()
     torch.manual_seed(0)
     if impl == "ours":
         m = modeling.load_model(path)
@@ -75,7 +74,7 @@ def run_one(impl: str, mode: str, adapt: str, prec: str, steps: int) -> dict:
             modeling.add_lora(m, r=8, alpha=16)
         logps_fn = lambda net, ids, labels: dpo.model_logps(net, ids, labels)  # noqa: E731
     else:
-        import transformers
+        import transformers  # here only: "ours" rows must not pay transformers' import in their peak memory
         m = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
         if adapt == "lora":
             wrap_lora_hf(m)

@@ -68,13 +68,9 @@ def ref_gpt2():
 
 
 @pytest.fixture(scope="module")
-def gpt2(ref_gpt2):
-    """Our GPT-2 tokenizer (data.load_tokenizer) when data.py has it, else the reference adapter."""
-    try:
-        from data import load_tokenizer
-    except ImportError:
-        return ref_gpt2
-    return load_tokenizer(str(shared_file("tokenizers/gpt2/encoder.json").parent))
+def gpt2():
+    """Our GPT-2 tokenizer (data.load_tokenizer); ref_gpt2 is the reference it is checked against."""
+    return pd.load_tokenizer(shared_file("tokenizers/gpt2/encoder.json").parent)
 
 
 @pytest.fixture(scope="module")
@@ -124,27 +120,6 @@ def test_convai2_valid_candidates():
     assert all(e.persona_label is None for e in ex)
 
 
-def test_zh_samples():
-    dialogues = pd.read_zh_samples(shared_file("data/zh_samples/Person_Dialog_ZH_train.txt"))
-    ex = pd.make_examples(dialogues)
-    assert len(ex) == 36 + 1  # 36 [SEP] lines, the last block has none after it
-    e0 = ex[0]
-    assert e0.personas == ["我会在两个月内搬去上海。", "我最喜欢的乐队是黑豹乐队。", "我在加油站做出纳。"]
-    assert e0.history == [] and e0.response == "你的歌声真美妙，离你很远都听见了。"
-    # the other speaker answers; both speakers of a conversation share its dialogue_id
-    b = next(e for e in ex if e.response == "我以为没人呢，被我的歌声吓到了吗？")
-    assert b.personas[0] == "我喜欢唱歌。" and b.history == [e0.response] and b.dialogue_id == e0.dialogue_id
-    # every example's history is the conversation so far: rebuilt it from the file order of blocks
-    text = shared_file("data/zh_samples/Person_Dialog_ZH_train.txt").read_text(encoding="utf-8")
-    blocks = [b.strip().split("\n") for b in text.split("[SEP]") if b.strip()]
-    by_resp = {(tuple(e.history), e.response) for e in ex}
-    for blk in blocks:
-        hist = [u for u in blk[1].split("<|endoftext|>") if u]
-        resp = blk[2].replace("<|endoftext|>", "")
-        assert (tuple(hist), resp) in by_resp
-    assert dialogues.stats.dialogues == 3
-
-
 def test_example_json_round_trip(pc_valid):
     _, ex = pc_valid
     for e in ex[:50]:
@@ -154,7 +129,6 @@ def test_example_json_round_trip(pc_valid):
 
 
 def test_read_dialogues_dispatch(tmp_path):
-    assert len(pd.read_dialogues(shared_file("data/zh_samples/Person_Dialog_ZH_test.txt"))) > 0
     p = write(tmp_path, "x.jsonl", json.dumps([["a b."], ["hi"], "yo"]) + "\n")
     assert pd.make_examples(pd.read_dialogues(p))[0].response == "yo"
 
@@ -186,7 +160,7 @@ def test_both_and_revised_files(tmp_path):
     write(tmp_path, "valid_self_revised.txt", GOOD)
     splits, info = pd.load_splits(tmp_path, variant="revised")
     assert info.carved and sum(len(v) for v in splits.values()) == 3
-    with pytest.raises(FileNotFoundError, match="download"):
+    with pytest.raises(FileNotFoundError, match="extras/download.py"):
         pd.load_splits(tmp_path / "nowhere")
 
 
@@ -251,16 +225,6 @@ def test_baidu_jsonl(tmp_path):
                         ('[["p"], ["h"], "r"]\n[["p"], ["h"], "r", 7]\n', ".*outside")]:
         with pytest.raises(pd.DataFormatError, match=rf"b2\.jsonl:2: {reason}"):
             pd.read_baidu_jsonl(write(tmp_path, "b2.jsonl", bad))
-
-
-def test_zh_malformed(tmp_path):
-    p = write(tmp_path, "z.txt", "我会滑雪。\n<|endoftext|>\n你好<|endoftext|>\n[SEP]\n我会滑雪。\n你好<|endoftext|>\n"
-                                "嗨<|endoftext|>\n")
-    with pytest.raises(pd.DataFormatError, match=r"z\.txt:6: history line must start"):
-        pd.read_zh_samples(p)
-    p = write(tmp_path, "z2.txt", "我会滑雪。\n<|endoftext|>\n[SEP]\n")
-    with pytest.raises(pd.DataFormatError, match=r"z2\.txt:1: block of 2 lines"):
-        pd.read_zh_samples(p)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -334,6 +298,10 @@ def test_lexical_labels_rules():
     assert pd.lexical_persona_label(["dogs rule.", "dogs rule."], "dogs") == 0
     assert pd.lexical_persona_label(["我喜欢猫。", "我是护士。"], "我在给我的小猫喂食呢。") == 0
     assert pd.lexical_persona_label(["我喜欢猫。", "我是护士。"], "今天天气很好。") is None
+    # one CJK test (BERT's ideograph ranges) for content words, detect_lang and WordPiece: kana/hangul are not CJK
+    assert pd.CJK_CHAR.fullmatch("猫") and pd.CJK_CHAR.fullmatch("\u3400") and not pd.CJK_CHAR.search("カナ한글a")
+    assert pd.content_words("\u3400\u3401") == {"\u3400", "\u3401", "\u3400\u3401"}
+    assert pd.detect_lang([pd.Example(["カナ"], [], "한글", None, 0)]) == "en"
 
 
 def test_label_distribution_on_valid(pc_valid):
@@ -344,37 +312,13 @@ def test_label_distribution_on_valid(pc_valid):
     assert dist["labelled"] + dist["by_index"][None] == 7801
 
 
-def test_nli_labels():
+def test_relabel():
     ex = [pd.Example(["i ski.", "i swim."], ["hi"], "i swim a lot", None, 0),
-          pd.Example(["i ski.", "i swim."], ["hi"], "hello", None, 1)]
-    calls = []
-
-    def nli(premises, hypotheses):  # entails when the hypothesis' verb appears in the premise
-        calls.append(len(premises))
-        ent = [0.9 if h.split()[1].rstrip(".") in p else 0.1 for p, h in zip(premises, hypotheses)]
-        return torch.tensor([[(1 - e) / 2, (1 - e) / 2, e] for e in ent])
-
-    labels = pd.nli_persona_labels(ex, nli, threshold=0.5, batch_size=3)
-    assert labels == [1, None] and calls == [3, 1]
-    assert [e.persona_label for e in pd.relabel(ex, labels)] == [1, None]
-
-
-def test_stats_with_nli_labels(tmp_path, monkeypatch, capsys):
-    """`stats --labels nli` loads nli.load_nli lazily and labels with it (a fake module stands in here)."""
-    import sys
-    import types
-
-    class FakeNLI:
-        def predict(self, premises, hypotheses):  # entailment iff the persona's last word is in the response
-            ent = [1.0 if h.rstrip(".").split()[-1] in p else 0.0 for p, h in zip(premises, hypotheses)]
-            return torch.tensor([[0.0, 1 - e, e] for e in ent])
-
-    monkeypatch.setitem(sys.modules, "nli", types.SimpleNamespace(load_nli=lambda path: FakeNLI()))
-    write(tmp_path, "valid_self_original.txt", GOOD)
-    pd.main(["stats", "--data-dir", str(tmp_path), "--labels", "nli", "--nli-model", "x"])
-    out = capsys.readouterr().out
-    # "hello , i am a nurse ." -> "i am a nurse." ; "yes , two cats ." -> "i love cats." ; "hey" -> none
-    assert "NLI entailment >= 0.5" in out and "valid_self_original.txt (all of it): 2 of 3 examples" in out
+          pd.Example(["i ski.", "i swim."], ["hi"], "hello", 0, 1)]
+    assert [e.persona_label for e in pd.relabel(ex, [1, None])] == [1, None]
+    assert [e.persona_label for e in ex] == [None, 0]  # copies: the originals keep their labels
+    with pytest.raises(ValueError, match="1 labels for 2 examples"):
+        pd.relabel(ex, [1])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -521,6 +465,7 @@ def test_collate_sft_masks_from_lengths():
     assert b["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert b["labels"].tolist() == [[-100, 6, eos, -100, -100], [-100, -100, 9, 10, eos]]
     assert all(v.dtype == torch.long for v in b.values())
+    assert pd.IGNORE == -100  # the one ignore index (dpo.py imports it)
     with pytest.raises(ValueError, match="labels"):
         pd.collate_sft([{"input_ids": [1, 2], "labels": [1]}])
 
@@ -568,13 +513,8 @@ def test_dpo_features(gpt2, ref_gpt2, pc_valid):
 def test_llama3_chat_labels():
     """With a real instruct tokenizer (data.py's Llama 3 tiktoken + chat format) the labels are the response's
     ids followed by <|eot_id|>, and the prompt is exactly what generation starts from."""
-    try:
-        from data import load_tokenizer
-    except ImportError:
-        pytest.skip("data.load_tokenizer is not there yet")
-    tok = load_tokenizer(str(shared_file("tokenizers/llama3/tokenizer.model").parent))
-    if not tok.has_chat:
-        pytest.skip("this tokenizer has no chat format")
+    tok = pd.load_tokenizer(shared_file("tokenizers/llama3/tokenizer.model").parent)
+    assert tok.has_chat
     eot = 128009
     for mode in pd.MODES:
         f = pd.encode_example(tok, EX, mode)

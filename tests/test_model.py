@@ -1,4 +1,7 @@
-"""model.py against transformers (the oracle) on tiny random checkpoints saved in the official layout.
+"""model.py against transformers (the oracle): tiny random checkpoints saved in the official layout (logits,
+padding, generation, bad checkpoints, hub cache), the configs of the real checkpoints the project names, LoRA
+(merged == unmerged, disabled == base, trainable count == formula, adapters round-trip) and save_model
+(transformers loads what we write and gives our logits).
 
 Every run draws a fresh seed (printed, and reproducible with PAL_TEST_SEED=...), so the checks are not tuned
 to one lucky set of weights.
@@ -11,11 +14,13 @@ import socket
 
 import pytest
 import torch
+from conftest import shared_file
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
 import model as M  # noqa: E402
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
 SEED = int(os.environ.get("PAL_TEST_SEED", random.SystemRandom().randrange(2**31)))
 print(f"[test_model] seed {SEED} (rerun with PAL_TEST_SEED={SEED})")
@@ -91,7 +96,6 @@ def test_llama_logits_match_transformers(tmp_path, variant):
 def test_llama3_rope_scaling_changes_frequencies():
     """The scaled frequencies equal transformers' own rope init, and differ from the unscaled ones (test can fail)."""
     kw = {**LLAMA_BASE, "rope_theta": 500000.0, "rope_scaling": LLAMA3_SCALING}
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     hf_cfg = transformers.LlamaConfig(**kw)
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
     cfg = M.LlamaConfig.from_hf(hf_cfg.to_dict())
@@ -127,7 +131,6 @@ def test_gpt2_logits_match_transformers(tmp_path, prefix):
 
 
 def test_gpt2_chinese_config():
-    from conftest import shared_file
     hf = json.loads(shared_file("tokenizers/gpt2-chinese/config.json").read_text())
     cfg = M.GPT2Config.from_hf(hf)
     assert (cfg.vocab_size, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_positions) == (21128, 12, 768, 12, 1024)
@@ -269,6 +272,42 @@ def test_wrong_shape_names_both_shapes(llama_dir):
         M.load_model(llama_dir)
 
 
+def test_truncated_checkpoint_is_a_clear_error(llama_dir):
+    f = llama_dir / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])                    # a download cut short
+    with pytest.raises(M.CheckpointError, match=r"model\.safetensors: not a complete safetensors file"):
+        M.load_model(llama_dir)
+
+
+def test_hidden_only_times_output_weight_is_the_logits(tmp_path):
+    for family, make in (("llama", lambda p: hf_llama(p, tie_word_embeddings=False)), ("gpt2", hf_gpt2)):
+        make(tmp_path / family)
+        ours = M.load_model(tmp_path / family)
+        ids = random_ids(ours.config.vocab_size, 2, 7)
+        with torch.no_grad():
+            hidden = ours(ids, hidden_only=True)
+            assert hidden.shape == (2, 7, ours.output_weight.shape[1])
+            torch.testing.assert_close(hidden @ ours.output_weight.T, ours(ids), rtol=0, atol=1e-5)
+            torch.testing.assert_close(ours(ids, last_only=True, hidden_only=True), hidden[:, -1:], rtol=0, atol=0)
+    assert ours.output_weight is ours.wte.weight
+
+
+def test_atomic_path_replaces_files_and_directories_or_leaves_nothing(tmp_path):
+    M.write_json(tmp_path / "a.json", {"x": "é"})
+    assert (tmp_path / "a.json").read_text(encoding="utf-8") == '{\n  "x": "é"\n}\n'
+    for text in ("old", "new"):                              # a directory replaced as a whole
+        with M.atomic_path(tmp_path / "d") as tmp:
+            tmp.mkdir()
+            (tmp / "f").write_text(text)
+    assert (tmp_path / "d" / "f").read_text() == "new"
+    with pytest.raises(RuntimeError):
+        with M.atomic_path(tmp_path / "a.json") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash while writing")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "d"]   # no temporary left, old file kept
+    assert "é" in (tmp_path / "a.json").read_text(encoding="utf-8")
+
+
 # ------------------------------------------------------------------------------ names, hub cache, dtypes
 
 def test_hub_id_from_local_cache_without_network(tmp_path, monkeypatch, llama_dir):
@@ -325,3 +364,233 @@ def test_generate_respects_gpt2_context_and_int_stop(tmp_path):
     free = M.generate(ours, [prompt], 29, stop_ids=None)[0]   # positions 0..127: exactly fits
     assert len(free) == 29
     assert M.generate(ours, [prompt], 29, stop_ids=free[3])[0] == free[:free.index(free[3])]
+
+
+# ---------------------------------------------------------------------------------------------- configs of real checkpoints
+# (written here from their published config.json files): our model built on the meta device has exactly
+# the parameters, names and shapes of transformers' model.
+
+LLAMA31_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                  rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=128000,
+                  eos_token_id=[128001, 128008, 128009],
+                  rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192, "rope_type": "llama3"})
+LLAMA32_1B = dict(LLAMA31_8B, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, head_dim=64,
+                  tie_word_embeddings=True, rope_scaling={**LLAMA31_8B["rope_scaling"], "factor": 32.0})
+LLAMA2_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                 rms_norm_eps=1e-5, rope_scaling=None, tie_word_embeddings=False, pretraining_tp=1)
+SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                    num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                    rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+GPT2_SMALL = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+DIALOGPT_MEDIUM = dict(GPT2_SMALL, n_ctx=1024, n_embd=1024, n_layer=24, n_head=16)
+
+CONFIGS = {"llama3.1-8b": LLAMA31_8B, "llama3.2-1b": LLAMA32_1B, "llama2-7b": LLAMA2_7B,
+           "smollm2-135m": SMOLLM2_135M, "gpt2": GPT2_SMALL, "dialogpt-medium": DIALOGPT_MEDIUM,
+           "gpt2-chinese": None}
+
+
+def hf_model_on_meta(hf: dict):
+    cfg = transformers.AutoConfig.for_model(**hf)
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_real_configs_build_the_same_parameters(name):
+    hf = CONFIGS[name]
+    if hf is None:
+        hf = json.loads(shared_file("tokenizers/gpt2-chinese/config.json").read_text())
+    cfg = M.config_from_hf(hf)
+    assert type(cfg).from_hf(cfg.to_hf()) == cfg
+    with torch.device("meta"):
+        ours = M.build_model(cfg)
+    ref = hf_model_on_meta(hf)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    for name_, p in ours.state_dict().items():
+        key = M.hf_name(ours, name_)
+        want = ref_shapes[key]
+        if M.is_transposed(ours, name_):
+            want = want[::-1]
+        assert tuple(p.shape) == want, (name_, key)
+
+
+def test_llama31_rope_frequencies_match_transformers():
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in LLAMA31_8B.items() if k != "model_type"})
+    ref, scale = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    assert scale == 1.0
+    torch.testing.assert_close(M.rope_inv_freq(M.config_from_hf(LLAMA31_8B)), ref.float(), rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+LORA_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+             rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 32},
+             tie_word_embeddings=True, model_type="llama")
+LORA_GPT2 = dict(vocab_size=120, n_positions=64, n_embd=48, n_layer=2, n_head=4, model_type="gpt2")
+
+
+def fresh(family, **over):
+    torch.manual_seed(SEED)
+    cfg = M.config_from_hf({**(LORA_LLAMA if family == "llama" else LORA_GPT2), **over})
+    m = M.build_model(cfg).eval()
+    with torch.no_grad():   # RMSNorm / LayerNorm weights start at 1: make them random too
+        for name, p in m.named_parameters():
+            if "norm" in name or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def ids_for(m, B=2, T=10):
+    return torch.randint(0, m.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(SEED + 1))
+
+
+def randomize_lora_B(m):
+    with torch.no_grad():
+        for layer in M.lora_layers(m).values():
+            layer.lora_B.normal_(0, 0.05)
+
+
+def expected_lora_params(family, cfg, r, targets):
+    """Trainable LoRA parameters from the config alone: r * (in + out) per wrapped matrix per layer."""
+    if family == "llama":
+        C, I, H, Hkv, D = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                           cfg.num_key_value_heads, cfg.head_dim)
+        shapes = {"q": [(C, H * D)], "k": [(C, Hkv * D)], "v": [(C, Hkv * D)], "o": [(H * D, C)],
+                  "mlp": [(C, I), (C, I), (I, C)]}
+        L = cfg.num_hidden_layers
+    else:
+        C = cfg.n_embd
+        shapes = {"qkv": [(C, 3 * C)], "o": [(C, C)], "mlp": [(C, 4 * C), (4 * C, C)]}
+        targets = {"qkv" if t in "qkv" else t for t in targets}
+        L = cfg.n_layer
+    return L * sum(r * (i + o) for t in targets for i, o in shapes[t])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("targets", [("q", "k", "v", "o", "mlp"), ("q", "v")])
+def test_lora_trainable_count_and_identity_at_start(family, targets):
+    m = fresh(family)
+    ids = ids_for(m)
+    with torch.no_grad():
+        base = m(ids)
+    wrapped = M.add_lora(m, r=4, alpha=8, targets=targets)
+    assert wrapped and all(isinstance(m.get_submodule(n), M.LoRALinear) for n in wrapped)
+    trainable = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    assert all(n.endswith(("lora_A", "lora_B")) for n, _ in trainable)
+    assert sum(p.numel() for _, p in trainable) == expected_lora_params(family, m.config, 4, targets)
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), base, rtol=0, atol=0)   # B = 0: identical at the start
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lora_merged_equals_unmerged_and_disabled_equals_base(family):
+    m = fresh(family)
+    ids = ids_for(m)
+    with torch.no_grad():
+        base = m(ids)
+    emb = (m.embed if family == "llama" else m.wte).weight.clone()
+    M.add_lora(m, r=4, alpha=8, dropout=0.1)
+    randomize_lora_B(m)
+    m.eval()
+    assert not any(layer.merged for layer in M.lora_layers(m).values()), ".eval() must not merge"
+    with torch.no_grad():
+        adapted = m(ids)
+        assert (adapted - base).abs().max() > 1e-3         # the adapters really change the output
+        with M.lora_disabled(m):
+            torch.testing.assert_close(m(ids), base, rtol=0, atol=1e-6)
+        M.merge_lora(m)
+        torch.testing.assert_close(m(ids), adapted, rtol=0, atol=1e-5)
+        with pytest.raises(RuntimeError, match="unmerge"):
+            with M.lora_disabled(m):
+                pass
+        M.unmerge_lora(m)
+        torch.testing.assert_close(m(ids), adapted, rtol=0, atol=1e-5)
+    # the tied output projection is still the (unchanged, frozen) embedding
+    emb_now = (m.embed if family == "llama" else m.wte).weight
+    assert torch.equal(emb_now, emb) and not emb_now.requires_grad
+
+
+def test_lora_gradients_reach_only_adapters():
+    m = fresh("llama")
+    M.add_lora(m, r=2, alpha=4)
+    randomize_lora_B(m)
+    m.train()
+    logits = m(ids_for(m))
+    logits.float().logsumexp(-1).mean().backward()
+    for n, p in m.named_parameters():
+        if n.endswith(("lora_A", "lora_B")):
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n
+
+
+def adapted(family):
+    """A fresh model with r=4 adapters whose B is random (so they change the output), input ids, and its logits."""
+    m = fresh(family)
+    M.add_lora(m, r=4, alpha=8)
+    randomize_lora_B(m)
+    ids = ids_for(m)
+    with torch.no_grad():
+        return m, ids, m(ids)
+
+
+def test_lora_save_load_round_trip(tmp_path):
+    m, ids, want = adapted("llama")
+    M.save_lora(m, tmp_path / "adapter.safetensors")
+    assert not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter.safetensors"]   # atomic: no temporary left
+    other = fresh("llama")
+    M.add_lora(other, r=4, alpha=8)    # different random A, zero B
+    M.load_lora(other, tmp_path / "adapter.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(other(ids), want, rtol=0, atol=0)
+    wrong = fresh("llama")
+    M.add_lora(wrong, r=2, alpha=8)
+    with pytest.raises(M.CheckpointError, match="lora_A"):
+        M.load_lora(wrong, tmp_path / "adapter.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- save_model
+
+@pytest.mark.parametrize("family,over", [("llama", {}), ("llama", dict(tie_word_embeddings=False, attention_bias=True)),
+                                         ("gpt2", {})])
+def test_save_model_loads_in_transformers(tmp_path, family, over):
+    m = fresh(family, **over)
+    ids = ids_for(m)
+    M.save_model(m, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(ref).__name__ == ("LlamaForCausalLM" if family == "llama" else "GPT2LMHeadModel")
+    with torch.no_grad():
+        err = (m(ids) - ref(ids).logits).abs().max().item()
+    assert err < 1e-5, err
+    again = M.load_model(tmp_path)           # and our own loader reads it back exactly
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), m(ids), rtol=0, atol=0)
+
+
+def test_save_model_with_lora_writes_merged_weights(tmp_path):
+    m, ids, want = adapted("gpt2")
+    M.save_model(m, tmp_path)
+    assert not any(layer.merged for layer in M.lora_layers(m).values())   # saving does not mutate the model
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        err = (ref(ids).logits - want).abs().max().item()
+    assert err < 1e-5, err
+
+
+def test_save_model_bf16(tmp_path):
+    m = fresh("llama").to(torch.bfloat16)
+    M.save_model(m, tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert ref.dtype == torch.bfloat16
+    sd_ours = M.hf_state_dict(m)
+    for k, v in ref.state_dict().items():
+        if k in sd_ours:
+            assert torch.equal(v, sd_ours[k]), k

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import shared_file
 
+import data
 import nli as N
 
 LABELS = {0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"}  # roberta-large-mnli's order and spelling
@@ -15,31 +16,28 @@ LABELS = {0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"}  # roberta-large-mn
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny models run faster on one thread; on a busy 2-core machine intra-op threading made the fine-tuning
-    test 10x slower. Restored after this module."""
+    """Tiny models run faster on one thread (a busy 2-core machine is 10x slower with intra-op threading).
+    Restored after this module."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
 
 
-def _save_random_hf(d, vocab_size, id2label=LABELS, seed=0, layers=2, scale=0.3, dropout=0.1):
+def _save_random_hf(d, vocab_size, id2label=LABELS, seed=0, layers=2, scale=0.3):
     """A tiny random RobertaForSequenceClassification saved by transformers. Weights are re-drawn with a large
-    scale so that logits differ clearly between inputs (HF's 0.02 init makes every output nearly equal);
-    scale=None keeps HF's init (easier to fine-tune)."""
+    scale so that logits differ clearly between inputs (HF's 0.02 init makes every output nearly equal)."""
     import transformers
 
     cfg = transformers.RobertaConfig(
         vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=48,
         max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-        id2label=id2label, label2id={v: k for k, v in id2label.items()},
-        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+        id2label=id2label, label2id={v: k for k, v in id2label.items()})
     torch.manual_seed(seed)
     model = transformers.RobertaForSequenceClassification(cfg)
-    if scale is not None:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0.0, scale)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, scale)
     model.save_pretrained(d)
     return model.eval()
 
@@ -285,72 +283,36 @@ def test_c_score_with_real_classifier_matches_hf_argmax(roberta_text_dir, text_c
     assert per == want and score == pytest.approx(sum(want) / len(want))
 
 
-# ---------------------------------------------------------------------------------------------- fine-tuning
+# ---------------------------------------------------------------------------------------------- persona labels
 
 
-def _byte_tokenizer_dir(d):
-    """A RoBERTa-layout tokenizer with a 264-id vocab (the 256 byte symbols + 3 merges): tiny embeddings, fast."""
-    from data import byte_to_unicode
+def test_nli_persona_labels():
+    """Moved from tests/test_data_persona.py with nli_persona_labels itself (data.py -> nli.py)."""
+    ex = [data.Example(["i ski.", "i swim."], ["hi"], "i swim a lot", None, 0),
+          data.Example(["i ski.", "i swim."], ["hi"], "hello", None, 1)]
+    calls = []
 
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for b in range(256):
-        vocab[byte_to_unicode()[b]] = len(vocab)
-    merges = ["Ġ n", "o g", "Ġ y"]
-    for m in merges:
-        vocab[m.replace(" ", "")] = len(vocab)
-    vocab["<mask>"] = len(vocab)
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return len(vocab)
+    def nli(premises, hypotheses):  # entails when the hypothesis' verb appears in the premise
+        calls.append(len(premises))
+        ent = [0.9 if h.split()[1].rstrip(".") in p else 0.1 for p, h in zip(premises, hypotheses)]
+        return torch.tensor([[(1 - e) / 2, (1 - e) / 2, e] for e in ent])
 
-
-def test_finetune_cli_learns_and_saves_hf_layout(tmp_path):
-    """`nli.py finetune` through dpo.py's loop on a task a tiny model can learn (the label is a cue word):
-    held-out accuracy rises, and the saved model is a RobertaForSequenceClassification transformers loads."""
-    pytest.importorskip("dpo")
-    import transformers
-
-    src = tmp_path / "base"
-    src.mkdir()
-    _save_random_hf(src, vocab_size=_byte_tokenizer_dir(src), scale=None, dropout=0.0)  # HF's init: trainable
-    rng = random.Random(0)
-    words = "dogs cats skiing music nurse".split()
-    # one cue letter no other word has (z / q / y): learnable from a bag of tokens, wherever it lands
-    cue = {"contradiction": "zero", "neutral": "quite", "entailment": "yes"}
-    rows = []
-    for i in range(184):
-        y = rng.choice(N.NLI_LABELS)
-        rows.append({"premise": f"i like {rng.choice(words)}", "hypothesis": f"{cue[y]} , {rng.choice(words)}",
-                     "label": y.upper() if i % 2 else y})  # names are case-insensitive
-    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    out = tmp_path / "out"
-    N.main(["finetune", "--model", str(src), "--train", str(tmp_path / "pairs.jsonl"), "--out", str(out),
-            "--valid-fraction", "0.13", "--epochs", "5", "--lr", "5e-3", "--batch-size", "16", "--eval-every", "25",
-            "--seed", "0"])
-    report = json.loads((out / "finetune.json").read_text())
-    assert report["train_pairs"] == 160 and report["valid_pairs"] == 24 and report["steps"] == 50
-    assert report["valid_accuracy_after"] >= 0.75 > report["valid_accuracy_before"], report
-
-    # the saved directory: our loader and transformers agree on it, and it still predicts as trained
-    hf = transformers.RobertaForSequenceClassification.from_pretrained(str(out / "model")).eval()
-    ours = N.load_classifier(out / "model")
-    ids = torch.tensor([[0, 5, 6, 7, 2, 2, 8, 9, 2]])
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits, atol=1e-5, rtol=0)
-    assert hf.config.id2label == LABELS
-    clf = N.load_nli(out / "model")
-    acc = N.accuracy(clf, [(r["premise"], r["hypothesis"], N.NLI_LABELS.index(r["label"].lower())) for r in rows])
-    assert acc >= 0.75
+    labels = N.nli_persona_labels(ex, nli, threshold=0.5, batch_size=3)
+    assert labels == [1, None] and calls == [3, 1]
+    assert [e.persona_label for e in data.relabel(ex, labels)] == [1, None]
 
 
-def test_read_pairs_errors(tmp_path):
-    p = tmp_path / "bad.jsonl"
-    p.write_text('{"premise": "a", "hypothesis": "b", "label": "entailment"}\n{"premise": "a", "label": "neutral"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
-        N.read_pairs(p)
-    p.write_text('{"premise": "a", "hypothesis": "b", "label": "yes"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: label 'yes'"):
-        N.read_pairs(p)
+def test_nli_persona_labels_threshold_ties_and_shape():
+    ex = [data.Example(["a.", "b.", "c."], [], "r", None, 0)]
+
+    def fixed(ent):
+        return lambda p, h: torch.tensor([[0.0, 1 - e, e] for e in ent[:len(p)]])
+
+    assert N.nli_persona_labels(ex, fixed([0.6, 0.8, 0.8])) == [1]  # highest wins; a tie keeps the lower index
+    assert N.nli_persona_labels(ex, fixed([0.5, 0.2, 0.1])) == [0]  # the threshold itself counts
+    assert N.nli_persona_labels(ex, fixed([0.4, 0.2, 0.1])) == [None]
+    with pytest.raises(ValueError, match=r"expected \(3, 3\)"):
+        N.nli_persona_labels(ex, lambda p, h: torch.zeros(len(p), 2))
 
 
 def test_rename_table_covers_roberta_large_mnli_shapes():

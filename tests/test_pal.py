@@ -1,5 +1,7 @@
 """pal.py: the whole pipeline end to end on a tiny random GPT-2 (with GPT-2's real tokenizer), resume after a
 stage's output is deleted, and what each baseline / ablation flag changes."""
+import dataclasses
+import io
 import json
 import os
 from pathlib import Path
@@ -105,11 +107,23 @@ def _cfg(**kw):
     ("ft", [("dg", ["noprompt"])]),
 ])
 def test_variant_sft_tasks(variant, phases):
-    assert pal.sft_phases(_cfg(variant=variant)) == phases
+    sw = _cfg(variant=variant).switches()
+    assert pal.sft_phases(sw["tasks"], sw["fmt"]) == phases
 
 
 def test_tasks_flag_overrides_variant():
-    assert pal.sft_phases(_cfg(variant="pal", tasks="dg")) == [("dg", ["generate"])]
+    sw = _cfg(variant="pal", tasks="dg").switches()
+    assert pal.sft_phases(sw["tasks"], sw["fmt"]) == [("dg", ["generate"])]
+
+
+def test_every_run_option_is_declared_on_the_command_line(tmp_path):
+    """Each RunConfig field declares its option's type or choices; values outside the choices are refused."""
+    for f in dataclasses.fields(pal.RunConfig):
+        kind = f.metadata["kind"]
+        assert kind in (str, int, float) or (isinstance(kind, tuple) and f.default in kind + (None,)), f.name
+    with pytest.raises(SystemExit):
+        pal.main(["sft", "--run-dir", str(tmp_path / "r"), "--dtype", "fp8"])
+    assert not (tmp_path / "r").exists()
 
 
 class _Recorder:
@@ -171,7 +185,8 @@ def test_alignment_stage_of_variant(sft_run, tiny_model_dir, data_dir, variant, 
     rec.calls.clear()
     pal.main(["dpo", *args])
     if expect is None:  # w/o PA: no second stage; predict reads the SFT weights
-        assert rec.calls == [] and pal.final_weights(pal.load_run_config(run, {}), run) == run / "sft" / "final"
+        align = pal.load_run_config(run, {}).switches()["align"]
+        assert rec.calls == [] and pal.final_weights(align, run) == run / "sft" / "final"
         return
     (call,) = rec.calls
     assert call["mode"] == expect
@@ -185,10 +200,10 @@ def test_alignment_stage_of_variant(sft_run, tiny_model_dir, data_dir, variant, 
 def test_inference_strategy(tiny_model_dir, data_dir, strategy):
     cfg = pal.RunConfig(model=str(tiny_model_dir), data_dir=data_dir, limit=3, max_new_tokens=3,
                         select_max_new_tokens=3, strategy=strategy)
-    splits, lang = pal.load_data(cfg)
-    tok = pal.load_tok(cfg)
+    splits, lang = pal.load_data(data_dir, limit=3)
+    tok = pal.load_tokenizer(str(tiny_model_dir))
     m = modeling.load_model(str(tiny_model_dir))
-    rows = pal.select_then_generate(m, tok, splits["test"], cfg, lang)
+    rows = pal.select_then_generate(m, tok, splits["test"], lang, **pal.decoding(cfg))
     assert len(rows) == 3
     if strategy == "select":  # the model's own selection output is parsed; the gold label is never used
         assert all(r["selection_output"] is not None for r in rows)
@@ -199,7 +214,6 @@ def test_inference_strategy(tiny_model_dir, data_dir, strategy):
 
 
 def test_chat_in_the_terminal(tmp_path, tiny_model_dir, data_dir, capsys):
-    import io
     run = tmp_path / "run"
     modeling.save_model(modeling.load_model(str(tiny_model_dir)), run / "sft" / "final")
     cfg = pal.load_run_config(run, {"model": str(tiny_model_dir), "data_dir": data_dir, "variant": "wo_pa",

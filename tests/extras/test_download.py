@@ -1,4 +1,4 @@
-"""data.download_personachat against a local HTTP server on 127.0.0.1 serving archives built here.
+"""extras/download.py (download_personachat and its command line) against a local HTTP server on 127.0.0.1 serving archives built here.
 
 The reference is the archive the test builds: its bytes, its sha256 (hashlib) and its member files."""
 import hashlib
@@ -10,7 +10,8 @@ import threading
 
 import pytest
 
-import data as pd
+import data
+from extras import download
 
 VALID = ("1 your persona: i ski.\n2 your persona: i swim.\n3 hi !\thello , i ski .\n4 cool\tthanks\n"
          "1 your persona: i am a nurse.\n2 hey\thi\n")
@@ -21,10 +22,10 @@ def make_tgz(members: dict[str, str]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
         for name, text in members.items():
-            data = text.encode()
+            raw = text.encode()
             info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
+            info.size = len(raw)
+            tf.addfile(info, io.BytesIO(raw))
     return buf.getvalue()
 
 
@@ -75,25 +76,24 @@ def sha(b: bytes) -> str:
 
 def test_download_extract_and_reuse(server, tmp_path, capsys):
     data_dir = tmp_path / "data"
-    d = pd.download_personachat(data_dir, url=server + "/personachat.tgz", sha256=sha(GOOD), size=len(GOOD))
+    d = download.download_personachat(data_dir, url=server + "/personachat.tgz", sha256=sha(GOOD), size=len(GOOD))
     assert d == data_dir / "personachat"
     assert (d / "valid_self_original.txt").read_text() == VALID and (d / "train_self_original.txt").read_text() == TRAIN
     assert sorted(os.listdir(data_dir)) == ["personachat"]  # no temporary directory or archive left
     assert "extracted to" in capsys.readouterr().out
     # present -> no network at all (this URL would fail)
-    assert pd.download_personachat(data_dir, url="http://127.0.0.1:9/nothing.tgz") == d
+    assert download.download_personachat(data_dir, url="http://127.0.0.1:9/nothing.tgz") == d
     # and the parsers read it through the same directory argument
-    splits, info = pd.load_splits(data_dir)
+    splits, info = data.load_splits(data_dir)
     assert info.carved and sum(len(v) for v in splits.values()) == 4
     # the command line does the same
-    pd.main(["download", "--data-dir", str(tmp_path / "cli"), "--url", server + "/personachat.tgz",
-             "--sha256", sha(GOOD)])
+    download.main(["--data-dir", str(tmp_path / "cli"), "--url", server + "/personachat.tgz", "--sha256", sha(GOOD)])
     assert "valid_self_original.txt" in capsys.readouterr().out
 
 
 def test_existing_local_directory(tmp_path):
     (tmp_path / "valid_self_original.txt").write_text(VALID)
-    assert pd.download_personachat(tmp_path, url="http://127.0.0.1:9/x.tgz") == tmp_path
+    assert download.download_personachat(tmp_path, url="http://127.0.0.1:9/x.tgz") == tmp_path
 
 
 @pytest.mark.parametrize("path,kw,match", [
@@ -109,7 +109,7 @@ def test_bad_downloads_leave_nothing(server, tmp_path, path, kw, match):
     existing.mkdir()
     for data_dir in (fresh, existing):
         with pytest.raises(Exception, match=match):
-            pd.download_personachat(data_dir, url=server + path, **kw)
+            download.download_personachat(data_dir, url=server + path, **kw)
     assert not fresh.exists()
     assert os.listdir(existing) == []
     assert not (tmp_path / "escape_self_original.txt").exists()
