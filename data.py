@@ -1,24 +1,12 @@
-"""Text for PAL: Part 1 turns text into token ids, Part 2 turns persona dialogues into training batches.
-
-Read top to bottom:
-  Part 1. Tokenizers rebuilt from a model directory's own files, tested id for id against Hugging Face's
-      (tests/test_data_tokenizers.py; transformers is never imported here): Tokenizer (interface, chat formats)
-      -> BPETokenizer (tiktoken: GPT-2, DialoGPT, SmolLM2, RoBERTa, Llama 3) and its loaders
-      -> SentencePieceTokenizer (Llama 2) -> WordPieceTokenizer (GPT-2 Chinese) -> load_tokenizer(local path).
-  Part 2. PERSONA-CHAT / ConvAI2 (ParlAI text) and Baidu-Persona-Chat (JSON lines; extras/zh_samples.py
-      converts the Chinese samples of ../shared/data/zh_samples to them) -> PAL's examples, prompts, batches:
+"""Text for PAL. Part 1: tokenizers, text <-> token ids. Part 2: persona dialogues -> training batches:
 
     files ──parse──> Dialogue(personas, turns) ──make_examples──> Example(personas, history, response, label)
           ──splits──> {"train", "valid1", "valid2", "test"} ──prompts──> (prompt text, target text)
           ──encode──> feature {"input_ids", "labels"} (python lists) ──collate──> batch of LongTensors (B, T)
 
-Bad input never disappears silently: a line that cannot be parsed raises `DataFormatError` naming the
-file, the line number and the line; the irregularities that have a documented rule (blank lines, invalid
-UTF-8, empty dialogues, missing responses, odd numbering, `__SILENCE__` openers) are counted in the
-`ParseStats` object attached to what the parsers return (`dialogues.stats`).
-
-`python data.py stats --data-dir DIR` prints the paper's Table 1 and the persona-label distribution
-(`python extras/download.py --data-dir DIR` fetches PERSONA-CHAT).
+Bad input never disappears silently: a line that cannot be parsed raises DataFormatError naming file, line
+number and line; irregularities with a documented rule are counted in the parsers' ParseStats (`.stats`).
+`python data.py stats --data-dir DIR` prints the paper's Table 1 and the persona-label distribution.
 """
 from __future__ import annotations
 
@@ -30,8 +18,7 @@ import random
 import re
 import unicodedata
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import accumulate
 from pathlib import Path
@@ -48,21 +35,15 @@ IGNORE = -100  # THE label value that is not a target (prompt, padding); dpo.py 
 # Part 1. Tokenizers
 # ==============================================================================================================
 #
-# One small class per algorithm, one loader that looks at a model directory and picks the right one:
-#
-#   files in the directory                         -> tokenizer              used by
-#   tokenizer.json (BPE, byte-level)               -> BPETokenizer           GPT-2, DialoGPT, SmolLM2, RoBERTa, Llama 3 (HF)
-#   vocab.json + merges.txt / encoder.json + vocab.bpe -> BPETokenizer       GPT-2, DialoGPT, RoBERTa
-#   tokenizer.model or original/tokenizer.model    -> BPETokenizer           Llama 3 / 3.1 (tiktoken format)
-#     in tiktoken format (base64 token + rank)
-#   tokenizer.model (sentencepiece protobuf)       -> SentencePieceTokenizer Llama 2
-#   vocab.txt (+ config.json/tokenizer_config.json) -> WordPieceTokenizer    GPT-2 Chinese (uer), BERT
-# (SmolLM2's GGUF file becomes such a directory with tokenizer.json through extras/smol.py.)
-#
-# The rule for every tokenizer: `encode(text)` never turns text into a special token. "<|endoftext|>" typed by a
-# user becomes the ids of the characters "<", "|", "endoftext", ...; special ids are only put in by code
-# (`chat`, `encode_pair`, `bos=True`, the data collators). That makes prompt injection through data impossible
-# and keeps the ids of a dialogue independent of what its text happens to contain.
+# Rebuilt from a model directory's own files, tested id for id against Hugging Face's (tests/test_data_tokenizers.py).
+# One class per algorithm; load_tokenizer picks by the files present:
+#   tokenizer.json (byte-level BPE), vocab.json + merges.txt, encoder.json + vocab.bpe
+#                                       -> BPETokenizer            GPT-2, DialoGPT, SmolLM2, RoBERTa, Llama 3
+#   [original/]tokenizer.model, tiktoken text format -> BPETokenizer  Llama 3 / 3.1
+#   tokenizer.model, sentencepiece protobuf          -> SentencePieceTokenizer  Llama 2
+#   vocab.txt                           -> WordPieceTokenizer      GPT-2 Chinese (uer), BERT
+# The rule for all: encode(text) never makes a special token ("<|endoftext|>" in user text is encoded as its
+# characters); only code puts special ids in (chat, encode_pair, bos=True), so data cannot inject them.
 
 GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # SmolLM2 (tokenizer.json: Sequence[Digits(individual_digits=True), ByteLevel]) = GPT-2's split applied to the
@@ -96,49 +77,27 @@ def byte_to_unicode() -> dict[int, str]:
     return {b: chr(b) if b in keep else chr(256 + shifted.index(b)) for b in range(256)}
 
 
-@lru_cache(maxsize=1)
-def _unicode_to_byte() -> dict[str, int]:
-    return {c: b for b, c in byte_to_unicode().items()}
-
-
-def _token_bytes(token: str, where: str) -> bytes:
-    """A byte-level vocab string ("Ġhello") -> the raw bytes it stands for (b" hello")."""
-    inverse = _unicode_to_byte()
-    bad = next((c for c in token if c not in inverse), None)
-    if bad is not None:
-        raise TokenizerError(f"{where}: token {token!r} has character {bad!r} outside GPT-2's byte alphabet")
-    return bytes(inverse[c] for c in token)
-
-
 class Tokenizer:
-    """Common interface. Subclasses set the attributes below and implement `encode` / `decode`.
-
-    ids are the model's embedding rows. `specials` maps special-token text to its id (only code inserts them).
-    """
+    """Common interface: subclasses implement `_encode` and `decode`. `specials` maps special text -> id."""
 
     def __init__(self, name: str, specials: dict[str, int], vocab_size: int, *, bos: str | None, eos: str | None,
                  pad: str | None, stops: list[str], chat_format: str | None = None, default_system: str | None = None):
         self.name = name
         self.specials = dict(specials)
         self.vocab_size = vocab_size                      # max id + 1: rows the model's embedding must have
-        self.bos_id = self._special_id(bos)
-        self.eos_id = self._special_id(eos)
-        self.pad_id = self._special_id(pad) if pad is not None else self.eos_id
-        self.stop_ids = [self._special_id(s) for s in stops]
+        self.bos_id = self.token_id(bos)
+        self.eos_id = self.token_id(eos)
+        self.pad_id = self.token_id(pad) if pad is not None else self.eos_id
+        self.stop_ids = [self.token_id(s) for s in stops]
         self.chat_format = chat_format                    # None, "llama3" or "chatml"
         self.default_system = default_system              # chatml: system prompt added when none is given
         self.has_chat = chat_format is not None
 
-    def _special_id(self, text: str | None) -> int | None:
-        if text is None:
-            return None
-        if text not in self.specials:
+    def token_id(self, text: str | None) -> int | None:
+        """Id of a special token by its text, e.g. tok.token_id("<|eot_id|>"); None for None."""
+        if text is not None and text not in self.specials:
             raise TokenizerError(f"{self.name}: special token {text!r} is not in the vocabulary")
-        return self.specials[text]
-
-    def token_id(self, special_text: str) -> int:
-        """Id of a special token by its text, e.g. tok.token_id("<|eot_id|>")."""
-        return self._special_id(special_text)
+        return None if text is None else self.specials[text]
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         for wanted, i, what in ((bos, self.bos_id, "bos"), (eos, self.eos_id, "eos")):
@@ -154,9 +113,6 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         raise NotImplementedError
-
-    def __len__(self) -> int:
-        return self.vocab_size
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.name!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, "
@@ -201,37 +157,15 @@ class Tokenizer:
         raise TokenizerError(f"{self.name}: unknown chat format {self.chat_format!r}")
 
 
-def _chars_with_bytes(missing: set[bytes]):
-    """A regex matching the characters whose UTF-8 encoding uses one of the `missing` single bytes (True: any)."""
-    ranges = []
-    for (b,) in missing:
-        if b < 0x80:
-            ranges.append((b, b))
-        elif 0xC2 <= b <= 0xDF:             # lead byte of a 2-byte sequence
-            ranges.append(((b & 0x1F) << 6, ((b & 0x1F) << 6) + 0x3F))
-        elif 0xE0 <= b <= 0xEF:             # 3-byte sequence
-            ranges.append(((b & 0x0F) << 12, ((b & 0x0F) << 12) + 0xFFF))
-        elif 0xF0 <= b <= 0xF4:             # 4-byte sequence
-            ranges.append(((b & 0x07) << 18, ((b & 0x07) << 18) + 0x3FFFF))
-        elif 0x80 <= b <= 0xBF:             # a continuation byte hides in many characters: always check
-            return True
-        # 0xC0, 0xC1, 0xF5..0xFF never occur in UTF-8 text
-    if not ranges:
-        return None
-    return re.compile("[" + "".join(f"{re.escape(chr(lo))}-{re.escape(chr(hi))}" for lo, hi in ranges) + "]")
-
-
 class BPETokenizer(Tokenizer):
     """Byte-level BPE (GPT-2 family, SmolLM2, RoBERTa, Llama 3) run by tiktoken.
 
     tiktoken merges, inside each regex piece, the adjacent pair whose concatenation has the lowest *rank*;
     Hugging Face merges the pair that comes first in merges.txt. Giving each merged token the index of the merge
     that creates it as its rank makes the two agree whenever a token is only ever reached through its own merge,
-    which BPE training makes the rule (not a theorem: tests/test_data_tokenizers.py checks it on real text, and it held
-    on 100k fuzzed strings and on every vocab token and 30k token concatenations for GPT-2 and SmolLM2).
-    The model's ids may be a different numbering (RoBERTa's vocab.json follows fairseq's dictionary, SmolLM2
-    puts 17 specials first): `_rank_to_id` maps tiktoken's output to them, skipped when ranks already are ids.
-    """
+    which BPE training makes the rule (not a theorem: the tests check it on real and fuzzed text for GPT-2 and
+    SmolLM2). Where the model's ids are another numbering (RoBERTa: fairseq's dictionary order), `_rank_to_id`
+    maps tiktoken's output to them."""
 
     def __init__(self, name: str, ranks: dict[bytes, int], split: str, id_of_rank: dict[int, int] | None,
                  specials: dict[str, int], *, add_prefix_space: bool = False, **kw):
@@ -254,8 +188,7 @@ class BPETokenizer(Tokenizer):
             for r, i in id_of_rank.items():
                 table[r] = i
             self._rank_to_id = table
-        # Only text holding a character made of such bytes needs its out-of-vocabulary ids removed.
-        self._drop = _chars_with_bytes(dropped) if dropped else None
+        self._drop = bool(dropped)  # out-of-vocabulary byte ids (< 0 or >= n) must be removed from the output
         # id -> bytes for decoding (specials decode to their own text, like HF with skip_special_tokens=False).
         self._id_bytes: list[bytes | None] = [None] * n
         for b, r in ranks.items():
@@ -272,21 +205,9 @@ class BPETokenizer(Tokenizer):
         ids = self._enc.encode_ordinary(text)
         if self._rank_to_id is not None:
             ids = [self._rank_to_id[r] for r in ids]
-        if self._drop is not None and (self._drop is True or self._drop.search(text)):
+        if self._drop and ids and (min(ids) < 0 or max(ids) >= self.vocab_size):  # min/max: a fast check in C
             ids = [i for i in ids if 0 <= i < self.vocab_size]
         return ids
-
-    def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
-        """encode() of many texts. tiktoken releases the GIL while it encodes, so a few threads, each looping
-        over one contiguous chunk, use several cores (one thread task per text would cost more than it saves)."""
-        n = min(num_threads or os.cpu_count() or 1, 8)
-        if n == 1 or len(texts) < 512:
-            return [self._encode(t) for t in texts]
-        size = -(-len(texts) // n)
-        chunks = [texts[k:k + size] for k in range(0, len(texts), size)]
-        with ThreadPoolExecutor(n) as pool:
-            parts = pool.map(lambda chunk: [self._encode(t) for t in chunk], chunks)
-        return [ids for part in parts for ids in part]
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         parts = []
@@ -301,7 +222,7 @@ class BPETokenizer(Tokenizer):
 
     def encode_pair(self, a: str, b: str) -> list[int]:
         """RoBERTa sentence pair: <s> a </s></s> b </s> (what the NLI classifier was trained on)."""
-        cls, sep = self._special_id("<s>"), self._special_id("</s>")
+        cls, sep = self.token_id("<s>"), self.token_id("</s>")
         return [cls] + self._encode(a) + [sep, sep] + self._encode(b) + [sep]
 
 
@@ -313,6 +234,7 @@ def _ranks_from_merges(vocab: dict[str, int], merges: list[tuple[str, str]], whe
     """
     ranks: dict[bytes, int] = {}
     id_of_rank: dict[int, int] = {}
+    byte_of = {c: b for b, c in byte_to_unicode().items()}
     for b, ch in byte_to_unicode().items():
         # tiktoken needs every single byte; a byte the vocab lacks (SmolLM2 has no \x04, no 0xF5..0xFF, ...) gets
         # the id -1 and is dropped from the output, as HF's BPE drops a character it has no token for.
@@ -322,7 +244,10 @@ def _ranks_from_merges(vocab: dict[str, int], merges: list[tuple[str, str]], whe
         token = left + right
         if token not in vocab:
             raise TokenizerError(f"{where}: merge {k} ({left!r} {right!r}) makes {token!r}, not in the vocabulary")
-        tb = _token_bytes(token, where)
+        bad = [c for c in token if c not in byte_of]
+        if bad:
+            raise TokenizerError(f"{where}: token {token!r} has character {bad[0]!r} outside GPT-2's byte alphabet")
+        tb = bytes(byte_of[c] for c in token)
         if tb in ranks:  # a second merge making the same token: tiktoken ranks tokens, so the first rank stays
             continue
         ranks[tb] = 256 + k
@@ -378,40 +303,31 @@ def _read_json(path: Path, missing: dict | None = None) -> dict:
         raise TokenizerError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
-def _token_text(v) -> str | None:
-    """tokenizer_config.json may store a special as "<s>" or as {"content": "<s>", ...}."""
-    return v.get("content") if isinstance(v, dict) else v
-
-
 def _chat_settings(specials: dict[str, int], template: str | None) -> dict:
     """Pick the chat format from the special tokens; SmolLM2's default system prompt comes from its template."""
     if "<|start_header_id|>" in specials and "<|eot_id|>" in specials:
         return {"chat_format": "llama3"}
     if "<|im_start|>" in specials and "<|im_end|>" in specials:
-        system = None
-        if template:
-            # the template's jinja string literal holds the newline either raw or as the two characters "\n"
-            m = re.search(r"'<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>(?:\n|\\n)'", template, re.S)
-            if m:
-                system = m.group(1)
-        return {"chat_format": "chatml", "default_system": system}
+        # the template's jinja string literal holds the newline either raw or as the two characters "\n"
+        m = re.search(r"'<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>(?:\n|\\n)'", template or "", re.S)
+        return {"chat_format": "chatml", "default_system": m.group(1) if m else None}
     return {}
 
 
 def _bpe_roles(specials: dict[str, int], cfg: dict, model_type: str | None) -> dict:
     """bos / eos / pad / stop tokens of a byte-level BPE tokenizer, from tokenizer_config.json or the family default."""
-    bos, eos, pad = (_token_text(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
+    # tokenizer_config.json stores a special as "<s>" or as {"content": "<s>", ...}
+    bos, eos, pad = (v.get("content") if isinstance(v, dict) else v
+                     for v in (cfg.get("bos_token"), cfg.get("eos_token"), cfg.get("pad_token")))
     if model_type == "roberta" or "<s>" in specials and "</s>" in specials and "<|endoftext|>" not in specials:
         bos, eos, pad = bos or "<s>", eos or "</s>", pad or "<pad>"
     elif "<|begin_of_text|>" in specials:                        # Llama 3
         bos, eos = bos or "<|begin_of_text|>", eos or "<|end_of_text|>"
         pad = pad if pad in specials else "<|finetune_right_pad_id|>" if "<|finetune_right_pad_id|>" in specials else eos
     elif "<|im_start|>" in specials:                             # SmolLM2: eos is <|im_end|>, pad = eos
-        eos = eos or "<|im_end|>"
-        bos = bos or "<|im_start|>"
+        bos, eos = bos or "<|im_start|>", eos or "<|im_end|>"
     else:                                                        # GPT-2 / DialoGPT: <|endoftext|> everywhere
-        eos = eos or "<|endoftext|>"
-        bos = bos or eos
+        bos, eos = bos or eos or "<|endoftext|>", eos or "<|endoftext|>"
     if pad not in specials:
         pad = eos
     stops = [eos]
@@ -474,10 +390,8 @@ def _load_tiktoken_model(path: Path, cfg: dict) -> BPETokenizer:
 class SentencePieceTokenizer(Tokenizer):
     """Llama 2: the sentencepiece model itself (Meta's reference), ids straight from the .model file.
 
-    sentencepiece adds the dummy-prefix "▁" to every encoded text and never matches "<s>" written in text.
-    Hugging Face's LlamaTokenizer (legacy=False) agrees on ordinary text; it differs on a leading space and on
-    runs of spaces before a word, where we follow sentencepiece (tests/test_data_tokenizers.py lists the cases).
-    """
+    Hugging Face's LlamaTokenizer (legacy=False) agrees on ordinary text; on a leading space and on runs of
+    spaces before a word we follow sentencepiece (tests/test_data_tokenizers.py lists the cases)."""
 
     def __init__(self, path: Path):
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
@@ -490,8 +404,8 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
-    def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
-        return self.sp.encode(texts, num_threads=min(num_threads or os.cpu_count() or 1, 8))
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:  # sentencepiece's C++ threads
+        return self.sp.encode(texts, num_threads=min(os.cpu_count() or 1, 8))
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         if skip_special:
@@ -513,11 +427,6 @@ _CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700,
 CJK_CHAR = re.compile("[" + "".join(f"{chr(lo)}-{chr(hi)}" for lo, hi in _CJK_RANGES) + "]")  # one CJK ideograph
 
 
-def _is_bert_punct(ch: str) -> bool:
-    cp = ord(ch)  # every non-alphanumeric ASCII symbol counts, even "$" or "^" which Unicode calls symbols
-    return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or unicodedata.category(ch).startswith("P")
-
-
 @lru_cache(maxsize=65536)
 def _bert_char_kind(ch: str) -> str:
     """How BERT's basic tokenizer treats one character: drop, space, cjk, punct or other."""
@@ -529,9 +438,9 @@ def _bert_char_kind(ch: str) -> str:
         return "drop"
     if CJK_CHAR.match(ch):
         return "cjk"
-    if _is_bert_punct(ch):
-        return "punct"
-    return "other"
+    # every non-alphanumeric ASCII symbol is punctuation, even "$" or "^" which Unicode calls symbols
+    ascii_symbol = 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126
+    return "punct" if ascii_symbol or cat.startswith("P") else "other"
 
 
 _ASCII_CONTROL = {c: None for c in list(range(32)) + [127] if chr(c) not in "\t\n\r"}
@@ -567,43 +476,23 @@ class WordPieceTokenizer(Tokenizer):
                          stops=["[SEP]"])
         self._cache: dict[str, list[int]] = {}
 
-    def _normalize(self, text: str) -> str:
-        out = []
-        for ch in text:
-            kind = _bert_char_kind(ch)
-            if kind == "space":
-                out.append(" ")
-            elif kind == "cjk":
-                out.append(f" {ch} ")
-            elif kind != "drop":
-                out.append(ch)
-        text = "".join(out)
-        if self.strip_accents:
-            text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
-        if self.lowercase:
-            text = text.lower()
-        return text
-
     def _words(self, text: str) -> list[str]:
         if text.isascii():
             # the same steps on ASCII text, in C: drop control characters, lower-case, then each run of letters
             # and digits is a word and every other visible character (all ASCII symbols are BERT punctuation) too.
             text = text.translate(_ASCII_CONTROL)
             return _ASCII_WORDS.findall(text.lower() if self.lowercase else text)
-        words = []
-        for chunk in self._normalize(text).split():
-            cur = []
-            for ch in chunk:
-                if _bert_char_kind(ch) == "punct":
-                    if cur:
-                        words.append("".join(cur))
-                        cur = []
-                    words.append(ch)
-                else:
-                    cur.append(ch)
-            if cur:
-                words.append("".join(cur))
-        return words
+        out = []
+        for ch in text:
+            kind = _bert_char_kind(ch)
+            out.append(" " if kind == "space" else "" if kind == "drop" else f" {ch} " if kind == "cjk" else ch)
+        text = "".join(out)
+        if self.strip_accents:
+            text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+        if self.lowercase:
+            text = text.lower()
+        # punctuation splits words (after the steps above, as in BERT): space it out, then split at spaces
+        return "".join(f" {c} " if _bert_char_kind(c) == "punct" else c for c in text).split()
 
     def _wordpiece(self, word: str) -> list[int]:
         """Greedy longest-match-first pieces of one word; the whole word is [UNK] when some rest has no piece."""
@@ -709,13 +598,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 def check_tokenizer_fits(tok: Tokenizer, model_or_vocab_size) -> None:
     """Raise if some id the tokenizer can produce has no row in the model's embedding (ids would index past it)."""
-    if isinstance(model_or_vocab_size, int):
-        n = model_or_vocab_size
-    else:
-        cfg = getattr(model_or_vocab_size, "config", None)
-        n = getattr(cfg, "vocab_size", None)
-        if n is None:
-            raise TokenizerError(f"cannot read vocab_size from {type(model_or_vocab_size).__name__}.config")
+    n = model_or_vocab_size if isinstance(model_or_vocab_size, int) else model_or_vocab_size.config.vocab_size
     if tok.vocab_size > n:
         raise TokenizerError(f"tokenizer {tok.name!r} has {tok.vocab_size} ids but the model's embedding has only "
                              f"{n} rows: this tokenizer does not belong to this model")
@@ -765,7 +648,7 @@ class Example:
 
 @dataclass
 class ParseStats:
-    """What a parser met, so that nothing is dropped without a trace (see the module docstring)."""
+    """What a parser met, so that nothing is dropped without a trace."""
     files: list[str] = field(default_factory=list)
     lines: int = 0
     dialogues: int = 0
@@ -780,14 +663,12 @@ class ParseStats:
     conversation_breaks: int = 0         # JSON lines whose history does not extend an earlier line's
     notes: list[str] = field(default_factory=list)  # first few irregularities, with file:line
 
-    def note(self, msg: str) -> None:
+    def count(self, what: str | None, msg: str) -> None:
+        """One more irregularity of kind `what` (a counter above; None: a note only), noted with its file:line."""
+        if what is not None:
+            setattr(self, what, getattr(self, what) + 1)
         if len(self.notes) < 20:
             self.notes.append(msg)
-
-    def count(self, what: str, msg: str) -> None:
-        """One more irregularity of kind `what` (a counter above), noted with its file:line."""
-        setattr(self, what, getattr(self, what) + 1)
-        self.note(msg)
 
     def summary(self) -> str:
         keys = [k for k, v in vars(self).items()
@@ -835,13 +716,10 @@ _PERSONA_PREFIXES = (("your persona:", "self"), ("partner's persona:", "partner"
 def read_personachat(path, strict_utf8: bool = False, first_id: int = 0) -> Dialogues:
     """Parse a ParlAI self/both/none text file into dialogues.
 
-    Every line starts with a number that restarts for each dialogue. Persona lines read `N your persona: ...`
-    (`N partner's persona: ...` in "both" files); a first turn whose context is `__SILENCE__` is opened by our
-    speaker. Rules: a new dialogue starts when the line number does not grow (ParlAI's own rule); it should then be 1,
-    otherwise it is counted as a numbering restart. A number that skips ahead is accepted and counted. A turn
-    line is `context\\tresponse`, optionally followed by `\\treward` and `\\tcand1|cand2|...` (the reward
-    field is empty in PERSONA-CHAT, hence `\\t\\t`). Persona lines after the first turn of a dialogue, an
-    unnumbered line or more than four tab-separated fields are malformed and raise DataFormatError."""
+    Lines: `N your persona: ...` (`N partner's persona: ...` in "both" files), then turns
+    `N context\\tresponse[\\treward\\tcand1|cand2|...]`; a context `__SILENCE__` means our speaker opens.
+    A new dialogue starts when N does not grow (ParlAI's rule; a restart at N != 1 and a skipped N are counted).
+    A persona line after the first turn, an unnumbered line or > 4 tab fields raise DataFormatError."""
     path = Path(path)
     stats = ParseStats(files=[str(path)])
     dialogues = Dialogues()
@@ -896,7 +774,7 @@ def read_personachat(path, strict_utf8: bool = False, first_id: int = 0) -> Dial
             if context == SILENCE:
                 stats.silence_openers += 1
             if cur.turns:  # silence in the middle of a dialogue: nothing was said, keep it as no message
-                stats.note(f"{path}:{lineno}: empty/silent context in the middle of a dialogue")
+                stats.count(None, f"{path}:{lineno}: empty/silent context in the middle of a dialogue")
         if not response:
             stats.count("missing_responses", f"{path}:{lineno}: turn without a response (kept as history only)")
         cur.turns.append(Turn(partner, response or None, candidates if response else None, source=f"{path}:{lineno}"))
@@ -918,14 +796,11 @@ def _flatten(d: Dialogue) -> list[str]:
 
 def _rows_to_dialogues(rows: list[tuple[list[str], list[str], Turn]], stats: ParseStats,
                        first_id: int = 0) -> Dialogues:
-    """Group example rows (personas, history, turn answering history[-1]) into conversations and per-speaker
-    dialogues.
+    """Group rows (personas, history, turn answering history[-1]) into per-speaker dialogues.
 
-    A row continues the current conversation when its history starts with the previous row's history plus
-    the previous row's response; otherwise a new conversation (a new dialogue_id) begins. Inside a
-    conversation, rows with the same persona sentences belong to the same speaker; a speaker's next row
-    must extend that speaker's dialogue by exactly one partner message, else a new dialogue of the same
-    conversation is opened (counted as a conversation break)."""
+    A row continues the conversation (same dialogue_id) when its history extends the previous row's history
+    + response. Inside it, rows with the same personas are one speaker, whose next row must extend their
+    dialogue by one partner message, else a new dialogue of the conversation opens (a conversation break)."""
     dialogues = Dialogues()
     conv_id = first_id - 1
     open_by_speaker: dict[tuple, Dialogue] = {}
@@ -1050,21 +925,6 @@ def make_examples(dialogues: Iterable[Dialogue], labeler: str | Callable | None 
     return examples
 
 
-def example_to_dict(ex: Example) -> dict:
-    """JSON-ready dict of an Example (for the pairs/generations JSONL files)."""
-    return asdict(ex)
-
-
-def example_from_dict(d: dict) -> Example:
-    """Inverse of example_to_dict; a missing or unknown key is an error naming it."""
-    keys = {f.name for f in fields(Example)}
-    if set(d) - keys or {"personas", "history", "response"} - set(d):
-        raise KeyError(f"example dict keys {sorted(d)}: expected {sorted(keys)} (candidates, persona_label and "
-                       f"dialogue_id optional)")
-    return Example(list(d["personas"]), list(d["history"]), d["response"], d.get("persona_label"),
-                   d.get("dialogue_id", -1), d.get("candidates"))
-
-
 # ----------------------------------------------------------------------------------------------------
 # Persona labels
 #
@@ -1174,11 +1034,10 @@ def split_valid(examples: Sequence[Example], valid1_target: int = VALID1_TARGET)
 
 def carve_splits(examples: Sequence[Example], limit: int | None = None,
                  fractions: Sequence[float] = (0.6, 0.2, 0.1, 0.1)) -> dict[str, list[Example]]:
-    """Disjoint train/valid1/valid2/test parts out of one set of examples, for machines that lack the
-    official train/test files. Whole dialogues are taken in file order: train first, then valid1, valid2,
-    test. With `limit`, each part gets dialogues until it holds >= limit examples and is then cut to exactly
-    limit (the rest of that last dialogue is unused, never moved to another part). Without `limit`, the
-    parts get `fractions` of the examples. A part may come out short or empty when the data runs out."""
+    """Disjoint train/valid1/valid2/test parts of one set of examples (when the official files are missing):
+    whole dialogues in file order, `fractions` of the examples each, or with `limit` dialogues until a part
+    holds >= limit examples, then cut to exactly limit (the rest of that dialogue is unused). A part may come
+    out short or empty when the data runs out."""
     groups = _group_by_dialogue(examples)
     total = sum(len(g) for g in groups)
     if limit is not None:
@@ -1203,21 +1062,17 @@ SPLIT_FILES = {kind: (f"{kind}_self_{{v}}.txt", f"{kind}.jsonl", f"{kind}.json")
 SPLIT_FILES["valid"] += ("dev.jsonl", "dev.json")
 
 
-def _split_paths(d: Path, variant: str) -> dict[str, Path]:
-    """{"train"/"valid"/"test": path} for the split files present in d."""
-    found = {kind: [d / n.format(v=variant) for n in names] for kind, names in SPLIT_FILES.items()}
-    return {kind: next(p for p in paths if p.is_file()) for kind, paths in found.items() if any(p.is_file() for p in paths)}
-
-
-def find_data_dir(data_dir, variant: str = "original") -> Path:
-    """The directory holding the split files: data_dir itself or data_dir/personachat."""
-    data_dir = Path(data_dir)
-    for cand in (data_dir, data_dir / "personachat"):
-        if cand.is_dir() and _split_paths(cand, variant):
-            return cand
+def _split_files(data_dir, variant: str) -> tuple[Path, dict[str, Path]]:
+    """(directory, {"train"/"valid"/"test": the first SPLIT_FILES name present}) in data_dir or data_dir/personachat."""
+    for d in (Path(data_dir), Path(data_dir) / "personachat"):
+        found = {kind: [d / n.format(v=variant) for n in names] for kind, names in SPLIT_FILES.items()}
+        present = {kind: next(p for p in paths if p.is_file()) for kind, paths in found.items()
+                   if any(p.is_file() for p in paths)}
+        if present:
+            return d, present
     raise FileNotFoundError(f"no split file ({', '.join(SPLIT_FILES['valid']).format(v=variant)} or the train/"
-                            f"test equivalents) in {data_dir} or {data_dir / 'personachat'}; for PERSONA-CHAT "
-                            f"run `python extras/download.py --data-dir {data_dir}`")
+                            f"test equivalents) in {data_dir} or {Path(data_dir) / 'personachat'}; for "
+                            f"PERSONA-CHAT run `python extras/download.py --data-dir {data_dir}`")
 
 
 @dataclass
@@ -1230,14 +1085,10 @@ class SplitInfo:
 
 def load_splits(data_dir, variant: str = "original", limit: int | None = None,
                 labeler: str | Callable | None = "lexical") -> tuple[dict[str, list[Example]], SplitInfo]:
-    """The four splits of the paper from a data directory (PERSONA-CHAT, ConvAI2 or Baidu JSON lines; see
-    SPLIT_FILES).
-
-    With train, valid and test present: the official files (valid cut by split_valid). Otherwise the parts
-    are carved (carve_splits) from the files present, and info.message says so. `limit` keeps the first
-    `limit` examples of each split (with carving: `limit` examples per part)."""
-    d = find_data_dir(data_dir, variant)
-    present = _split_paths(d, variant)
+    """The paper's four splits from a data directory (SPLIT_FILES): the official files when train, valid and test
+    are present (valid cut by split_valid), else carved from what is there (carve_splits; info.message says
+    so). `limit`: the first `limit` examples of each split."""
+    d, present = _split_files(data_dir, variant)
     loaded, stats, next_id = {}, {}, 0
     for k, p in present.items():
         dialogues = read_dialogues(p, first_id=next_id)  # dialogue ids unique across files
@@ -1263,12 +1114,9 @@ def load_splits(data_dir, variant: str = "original", limit: int | None = None,
 
 def table1(splits: dict[str, list[Example]]) -> str:
     """The paper's Table 1 layout (#dialogues, #examples per split) as a Markdown table."""
-    rows = ["| Split | #Dialogues | #Examples |", "|---|---:|---:|"]
-    for k in SPLITS:
-        if k in splits:
-            ex = splits[k]
-            rows.append(f"| {SPLIT_TITLES[k]} | {len({e.dialogue_id for e in ex})} | {len(ex)} |")
-    return "\n".join(rows)
+    rows = [f"| {SPLIT_TITLES[k]} | {len({e.dialogue_id for e in splits[k]})} | {len(splits[k])} |"
+            for k in SPLITS if k in splits]
+    return "\n".join(["| Split | #Dialogues | #Examples |", "|---|---:|---:|"] + rows)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1308,14 +1156,6 @@ _TEXT = {
 }
 
 
-def _render_history(history: Sequence[str], t: dict) -> str:
-    # The last utterance is the partner's; speakers alternate backwards from there.
-    if not history:
-        return t["empty"]
-    n = len(history)
-    return "\n".join(f"{t['partner'] if (n - 1 - i) % 2 == 0 else t['you']}: {u}" for i, u in enumerate(history))
-
-
 def build_prompt(mode: str, personas: Sequence[str], history: Sequence[str], lang: str = "en",
                  persona: str | None = None) -> str:
     """The prompt text for one mode (see the table above). `persona` is the highlighted persona sentence of
@@ -1325,16 +1165,12 @@ def build_prompt(mode: str, personas: Sequence[str], history: Sequence[str], lan
     t = _TEXT[lang]
     if mode == "noprompt":
         return "".join(p + "\n" for p in personas) + "".join(u + "\n" for u in history)
-    plist = "\n".join(f"- {p}" for p in personas) if personas else "-"
-    hist = _render_history(history, t)
-    if mode == "select":
-        return t["select"].format(personas=plist, history=hist, none=NO_PERSONA[lang])
-    if mode == "generate":
-        return t["generate"].format(personas=plist, history=hist,
-                                    persona=persona if persona is not None else NO_PERSONA[lang])
-    if mode == "history":
-        return t["history"].format(history=hist)
-    raise ValueError(f"unknown prompt mode {mode!r}, expected one of {MODES}")
+    if mode not in ("select", "generate", "history"):
+        raise ValueError(f"unknown prompt mode {mode!r}, expected one of {MODES}")
+    n = len(history)  # the last utterance is the partner's; speakers alternate backwards from there
+    hist = "\n".join(f"{t['partner'] if (n - 1 - i) % 2 == 0 else t['you']}: {u}" for i, u in enumerate(history))
+    return t[mode].format(personas="\n".join(f"- {p}" for p in personas) or "-", history=hist or t["empty"],
+                          none=NO_PERSONA[lang], persona=persona if persona is not None else NO_PERSONA[lang])
 
 
 class _Gold:
@@ -1360,13 +1196,9 @@ def prompt_and_target(ex: Example, mode: str, lang: str = "en", persona: str | N
     other modes' target is the response. generate highlights `persona`: GOLD (default, training) = the gold
     label's sentence, a string = that sentence (select-then-generate), None = the NO_PERSONA sentinel.
     `history` overrides the example's history (used by truncation)."""
-    history = ex.history if history is None else history
-    if mode == "select":
-        return build_prompt("select", ex.personas, history, lang), gold_persona(ex, lang)
-    if mode == "generate":
-        p = gold_persona(ex, lang) if persona is GOLD else persona
-        return build_prompt("generate", ex.personas, history, lang, persona=p), ex.response
-    return build_prompt(mode, ex.personas, history, lang), ex.response
+    persona = gold_persona(ex, lang) if persona is GOLD else persona
+    prompt = build_prompt(mode, ex.personas, ex.history if history is None else history, lang, persona)
+    return prompt, gold_persona(ex, lang) if mode == "select" else ex.response
 
 
 def parse_selection(text: str, personas: Sequence[str], lang: str = "en") -> str | None:
@@ -1393,8 +1225,6 @@ def detect_lang(examples: Sequence[Example]) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Encoding: (prompt, target) -> {"input_ids", "labels"}
 #
-# The tokenizer (passed in, never loaded here) is data.load_tokenizer's object: encode, decode, eos_id, bos_id,
-# pad_id, stop_ids, has_chat, chat.
 # Plain tokenizers: ids = [bos] + encode(prompt + target) + [eos], tokenized together (what the model sees at
 # generation time is encode(prompt) followed by generated tokens, so we insist the prompt's ids are a prefix).
 # Chat tokenizers: the prompt is the user turn of tok.chat(..., add_generation_prompt=True); the full
@@ -1443,10 +1273,6 @@ def encode_prompt_target(tok, prompt: str, target: str) -> tuple[list[int], list
     return prompt_ids, target_ids
 
 
-def make_feature(prompt_ids: list[int], target_ids: list[int]) -> dict:
-    return {"input_ids": prompt_ids + target_ids, "labels": [IGNORE] * len(prompt_ids) + list(target_ids)}
-
-
 @dataclass
 class EncodeStats:
     examples: int = 0
@@ -1463,12 +1289,9 @@ class EncodeStats:
 def encode_example(tok, ex: Example, mode: str, lang: str = "en", max_len: int | None = None,
                    persona: str | None | _Gold = GOLD, stats: EncodeStats | None = None,
                    target: str | None = None) -> dict:
-    """Feature {"input_ids", "labels"} for one example and prompt mode.
-
-    When max_len is given and the sequence is longer, the oldest history utterances are dropped one at a
-    time (left truncation), down to the partner's last message; the personas and the target are never cut.
-    A sequence that is still too long is kept whole and counted in stats.overlong. `target` overrides the
-    target text (DPO's rejected response)."""
+    """Feature {"input_ids", "labels"} for one example and prompt mode. Over max_len, the oldest history
+    utterances are dropped (down to the partner's last message; personas and target are never cut); a sequence
+    still too long is kept and counted in stats.overlong. `target` overrides the target text."""
     feat, _ = _encode_truncated(tok, ex, mode, lang, max_len, persona, stats, [target] if target else None)
     return feat[0]
 
@@ -1509,7 +1332,7 @@ def _encode_truncated(tok, ex, mode, lang, max_len, persona, stats, targets):
     stats.dropped_utterances += start
     stats.overlong += max_len is not None and longest > max_len
     stats.max_length = max(stats.max_length, longest)
-    return [make_feature(p, t) for p, t in pairs], start
+    return [{"input_ids": p + t, "labels": [IGNORE] * len(p) + t} for p, t in pairs], start
 
 
 def encode_generation_prompt(tok, ex: Example, mode: str, lang: str = "en", persona: str | None | _Gold = None,
@@ -1536,10 +1359,8 @@ def sft_features(tok, examples: Sequence[Example], mode: str = "generate", lang:
     """One feature per example for one prompt mode. `personas` (one per example: a sentence, None for
     NO_PERSONA, or GOLD) gives the highlighted persona of the generate mode; default: the gold label's."""
     stats = EncodeStats()
-    feats = []
-    for k, ex in _progress(enumerate(examples), len(examples), f"encode {mode}"):
-        p = personas[k] if personas is not None else GOLD
-        feats.append(encode_example(tok, ex, mode, lang, max_len, persona=p, stats=stats))
+    feats = [encode_example(tok, ex, mode, lang, max_len, GOLD if personas is None else personas[k], stats)
+             for k, ex in _progress(enumerate(examples), len(examples), f"encode {mode}")]
     return feats, stats
 
 
@@ -1551,8 +1372,7 @@ def mixed_task_features(tok, examples: Sequence[Example], select_ratio: float = 
     if not 0.0 <= select_ratio <= 1.0:
         raise ValueError(f"select_ratio must be in [0, 1], got {select_ratio}")
     rng = random.Random(seed)
-    n_sel = round(select_ratio * len(examples))
-    chosen = set(rng.sample(range(len(examples)), n_sel))
+    chosen = set(rng.sample(range(len(examples)), round(select_ratio * len(examples))))
     stats = EncodeStats()
     feats = []
     for k, ex in _progress(enumerate(examples), len(examples), "encode mixed"):
@@ -1621,48 +1441,38 @@ def collate_dpo(features: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Te
 # Command line: `python data.py stats --data-dir DIR` (the README's Table 1 and persona-label tables)
 
 
-def _cmd_stats(args) -> None:
-    splits, info = load_splits(args.data_dir, variant=args.variant, limit=args.limit,
-                               labeler="lexical" if args.labels == "lexical" else None)
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    s = ap.add_subparsers(dest="cmd", required=True).add_parser(
+        "stats", help="Table 1 (#dialogues, #examples per split) and persona-label distribution")
+    s.add_argument("--data-dir", required=True)
+    s.add_argument("--variant", default="original", choices=["original", "revised"])
+    s.add_argument("--limit", type=int, default=None, help="examples per split (carved parts when no train/test)")
+    s.add_argument("--labels", default="lexical", choices=["lexical", "none"],
+                   help="lexical persona labels, or none (NLI labels: pal.py --labels nli)")
+    args = ap.parse_args(argv)
+    splits, info = load_splits(args.data_dir, args.variant, args.limit, "lexical" if args.labels == "lexical" else None)
     print(info.message)
-    for k, s in info.stats.items():
-        extra = s.summary()
-        print(f"  {k}: {Path(s.files[0]).name}: {s.dialogues} dialogues, {s.examples} examples"
-              + (f" ({extra})" if extra else ""))
-    print()
-    print(table1(splits))
+    for k, st in info.stats.items():
+        extra = f" ({st.summary()})" if st.summary() else ""
+        print(f"  {k}: {Path(st.files[0]).name}: {st.dialogues} dialogues, {st.examples} examples{extra}")
+    print(f"\n{table1(splits)}")
     if args.labels == "none":
         return
-    print()
-    print("Persona labels (lexical: content-word overlap, see data.py):")
+    print("\nPersona labels (lexical: content-word overlap, see data.py):")
     n_cols = 1 + max((e.persona_label for v in splits.values() for e in v if e.persona_label is not None),
                      default=4)
     print("| Split | labelled | no persona | " + " | ".join(f"p{i}" for i in range(n_cols)) + " |")
     print("|---|---:|---:|" + "---:|" * n_cols)
     for k in (k for k in SPLITS if k in splits):
         dist = label_distribution(splits[k])
-        n = max(dist["total"], 1)
         cells = [str(dist["by_index"].get(i, 0)) for i in range(n_cols)]
-        print(f"| {SPLIT_TITLES[k]} | {dist['labelled']} ({100 * dist['labelled'] / n:.1f}%) | "
+        print(f"| {SPLIT_TITLES[k]} | {dist['labelled']} ({100 * dist['labelled'] / max(dist['total'], 1):.1f}%) | "
               f"{dist['by_index'].get(None, 0)} | " + " | ".join(cells) + " |")
     for k, ex in info.sources.items():
         dist = label_distribution(ex)
         print(f"{Path(info.stats[k].files[0]).name} (all of it): {dist['labelled']} of {dist['total']} "
               f"examples ({100 * dist['labelled'] / max(dist['total'], 1):.1f}%) get a persona label.")
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("stats", help="Table 1 (#dialogues, #examples per split) and persona-label distribution")
-    s.add_argument("--data-dir", required=True)
-    s.add_argument("--variant", default="original", choices=["original", "revised"])
-    s.add_argument("--limit", type=int, default=None, help="examples per split (carved parts when no train/test)")
-    s.add_argument("--labels", default="lexical", choices=["lexical", "none"],
-                   help="lexical persona labels, or none (NLI labels: pal.py --labels nli)")
-    s.set_defaults(func=_cmd_stats)
-    args = ap.parse_args(argv)
-    args.func(args)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,8 @@
-"""SFT and DPO for PAL: losses over summed log-probs, and one training loop from a CPU to torchrun.
+"""SFT and DPO for PAL: 1. pure losses over summed log-probs; 2. log-probs of a model without its (B, T, V)
+logits; 3. DPO reference log-probs; 4. the training loop, train(), from one CPU to torchrun.
 
-Read top to bottom:
-  1. losses     - pure functions: sequence_logps, sft_loss, dpo_loss (shape docstrings, fp32 log-softmax)
-  2. log-probs  - model_logps: the model's final hidden states projected to the vocabulary only at labelled
-                  positions, in row chunks, so the (B, T, V) logits never exist; concatenated_forward
-  3. reference  - DPO reference log-probs: adapters off, a frozen copy, or precomputed once and cached
-  4. the loop   - train(): set-up, resume, optimizer steps, log, evaluate, checkpoint, export
-
-Conventions. A batch is right-padded; labels are IGNORE (-100) on prompt and padding; the label at position t is
-the token the model should predict *from* position t-1 (Hugging Face convention), so every loss shifts by one.
+A batch is right-padded; labels are IGNORE (-100) on prompt and padding; the label at position t is the token
+the model should predict *from* position t-1 (Hugging Face convention), so every loss shifts by one.
 """
 from __future__ import annotations
 
@@ -59,11 +53,8 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-    """Negative log-likelihood of the target tokens, a scalar.
-
-    reduction="sum": each sequence's NLL is summed over its tokens (as PAL states), then averaged over the batch.
-    reduction="mean": total NLL divided by the total number of target tokens (the usual token-mean).
-    """
+    """Negative log-likelihood of the target tokens, a scalar. reduction="sum": each sequence's NLL summed over
+    its tokens (as PAL states), averaged over the batch; "mean": total NLL / number of target tokens."""
     logps, ntok = sequence_logps(logits, labels)
     if reduction == "sum":
         return -logps.mean()
@@ -90,36 +81,30 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
 # ----------------------------------------------------------------------------------------------------------
 # 2. Log-probs from a model, without the (B, T, V) logits.
 #
-# A training step on a 50k-vocabulary model spends a large share of its memory and time on logits: B*T*V floats,
-# a fp32 copy, the log-softmax output and its gradient (4 x 400 MB for 8 x 256 tokens of SmolLM2). Only labelled
-# positions matter, so we take the final hidden states, keep the labelled rows (N of them), and compute
-# log p(target) = h.w_target - logsumexp(h W^T) chunk by chunk: at most (chunk x V) logits exist at a time.
-#
-# The gradient w.r.t. h does not need the incoming gradient until the very end:
-#     d logp_n / d h_n = w_{y_n} - softmax(h_n W^T) W            (a (C,) vector per row)
-# so the forward pass computes it while the chunk's softmax is at hand, and backward only scales it by
-# grad_out[n]. When W itself is trained (full fine-tuning; W is tied to the embedding in GPT-2 / SmolLM2), its
-# gradient sum_n grad_out[n] (onehot(y_n) - softmax_n)^T h_n needs grad_out inside the sum, so backward
-# recomputes each chunk's logits: one extra (chunk x C) @ (C x V) product per chunk instead of O(N V) memory.
+# On a 50k vocabulary the logits dominate a step's memory and time: B*T*V floats, a fp32 copy, the log-softmax
+# and its gradient (4 x 400 MB for 8 x 256 tokens of SmolLM2). Only labelled positions matter, so we keep the
+# final hidden states of the N labelled rows and compute log p(y) = h.w_y - logsumexp(h W^T) chunk by chunk.
+# Its gradient w.r.t. h,  d logp_n / d h_n = w_{y_n} - softmax(h_n W^T) W,  needs no incoming gradient, so the
+# forward computes it while the chunk's softmax is at hand and backward only scales it. W's gradient (trained in
+# full fine-tuning; tied to the embedding in GPT-2 / SmolLM2), sum_n g_n (onehot(y_n) - softmax_n)^T h_n, needs
+# g_n inside the sum: backward recomputes each chunk's logits (one extra matmul instead of O(N V) memory).
 
 class _ChunkedTargetLogp(torch.autograd.Function):
-    """logp[n] = log_softmax(h[n] @ W^T)[y[n]] for N rows, in row chunks; fp32 softmax statistics."""
+    """logp[n] = log_softmax(h[n] @ W^T)[y[n]] for N rows, `chunk` rows at a time; fp32 softmax statistics."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk, need_h):  # h (N, C), weight (V, C), targets (N,)
-        n = h.shape[0]
         acc = torch.promote_types(h.dtype, torch.float32)  # fp32 statistics (fp64 stays fp64, for gradcheck)
-        out = torch.empty(n, dtype=acc, device=h.device)
-        lse = torch.empty(n, dtype=acc, device=h.device)
+        out, lse = torch.empty(len(h), dtype=acc, device=h.device), torch.empty(len(h), dtype=acc, device=h.device)
         dlogp_dh = torch.empty(h.shape, dtype=acc, device=h.device) if need_h else None  # (N, C)
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            logits = (h[s:e] @ weight.t()).to(acc)  # (chunk, V)
-            lse[s:e] = torch.logsumexp(logits, dim=-1)
-            out[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
+        for s in range(0, len(h), chunk):
+            rows = slice(s, s + chunk)
+            logits = (h[rows] @ weight.t()).to(acc)  # (chunk, V)
+            lse[rows] = torch.logsumexp(logits, dim=-1)
+            out[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
             if need_h:
-                p = logits.sub_(lse[s:e, None]).exp_()  # softmax, in place of the logits
-                dlogp_dh[s:e] = weight[targets[s:e]].to(acc) - (p.to(h.dtype) @ weight).to(acc)
+                p = logits.sub_(lse[rows, None]).exp_()  # softmax, in place of the logits
+                dlogp_dh[rows] = weight[targets[rows]].to(acc) - (p.to(h.dtype) @ weight).to(acc)
         ctx.save_for_backward(h, weight, targets, lse, dlogp_dh)
         ctx.chunk = chunk
         return out
@@ -127,31 +112,25 @@ class _ChunkedTargetLogp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # grad_out (N,)
         h, weight, targets, lse, dlogp_dh = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g_all = grad_out.to(lse.dtype)
-        grad_h = (g_all[:, None] * dlogp_dh).to(h.dtype) if need_h else None
+        g = grad_out.to(lse.dtype)
+        grad_h = (g[:, None] * dlogp_dh).to(h.dtype) if ctx.needs_input_grad[0] else None
         grad_w = None
-        if need_w:
+        if ctx.needs_input_grad[1]:
             grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
-            for s in range(0, h.shape[0], ctx.chunk):
-                e = min(s + ctx.chunk, h.shape[0])
-                g = g_all[s:e]
-                logits = (h[s:e] @ weight.t()).to(lse.dtype)  # recomputed (chunk, V)
-                # d logp / d logits = onehot(y) - softmax, scaled by each row's incoming gradient
-                d = logits.sub_(lse[s:e, None]).exp_().mul_(-g[:, None])
-                d.scatter_add_(1, targets[s:e, None], g[:, None])
-                grad_w += d.t().to(h.dtype) @ h[s:e]
+            for s in range(0, len(h), ctx.chunk):
+                rows = slice(s, s + ctx.chunk)
+                # d logp / d logits = onehot(y) - softmax (from recomputed (chunk, V) logits), times each row's g
+                d = (h[rows] @ weight.t()).to(lse.dtype).sub_(lse[rows, None]).exp_().mul_(-g[rows, None])
+                d.scatter_add_(1, targets[rows, None], g[rows, None])
+                grad_w += d.t().to(h.dtype) @ h[rows]
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None
 
 
 def target_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                  chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """sequence_logps computed from final hidden states and the output projection.
-
-    hidden: (B, T, C) final (normed) hidden states; weight: (V, C) output projection; labels: (B, T)
-    returns (logps (B,) fp32, ntokens (B,)) equal to sequence_logps(hidden @ weight.T, labels).
-    """
+    """sequence_logps(hidden @ weight.T, labels) without those logits: hidden (B, T, C) final normed states,
+    weight (V, C) output projection, labels (B, T) -> (logps (B,) fp32, ntokens (B,))."""
     targets = labels[:, 1:]  # (B, T-1) shifted: position t predicts label t+1
     mask = targets != IGNORE
     rows = mask.nonzero(as_tuple=True)  # labelled (b, t) pairs, N of them
@@ -167,10 +146,8 @@ def target_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
 
 def model_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logps (B,), ntokens (B,)) of a causal LM on a right-padded batch (no attention mask needed: causal).
-
-    Our GPT2 / Llama (model.family) take the memory-lean path: final normed hidden states (B, T, C), projected
-    at labelled positions only; any other module is called as model(input_ids) -> logits (B, T, V).
-    """
+    Our GPT2 / Llama (model.family) project their final hidden states at labelled positions only; any other
+    module is called as model(input_ids) -> logits (B, T, V)."""
     if getattr(model, "family", None) is None:
         return sequence_logps(model(input_ids), labels)
     return target_logps(model(input_ids, hidden_only=True), model.output_weight, labels)
@@ -188,12 +165,9 @@ class LogpModel(nn.Module):
 
 
 def concatenated_forward(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over chosen and rejected together: (chosen_logps (B,), rejected_logps (B,)).
-
-    batch: chosen_input_ids / chosen_labels (B, Tc), rejected_input_ids / rejected_labels (B, Tr). Both halves
-    are right-padded to max(Tc, Tr) (pad id 0 is never a target) and stacked to (2B, T): one pass, one graph.
-    `model` is a causal LM or a LogpModel (possibly DDP-wrapped).
-    """
+    """One forward over chosen and rejected together -> (chosen_logps (B,), rejected_logps (B,)). The halves,
+    (B, Tc) and (B, Tr), are right-padded to T = max(Tc, Tr) (pad id 0 is never a target) and stacked to (2B, T):
+    one pass, one graph. `model` is a causal LM or a LogpModel (possibly DDP-wrapped)."""
     t = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
 
     def both(key: str, value: int) -> torch.Tensor:  # (2B, T)
@@ -242,10 +216,9 @@ def _fingerprint(model: nn.Module, features: list[dict], precision: str) -> str:
 def cached_reference_logps(policy: nn.Module, ref: nn.Module | None, features: list[dict], collate: Callable,
                            cache_path: str | os.PathLike, batch_size: int = 8, autocast=contextlib.nullcontext,
                            device="cpu", rank: int = 0, world: int = 1, precision: str = "fp32") -> torch.Tensor:
-    """Reference log-probs of every DPO pair, computed once and stored at cache_path: a (N, 2) fp32 tensor
-    (chosen, rejected). The file records a key of (features, reference weights, precision: the name of what
-    `autocast` does); a stale cache is detected and recomputed. Under DDP each rank computes every world-th
-    pair and the parts are summed."""
+    """Reference log-probs of every DPO pair, (N, 2) fp32 (chosen, rejected), computed once and stored at
+    cache_path with a key of (features, reference weights, precision: the name of what `autocast` does); a stale
+    cache is recomputed. Under DDP each rank computes every world-th pair and the parts are summed."""
     key = _fingerprint(ref if ref is not None else policy, features, precision)
     path = Path(cache_path)
     if path.exists():
@@ -282,14 +255,12 @@ def cached_reference_logps(policy: nn.Module, ref: nn.Module | None, features: l
 class TrainConfig:
     mode: str = "sft"  # "sft" | "dpo"
     out_dir: str = "runs/train"
-    # data: the global batch of one optimizer step is batch_size * grad_accum * world_size sequences (pairs)
-    batch_size: int = 8  # per process, per micro-step
+    batch_size: int = 8  # per process and micro-step; global batch = batch_size * grad_accum * world_size
     grad_accum: int = 1
     epochs: float = 1.0  # used when max_steps is None
     max_steps: int | None = None  # length of the run (and of the lr schedule)
     stop_at: int | None = None  # leave the loop after this step, as if killed (the schedule still spans the run)
     seed: int = 0
-    # optimization
     lr: float = 2e-5
     optimizer: str = "adamw"  # "adamw" | "rmsprop"
     weight_decay: float = 0.0
@@ -299,12 +270,10 @@ class TrainConfig:
     schedule: str = "constant"  # after warmup: "constant" | "linear" (decay to 0 at the last step)
     grad_clip: float | None = 1.0
     precision: str = "fp32"  # "fp32" | "bf16" (autocast, CPU or GPU) | "fp16" (autocast + loss scaling, GPU)
-    # losses
     sft_reduction: str = "sum"  # "sum": NLL summed per sequence (PAL) | "mean": per target token
     beta: float = 0.1  # DPO temperature
     reference: str = "cache"  # DPO reference: "cache" (precomputed once) | "live" (computed each step)
     dropout: bool | None = None  # None: on for SFT, off for DPO (policy and reference must agree)
-    # evaluation, checkpoints, logging
     eval_every: int = 0  # optimizer steps between eval_fn calls (0: never)
     patience: int = 0  # stop after this many evals without a better score (0: never stop early)
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end and on a new best)
@@ -312,7 +281,7 @@ class TrainConfig:
     log_every: int = 1
     resume: bool = False
     device: str = "auto"  # "auto": cuda:LOCAL_RANK when available, else cpu
-    progress: bool = True
+    progress: bool = True  # a tqdm bar on rank 0
 
     def __post_init__(self):
         checks = {"mode": ("sft", "dpo"), "optimizer": ("adamw", "rmsprop"), "schedule": ("constant", "linear"),
@@ -326,12 +295,9 @@ class TrainConfig:
 
 
 def global_batch_indices(n: int, global_batch: int, seed: int, step: int) -> list[int]:
-    """Indices of the examples of optimizer step `step` (0-based).
-
-    Each epoch is a permutation drawn from (seed, epoch) alone, cut into full global batches (the remainder is
-    dropped so every rank always has the same number of examples). The data position is thus a pure function
-    of the step: resuming needs nothing but the step number.
-    """
+    """Indices of the examples of optimizer step `step` (0-based). Each epoch is a permutation drawn from
+    (seed, epoch) alone, cut into full global batches (the remainder is dropped: every rank gets as many
+    examples). The data position is thus a function of the step: resuming needs nothing but the step number."""
     per_epoch = n // global_batch
     if per_epoch == 0:
         raise ValueError(f"dpo.py: {n} training examples are fewer than one global batch ({global_batch})")
@@ -361,7 +327,6 @@ class Run:
     device: torch.device
     out_dir: Path
     dpo: bool
-    dropout: bool  # the model's train() mode: dropout on or off
     autocast: Callable  # () -> context manager of the chosen precision
     scaler: torch.amp.GradScaler  # loss scaling, fp16 only (a no-op otherwise)
     opt: torch.optim.Optimizer
@@ -377,30 +342,25 @@ def set_up(model: nn.Module, cfg: TrainConfig, n_examples: int, ref_model: nn.Mo
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if cfg.device != "auto":
-        device = torch.device(cfg.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    cuda = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(cuda if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     out_dir = Path(cfg.out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     dpo = cfg.mode == "dpo"
     if dpo and ref_model is None and not has_lora(model):
         raise ValueError("dpo.py: DPO with full fine-tuning needs ref_model (a frozen copy of the start weights)")
-
-    model.to(device)
-    dropout = cfg.dropout if cfg.dropout is not None else not dpo
-    model.train(dropout)  # eval() semantics = dropout off; nothing else in our models depends on the mode
-    if ref_model is not None:
-        ref_model.to(device).eval().requires_grad_(False)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("dpo.py: precision='fp16' needs a GPU; use 'bf16' on CPU")
-    if cfg.precision == "bf16" and device.type == "cpu" and rank == 0 and not cpu_has_fast_bf16():
+    if (cfg.precision == "bf16" and device.type == "cpu" and rank == 0  # without them oneDNN converts bf16 GEMMs
+            and not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())):
         print("dpo.py: warning: this CPU has no bf16 matrix instructions (no AVX512-BF16 / AMX): bf16 autocast "
               "matmuls run ~10x slower than fp32 here. precision='fp32' is the fast choice.", file=sys.stderr)
+    model.to(device).train(cfg.dropout if cfg.dropout is not None else not dpo)  # train(False) = dropout off
+    if ref_model is not None:
+        ref_model.to(device).eval().requires_grad_(False)
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
@@ -425,16 +385,10 @@ def set_up(model: nn.Module, cfg: TrainConfig, n_examples: int, ref_model: nn.Mo
     net = LogpModel(model)  # forward(input_ids, labels) -> (logps, ntokens): the unit DDP syncs
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    return Run(rank=rank, world=world, device=device, out_dir=out_dir, dpo=dpo, dropout=dropout, autocast=autocast,
+    return Run(rank=rank, world=world, device=device, out_dir=out_dir, dpo=dpo, autocast=autocast,
                scaler=torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16"), opt=opt,
                sched=torch.optim.lr_scheduler.LambdaLR(opt, lr_factor), net=net, global_batch=global_batch,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX); without them bf16 GEMMs are
-    converted element by element (measured ~10x slower than fp32 on an AVX2 host)."""
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @dataclass
@@ -480,16 +434,13 @@ def optimizer_step(run: Run, cfg: TrainConfig, model: nn.Module, features: list[
         lo = (micro * run.world + run.rank) * cfg.batch_size
         rows = idx[lo:lo + cfg.batch_size]
         batch = _to_device(collate([features[i] for i in rows]), run.device)
-        # gradients are all-reduced once per optimizer step, in the backward of the last micro-step
-        last = micro == cfg.grad_accum - 1
+        last = micro == cfg.grad_accum - 1  # DDP all-reduces gradients once, in the last micro-step's backward
         with contextlib.nullcontext() if run.world == 1 or last else run.net.no_sync():
             with run.autocast():
                 if run.dpo:
                     pc, pr = concatenated_forward(run.net, batch)
-                    if ref_cache is not None:
-                        rc, rr = ref_cache[rows].to(run.device).unbind(1)
-                    else:
-                        rc, rr = reference_logps(ref_model, model, batch)
+                    rc, rr = (ref_cache[rows].to(run.device).unbind(1) if ref_cache is not None
+                              else reference_logps(ref_model, model, batch))
                     losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, cfg.beta)
                     loss_sum = losses.sum()
                     sums.correct += (chosen_r > rejected_r).sum().item()
@@ -534,79 +485,59 @@ def log_record(run: Run, step: int, lr: float, grad_norm: float | None, sums: Ru
     return rec
 
 
-def evaluate(run: Run, model: nn.Module, eval_fn: Callable, step: int, log: Callable[[dict], None]) -> float:
-    """eval_fn(model) on rank 0 with dropout off; its score, broadcast to every rank."""
-    score = torch.zeros(1, dtype=torch.float64)
+def write_log(run: Run, rec: dict):
+    """Append one JSON line to out_dir/log.jsonl (rank 0 writes the log)."""
     if run.rank == 0:
-        was = model.training
-        model.eval()
+        with open(run.out_dir / "log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def evaluate(run: Run, model: nn.Module, eval_fn: Callable, step: int) -> float:
+    """eval_fn(model) on rank 0 with dropout off, logged; its score, broadcast to every rank."""
+    score = torch.zeros(1, dtype=torch.float64, device=run.device)
+    if run.rank == 0:
+        was_training = model.training
         with torch.no_grad():
-            r = eval_fn(model)
-        model.train(was)
+            r = eval_fn(model.eval())
+        model.train(was_training)
         score[0] = float(r["score"] if isinstance(r, dict) else r)
-        log({"step": step, "eval": r if isinstance(r, dict) else {"score": score.item()}})
+        write_log(run, {"step": step, "eval": r if isinstance(r, dict) else {"score": score.item()}})
     if run.world > 1:
-        t = score.to(run.device)
-        dist.broadcast(t, 0)
-        score = t.cpu()
+        dist.broadcast(score, 0)
     return score.item()
 
 
-# --- checkpoints --------------------------------------------------------------------------------------------
-# out_dir/
-#   log.jsonl                    one JSON object per logged step / eval
-#   ckpt/step-000120/            trainable.safetensors (our parameter names: LoRA adapters, or all weights),
-#                                trainer.pt (optimizer, scheduler, Progress), rng-rank{r}.pt; all tensors and
-#                                plain containers, read back with torch.load(weights_only=True)
-#   latest.json                  {"dir": "ckpt/step-000120", "step": 120}: written last, so it always names a
-#                                complete directory (itself renamed into place from a temporary name)
-#   best.json                    {"dir": ..., "score": ..., "step": ...}; that directory is kept while it is best
-#   final/                       exported weights, Hugging Face layout (config.json + model.safetensors),
-#                                or adapter.safetensors for lora_export="adapter"
+# --- checkpoints: all a run needs to go on exactly ----------------------------------------------------------
+# out_dir/ckpt/step-000120/  trainable.safetensors (our names: LoRA adapters, or all weights), trainer.pt
+#                            (optimizer, scheduler, loss scale, Progress, config), rng-rank{r}.pt (every random
+#                            stream of rank r); plain tensors and containers: torch.load(weights_only=True)
+# out_dir/latest.json        {"dir": "ckpt/step-000120", "step": 120}, written once that directory is complete
+# out_dir/best.json          {"dir", "score", "step"}: that directory is kept while it is the best
+# out_dir/final/             the exported model: Hugging Face layout, or adapter.safetensors (lora_export="adapter")
+# The data position is a function of the step (global_batch_indices): nothing to save.
 
 def _ckpt_name(step: int) -> str:
     return f"ckpt/step-{step:06d}"
 
 
-def _rng_state() -> dict:
-    """Every random stream (dropout), as tensors and plain lists: python's Mersenne state, numpy's, torch's."""
-    version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    s = {"python": [version, list(mt), gauss], "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                        has_gauss, cached], "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def _set_rng_state(s: dict):
-    version, mt, gauss = s["python"]
-    random.setstate((version, tuple(mt), gauss))
-    name, keys, pos, has_gauss, cached = s["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 def save_checkpoint(run: Run, model: nn.Module, progress: Progress, cfg: TrainConfig, new_best: bool) -> None:
-    """Write ckpt/step-N atomically, then latest.json (and best.json) naming it; prune the rest. All ranks call
-    this: rank 0 writes the directory, every other rank then adds its own RNG state to it."""
+    """Write ckpt/step-N atomically, then latest.json (and best.json) naming it; prune the others. All ranks call
+    this: rank 0 writes the directory, then each rank adds its own random streams (dropout differs per rank)."""
     name = _ckpt_name(progress.step)
-    final = run.out_dir / name
     if run.rank == 0:
-        with atomic_path(final) as tmp:
+        with atomic_path(run.out_dir / name) as tmp:
             tmp.mkdir()
             save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
                       str(tmp / "trainable.safetensors"))
             torch.save({"optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
                         "scaler": run.scaler.state_dict(), **dataclasses.asdict(progress),
                         "config": dataclasses.asdict(cfg)}, tmp / "trainer.pt")
-            torch.save(_rng_state(), tmp / "rng-rank0.pt")
     _barrier(run.world)
-    if run.rank > 0:  # every rank has its own dropout stream
-        with atomic_path(final / f"rng-rank{run.rank}.pt") as tmp:
-            torch.save(_rng_state(), tmp)
+    np_name, np_keys, *np_rest = np.random.get_state()  # np_keys: a uint32 array, saved as an int64 tensor
+    rng = {"python": random.getstate(), "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), *np_rest],
+           "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    with atomic_path(run.out_dir / name / f"rng-rank{run.rank}.pt") as tmp:
+        torch.save(rng, tmp)
     _barrier(run.world)
     if run.rank == 0:
         write_json(run.out_dir / "latest.json", {"dir": name, "step": progress.step})
@@ -621,11 +552,10 @@ def save_checkpoint(run: Run, model: nn.Module, progress: Progress, cfg: TrainCo
 
 
 def resume(run: Run, model: nn.Module, cfg: TrainConfig) -> Progress:
-    """Seed the random streams; with cfg.resume, load the latest checkpoint: weights, optimizer, schedule,
-    loss scale, progress and this rank's RNG state (the data position follows from the step)."""
-    torch.manual_seed(cfg.seed + run.rank)  # dropout streams differ per rank
-    random.seed(cfg.seed + run.rank)
-    np.random.seed(cfg.seed + run.rank)
+    """Seed the random streams (per rank); with cfg.resume, restore the latest checkpoint: weights, optimizer,
+    schedule, loss scale, progress and this rank's random streams (the data position follows from the step)."""
+    for seed in (torch.manual_seed, random.seed, np.random.seed):
+        seed(cfg.seed + run.rank)  # dropout streams differ per rank
     latest = run.out_dir / "latest.json"
     if not (cfg.resume and latest.exists()):
         if cfg.resume and run.rank == 0:
@@ -637,27 +567,28 @@ def resume(run: Run, model: nn.Module, cfg: TrainConfig) -> Progress:
     run.opt.load_state_dict(state["optimizer"])
     run.sched.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
-    rng_file = ckpt / f"rng-rank{run.rank}.pt"
-    if rng_file.exists():
-        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    if (ckpt / f"rng-rank{run.rank}.pt").exists():  # absent when the run saved with fewer ranks
+        rng = torch.load(ckpt / f"rng-rank{run.rank}.pt", map_location="cpu", weights_only=True)
+        version, mt, gauss = rng["python"]
+        random.setstate((version, tuple(mt), gauss))  # tuple(): earlier checkpoints stored a list
+        np_name, np_keys, *np_rest = rng["numpy"]
+        np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), *np_rest))
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     if run.rank == 0:
         print(f"dpo.py: resumed from {ckpt} at step {state['step']}", file=sys.stderr)
     return Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress)})
 
 
 def load_trainable(model: nn.Module, ckpt_dir: Path):
-    """Copy trainable.safetensors into the model; the key sets and every shape must match exactly."""
-    saved = load_file(str(ckpt_dir / "trainable.safetensors"))
-    params = _trainable(model)
-    if set(saved) != set(params):
-        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-        raise ValueError(f"{ckpt_dir}/trainable.safetensors does not fit the model: missing {missing[:5]}, "
-                         f"unexpected {extra[:5]}")
+    """Copy trainable.safetensors into the model; the names and every shape must match exactly."""
+    saved, params = load_file(str(ckpt_dir / "trainable.safetensors")), _trainable(model)
+    wrong = sorted(set(saved) ^ set(params)) or [n for n, p in params.items() if saved[n].shape != p.shape]
+    if wrong:  # names on one side only, else names whose shapes differ
+        raise ValueError(f"{ckpt_dir}/trainable.safetensors does not fit the model at {wrong[:5]}")
     with torch.no_grad():
         for n, p in params.items():
-            if saved[n].shape != p.shape:
-                raise ValueError(f"{ckpt_dir}/trainable.safetensors: {n} has shape {tuple(saved[n].shape)}, "
-                                 f"model has {tuple(p.shape)}")
             p.copy_(saved[n])
 
 
@@ -675,31 +606,19 @@ def export_model(model: nn.Module, out: Path, lora_export: str = "merged"):
 def train(model: nn.Module, cfg: TrainConfig, train_features: list[dict], collate: Callable,
           eval_fn: Callable[[nn.Module], float | dict] | None = None, ref_model: nn.Module | None = None,
           export: bool = True) -> dict:
-    """Train `model` in place on `train_features` (encoded dicts of lists) batched by `collate`.
-
-    mode "sft": batches {"input_ids", "labels"} (B, T); mode "dpo": {"chosen_input_ids", "chosen_labels",
-    "rejected_input_ids", "rejected_labels"}. eval_fn(model) -> score (or dict with "score"), higher is better;
-    it runs on rank 0 every cfg.eval_every steps, drives best-checkpoint selection and early stopping.
-    DPO reference: `ref_model` (a frozen copy, for full fine-tuning) or, when None, the policy with LoRA off.
-    Returns {"step", "best_score", "best_dir", "final_dir", "stopped_early"}. Under torchrun it initializes
-    the process group itself (nccl on GPU, gloo on CPU).
-    """
+    """Train `model` in place on `train_features` (encoded dicts of lists) batched by `collate` into
+    {"input_ids", "labels"} (B, T) for SFT, or {"chosen_input_ids", "chosen_labels", "rejected_input_ids",
+    "rejected_labels"} for DPO, whose reference is `ref_model` (a frozen copy) or, when None, the policy with
+    LoRA off. eval_fn(model) -> score (or a dict with "score"; higher is better) runs on rank 0 every
+    cfg.eval_every steps and drives the best checkpoint and early stopping. Under torchrun it starts the process
+    group itself. Returns {"step", "best_score", "best_dir", "final_dir", "stopped_early"}."""
     run = set_up(model, cfg, len(train_features), ref_model)
     progress = resume(run, model, cfg)
-    ref_cache = None  # DPO reference log-probs of every pair, computed once
+    ref_cache = None  # DPO reference log-probs of every pair, computed once (the model's train mode is kept)
     if run.dpo and cfg.reference == "cache":
         ref_cache = cached_reference_logps(model, ref_model, train_features, collate, run.out_dir / "ref_logps.pt",
                                            cfg.batch_size, run.autocast, run.device, run.rank, run.world,
                                            cfg.precision)
-        model.train(run.dropout)
-
-    log_file = open(run.out_dir / "log.jsonl", "a") if run.rank == 0 else None
-
-    def log(rec: dict):
-        if log_file:
-            log_file.write(json.dumps(rec) + "\n")
-            log_file.flush()
-
     stop_at = min(run.total_steps, cfg.stop_at) if cfg.stop_at is not None else run.total_steps
     bar = tqdm(total=run.total_steps, initial=progress.step, desc=cfg.mode, dynamic_ncols=True,
                disable=run.rank != 0 or not cfg.progress)
@@ -711,21 +630,18 @@ def train(model: nn.Module, cfg: TrainConfig, train_features: list[dict], collat
         step = progress.step
         if step % cfg.log_every == 0 or step == stop_at:
             rec = log_record(run, step, lr, grad_norm, sums)
-            log(rec)
+            write_log(run, rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             sums = RunningSums()
         bar.update(1)
         new_best = False
         if eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == run.total_steps):
-            new_best, stopped_early = progress.record(evaluate(run, model, eval_fn, step, log), cfg.patience)
+            new_best, stopped_early = progress.record(evaluate(run, model, eval_fn, step), cfg.patience)
         if new_best or (cfg.save_every and step % cfg.save_every == 0) or step == stop_at or stopped_early:
             save_checkpoint(run, model, progress, cfg, new_best)
     bar.close()
-    if log_file:
-        log_file.close()
 
-    # export: the best weights when there was an evaluation, else the last ones
-    final_dir = None
+    final_dir = None  # export: the best weights when there was an evaluation, else the last ones
     if export and (progress.step >= run.total_steps or stopped_early):
         if progress.best_dir is not None:
             load_trainable(model, run.out_dir / progress.best_dir)

@@ -15,13 +15,12 @@ H query heads, Hkv key/value heads (GQA: Hkv divides H), D head dim, V vocabular
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -40,11 +39,7 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Configs. Defaults are Hugging Face's defaults, because save_pretrained may leave out keys equal to them.
 
-
-def _fields_from(cls, hf: dict) -> dict:
-    """The keys of `hf` that are fields of dataclass `cls` (config.json holds many keys that do not shape the model)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in hf.items() if k in names}
+GELU_APPROXIMATION = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
 
 @dataclass
@@ -56,7 +51,7 @@ class GPT2Config:
     n_layer: int = 12
     n_head: int = 12
     n_inner: int | None = None       # MLP width; None means 4 * n_embd
-    activation_function: str = "gelu_new"  # gelu_new = GELU with the tanh approximation
+    activation_function: str = "gelu_new"  # a key of GELU_APPROXIMATION
     layer_norm_epsilon: float = 1e-5
     resid_pdrop: float = 0.1
     embd_pdrop: float = 0.1
@@ -70,28 +65,18 @@ class GPT2Config:
 
     @classmethod
     def from_hf(cls, hf: dict) -> "GPT2Config":
-        cfg = cls(**_fields_from(cls, hf))
-        if cfg.scale_attn_by_inverse_layer_idx or cfg.add_cross_attention or not cfg.scale_attn_weights:
-            raise NotImplementedError("GPT-2 variants with scale_attn_by_inverse_layer_idx, add_cross_attention or "
-                                      "unscaled attention are not supported")
-        if not cfg.tie_word_embeddings:
-            raise NotImplementedError("GPT-2 with an untied lm_head is not supported (every GPT-2 checkpoint ties it)")
-        _gelu_approximation(cfg.activation_function)  # fails early on an unknown activation
+        cfg = cls(**{k: v for k, v in hf.items() if k in cls.__dataclass_fields__})   # config.json has many more keys
+        if (cfg.scale_attn_by_inverse_layer_idx or cfg.add_cross_attention or not cfg.scale_attn_weights
+                or not cfg.tie_word_embeddings):   # no GPT-2 checkpoint we know of has any of these
+            raise NotImplementedError("GPT-2 variants with scale_attn_by_inverse_layer_idx, add_cross_attention, "
+                                      "unscaled attention or an untied lm_head are not supported")
+        if cfg.activation_function not in GELU_APPROXIMATION:
+            raise NotImplementedError(f"GPT-2 activation_function {cfg.activation_function!r} is not supported "
+                                      f"(known: {sorted(GELU_APPROXIMATION)})")
         return cfg
 
     def to_hf(self) -> dict:
-        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **dataclasses.asdict(self)}
-
-    @property
-    def mlp_width(self) -> int:
-        return self.n_inner or 4 * self.n_embd
-
-
-def _gelu_approximation(name: str) -> str:
-    table = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
-    if name not in table:
-        raise NotImplementedError(f"GPT-2 activation_function {name!r} is not supported (known: {sorted(table)})")
-    return table[name]
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **asdict(self)}
 
 
 @dataclass
@@ -117,92 +102,52 @@ class LlamaConfig:
     eos_token_id: int | list[int] | None = 2
 
     def __post_init__(self):
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
         if self.hidden_act != "silu":
             raise NotImplementedError(f"Llama hidden_act {self.hidden_act!r} is not supported (only silu)")
         if self.rope_scaling is not None:
-            self.rope_scaling = dict(self.rope_scaling)
-            # transformers 4.x wrote the kind under "type", later versions under "rope_type"
-            kind = self.rope_scaling.pop("type", None) or "default"
-            self.rope_scaling.setdefault("rope_type", kind)
-            self.rope_scaling.pop("rope_theta", None)
-            if self.rope_scaling["rope_type"] == "default":
-                self.rope_scaling = None
-            elif self.rope_scaling["rope_type"] not in ("llama3", "linear"):
-                raise NotImplementedError(f"rope_scaling type {self.rope_scaling['rope_type']!r} is not supported "
+            s = {k: v for k, v in self.rope_scaling.items() if k != "rope_theta"}
+            s.setdefault("rope_type", s.pop("type", None) or "default")  # transformers 4.x wrote "type"
+            if s["rope_type"] not in ("default", "linear", "llama3"):
+                raise NotImplementedError(f"rope_scaling type {s['rope_type']!r} is not supported "
                                           "(known: default, linear, llama3)")
+            self.rope_scaling = None if s["rope_type"] == "default" else s
 
     @classmethod
     def from_hf(cls, hf: dict) -> "LlamaConfig":
-        kw = _fields_from(cls, hf)
-        # transformers >= 5 keeps rope_theta and the scaling together in "rope_parameters"
-        rope = hf.get("rope_parameters")
-        if rope:
+        kw = {k: v for k, v in hf.items() if k in cls.__dataclass_fields__}
+        if rope := hf.get("rope_parameters"):   # transformers >= 5 keeps rope_theta and the scaling together here
             kw["rope_theta"] = rope.get("rope_theta", kw.get("rope_theta", 10000.0))
             kw["rope_scaling"] = dict(rope)
         return cls(**kw)
 
     def to_hf(self) -> dict:
-        hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **dataclasses.asdict(self)}
+        hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **asdict(self)}
         # Both spellings of the RoPE settings, so that transformers 4.x and 5.x read the same thing.
         hf["rope_parameters"] = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
         return hf
 
 
-CONFIGS = {"gpt2": GPT2Config, "llama": LlamaConfig}
-
-
 def config_from_hf(hf: dict, where: str = "config.json"):
     """GPT2Config or LlamaConfig, chosen by config.json's model_type."""
-    model_type = hf.get("model_type")
-    if model_type not in CONFIGS:
-        raise ValueError(f"{where}: model_type {model_type!r} is not supported (known: {sorted(CONFIGS)})")
-    return CONFIGS[model_type].from_hf(hf)
+    configs, model_type = {"gpt2": GPT2Config, "llama": LlamaConfig}, hf.get("model_type")
+    if model_type not in configs:
+        raise ValueError(f"{where}: model_type {model_type!r} is not supported (known: {sorted(configs)})")
+    return configs[model_type].from_hf(hf)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 2. Pieces shared by both families.
 
 
-def build_attention_mask(key_valid: torch.Tensor | None, T: int, S: int, dtype: torch.dtype, device
-                         ) -> tuple[torch.Tensor | None, bool]:
-    """Mask for T new queries over S keys, the new queries being the last T of the S positions.
-
-    key_valid: bool [B, S] (False = padding) or None (no padding). Returns (mask, is_causal): either
-    (None, True) for plain causal attention, (None, False) when nothing needs masking (one query that may see
-    everything), or an additive float mask [B or 1, 1, T, S]. Masked entries hold the dtype's minimum rather
-    than -inf, so a query that sees no valid key at all (a left-padding position) gets a uniform softmax,
-    not 0/0 = NaN.
-    """
-    start = S - T
-    if key_valid is None and T == 1:
-        return None, False
-    if key_valid is None and start == 0:
-        return None, True
-    if T == 1:                                  # a decode step: the one query may see every valid key
-        allowed = key_valid[:, None, None, :]                                                  # (B, 1, 1, S)
-    else:
-        allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=start)[None, None]  # (1, 1, T, S)
-        if key_valid is not None:
-            allowed = allowed & key_valid[:, None, None, :]                                    # (B, 1, T, S)
-    zero = torch.zeros((), dtype=dtype, device=device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min), False
-
-
 def attend(q, k, v, mask, is_causal: bool, dropout_p: float = 0.0):
-    """softmax(q k^T / sqrt(D) + mask) v.   q (B, H, T, D); k, v (B, Hkv, S, D) -> (B, H, T, D).
-
-    The softmax runs in fp32 inside scaled_dot_product_attention's CPU/GPU kernels even for bf16 inputs.
-    With GQA the H query heads share Hkv key/value heads, head h using K/V head h // (H // Hkv).
-    """
-    B, H, T, D = q.shape
-    Hkv = k.shape[1]
+    """softmax(q k^T / sqrt(D) + mask) v, the softmax in fp32 inside the kernel even for bf16 inputs.
+    q (B, H, T, D); k, v (B, Hkv, S, D) -> (B, H, T, D). GQA: query head h uses K/V head h // (H // Hkv)."""
+    (B, H, T, D), Hkv = q.shape, k.shape[1]
     if T == 1 and Hkv != H:
         # One query per row (a decode step): put the H // Hkv queries that share a K/V head side by side as
         # rows of one attention problem, so the cached K/V are read once and never repeated in memory.
@@ -214,21 +159,17 @@ def attend(q, k, v, mask, is_causal: bool, dropout_p: float = 0.0):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer, written in place at explicit slots (no torch.cat per step).
-
-    k, v: (L, B, Hkv, S_max, D). Slots [0, length) are filled. Left padding keeps every row's slots aligned,
-    so one `length` serves the whole batch; `key_valid` (B, S_max) marks which slots hold real tokens.
-    """
+    """Preallocated keys and values of every layer, written in place at explicit slots (no torch.cat per step).
+    Slots [0, length) are filled; left padding keeps the rows aligned, so one `length` serves the whole batch, and
+    `key_valid` (B, S_max) marks the slots that hold real tokens."""
 
     def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, dtype, device):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)   # per-layer views, made once
+        self.k = torch.zeros(shape, dtype=dtype, device=device).unbind(0)   # L views (B, Hkv, S_max, D), made once
+        self.v = torch.zeros(shape, dtype=dtype, device=device).unbind(0)
         self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
         self.padded = False   # True once some slot is padding; otherwise masks can be skipped
-        self.length = 0
-        self.max_len = max_len
+        self.length, self.max_len = 0, max_len
 
     def append_mask(self, attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
         """Record the validity of T new slots; return key validity (B, length + T) or None when nothing is padding."""
@@ -241,38 +182,44 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, Hkv, T, D) at slots [length, length + T) of `layer`; return all keys/values so far."""
-        T, kc, vc = k.shape[2], self.k_layers[layer], self.v_layers[layer]
+        T, kc, vc = k.shape[2], self.k[layer], self.v[layer]
         kc.narrow(2, self.length, T).copy_(k)
         vc.narrow(2, self.length, T).copy_(v)
         return kc.narrow(2, 0, self.length + T), vc.narrow(2, 0, self.length + T)
 
 
 def positions_and_mask(input_ids, attention_mask, position_ids, cache: KVCache | None, dtype):
-    """What both forwards need before the first block: positions (B, T) and the attention mask for T new tokens.
+    """Positions (B, T) and the attention mask of T new tokens over S = past + T keys: (pos, mask, is_causal).
 
-    Positions default to 0..T-1 continuing after what the cache holds (like transformers). The cache records
-    which of its slots are padding, so one-token decode steps need no attention_mask of their own.
-    """
+    Positions default to past..past+T-1, like transformers; the cache remembers which of its slots are padding, so
+    decode steps need no attention_mask. mask is None when attention is plainly causal (is_causal) or a lone query
+    sees every key; else it is additive (B or 1, 1, T, S), masked entries holding the dtype's minimum, not -inf, so
+    a query that sees no valid key (a left-padding position) gets a uniform softmax, not 0/0 = NaN."""
     B, T = input_ids.shape
     past = cache.length if cache is not None else 0
     pos = position_ids if position_ids is not None else torch.arange(past, past + T, device=input_ids.device
                                                                      ).expand(B, T)
     if cache is not None:
-        key_valid = cache.append_mask(attention_mask, T)                              # (B, past + T) or None
+        key_valid = cache.append_mask(attention_mask, T)                              # (B, S) or None
     elif attention_mask is not None and not bool(attention_mask.all()):
-        key_valid = attention_mask.bool()                                             # (B, T)
+        key_valid = attention_mask.bool()                                             # (B, S)
     else:
-        key_valid = None
-    return (pos, *build_attention_mask(key_valid, T, past + T, dtype, input_ids.device))
+        key_valid = None                                                              # no padding
+    if key_valid is None and (T == 1 or past == 0):
+        return pos, None, T > 1
+    allowed = torch.ones(T, past + T, dtype=torch.bool, device=input_ids.device).tril(diagonal=past)[None, None]
+    if key_valid is not None:                                                         # (1, 1, T, S) ->
+        allowed = allowed & key_valid[:, None, None, :]                               # (B, 1, T, S)
+    zero = torch.zeros((), dtype=dtype, device=input_ids.device)
+    return pos, torch.where(allowed, zero, torch.finfo(dtype).min), False
 
 
 class LayerNormFP32(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the weights' dtype (bf16 statistics are too coarse)."""
 
     def forward(self, x):
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps
+                            ).to(x.dtype)
 
 
 def _init_weights(model: nn.Module, std: float = 0.02):
@@ -311,9 +258,10 @@ class GPT2Attention(nn.Module):
 class GPT2MLP(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, cfg.mlp_width)
-        self.c_proj = nn.Linear(cfg.mlp_width, cfg.n_embd)
-        self.approximate = _gelu_approximation(cfg.activation_function)
+        width = cfg.n_inner or 4 * cfg.n_embd
+        self.c_fc = nn.Linear(cfg.n_embd, width)
+        self.c_proj = nn.Linear(width, cfg.n_embd)
+        self.approximate = GELU_APPROXIMATION[cfg.activation_function]
         self.dropout = nn.Dropout(cfg.resid_pdrop)
 
     def forward(self, x):
@@ -349,26 +297,20 @@ class GPT2(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
                 last_only: bool = False, hidden_only: bool = False):
-        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only (prefill only needs the last one).
-        With hidden_only: the final normed hidden states (B, T or 1, C) instead, no vocabulary projection (a
-        caller that needs only some tokens' log-probs projects those itself with `output_weight`).
-
-        attention_mask (B, T): 1 = token, 0 = padding; not needed for right-padded training batches (causal
-        attention never lets a real token see the padding after it). Positions default to 0..T-1 (after the
-        cache); left-padded batches must pass position_ids counted from each row's first real token.
-        (Llama.forward takes and returns exactly the same.)
-        """
-        T = input_ids.shape[1]
+        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only (prefill needs only the last one).
+        hidden_only: the final normed hidden states (B, T or 1, C) instead, for a caller that projects only some
+        tokens itself with `output_weight`. attention_mask (B, T): 1 = token, 0 = padding; right-padded training
+        batches need none (a real token never sees the padding after it); left-padded ones pass position_ids
+        counted from each row's first real token. Llama.forward takes and returns the same."""
         pos, mask, is_causal = positions_and_mask(input_ids, attention_mask, position_ids, cache,
                                                   self.wte.weight.dtype)          # pos (B, T)
-        last = int(pos.max())                                             # learned positions: a table of
-        if last >= self.config.n_positions:                               # n_positions rows, nothing beyond
-            raise ValueError(f"GPT-2 has positions 0..{self.config.n_positions - 1} only, got position {last}")
+        if int(pos.max()) >= self.config.n_positions:                     # a learned table, nothing beyond it
+            raise ValueError(f"GPT-2 has positions 0..{self.config.n_positions - 1} only, got {int(pos.max())}")
         x = self.drop(self.wte(input_ids) + self.wpe(pos))                # (B, T, C)
         for i, block in enumerate(self.h):
             x = block(x, mask, is_causal, cache, i)
         if cache is not None:
-            cache.length += T
+            cache.length += input_ids.shape[1]
         x = self.ln_f(x[:, -1:] if last_only else x)                      # (B, T, C)
         return x if hidden_only else F.linear(x, self.output_weight)      # (B, T, V)
 
@@ -376,9 +318,9 @@ class GPT2(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.wte.weight                                            # (V, C): tied to the embedding
 
-    def new_cache(self, batch, max_len, dtype=None, device=None) -> KVCache:
+    def new_cache(self, batch, max_len) -> KVCache:
         c, w = self.config, self.wte.weight
-        return KVCache(c.n_layer, batch, c.n_head, max_len, c.n_embd // c.n_head, dtype or w.dtype, device or w.device)
+        return KVCache(c.n_layer, batch, c.n_head, max_len, c.n_embd // c.n_head, w.dtype, w.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -397,15 +339,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
-    """Rotation frequency of each of the D/2 channel pairs, fp32 [D/2], with the configured long-context scaling.
-
+    """Rotation frequency of each of the D/2 channel pairs, fp32 (D/2,), with the configured long-context scaling.
     Llama 3.1 ("llama3") scaling: wavelengths shorter than original_len / high_freq_factor keep their frequency,
-    those longer than original_len / low_freq_factor are slowed by `factor`, and the band between blends the two.
-    """
+    those longer than original_len / low_freq_factor are slowed by `factor`, and the band between blends the two."""
     D = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device="cpu").float() / D))
-    s = cfg.rope_scaling
-    if s is None:
+    if (s := cfg.rope_scaling) is None:
         return inv_freq
     if s["rope_type"] == "linear":
         return inv_freq / s["factor"]
@@ -420,18 +359,14 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
 
 def rope_cos_sin(inv_freq, position_ids, dtype):
     """cos, sin tables for positions (B, T) -> two (B, 1, T, D), sin with the sign of rotate-half folded in."""
-    angles = position_ids[..., None].float() * inv_freq               # (B, T, D/2), fp32
+    angles = position_ids[:, None, :, None].float() * inv_freq        # (B, 1, T, D/2), fp32
     cos, sin = angles.cos(), angles.sin()
-    cos = torch.cat((cos, cos), dim=-1).to(dtype)
-    sin = torch.cat((-sin, sin), dim=-1).to(dtype)
-    return cos[:, None], sin[:, None]
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rope(x, cos, sin):
     """Rotate each channel pair (i, i + D/2) of x (B, h, T, D) by its angle: the rotate-half layout of HF Llama.
-
-    rotate_half(x) = cat(-x2, x1) = roll(x, D/2) * (-1 | +1); the signs already sit in `sin`.
-    """
+    rotate_half(x) = cat(-x2, x1) = roll(x, D/2) * (-1 | +1); the signs already sit in `sin`."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)   # x*cos + roll(x)*sin
 
 
@@ -502,7 +437,6 @@ class Llama(nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
                 last_only: bool = False, hidden_only: bool = False):
         """Same inputs and outputs as GPT2.forward: logits (B, T or 1, V), or normed hidden states with hidden_only."""
-        T = input_ids.shape[1]
         x = self.embed(input_ids)                                        # (B, T, C)
         pos, mask, is_causal = positions_and_mask(input_ids, attention_mask, position_ids, cache, x.dtype)
         if self.inv_freq.device != x.device:
@@ -511,7 +445,7 @@ class Llama(nn.Module):
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, mask, is_causal, cache, i)
         if cache is not None:
-            cache.length += T
+            cache.length += input_ids.shape[1]
         x = self.norm(x[:, -1:] if last_only else x)                     # (B, T, C)
         return x if hidden_only else F.linear(x, self.output_weight)     # (B, T, V)
 
@@ -519,10 +453,9 @@ class Llama(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.lm_head.weight if self.lm_head is not None else self.embed.weight  # (V, C)
 
-    def new_cache(self, batch, max_len, dtype=None, device=None) -> KVCache:
+    def new_cache(self, batch, max_len) -> KVCache:
         c, w = self.config, self.embed.weight
-        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
-                       dtype or w.dtype, device or w.device)
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim, w.dtype, w.device)
 
 
 def build_model(cfg) -> nn.Module:
@@ -535,10 +468,8 @@ def build_model(cfg) -> nn.Module:
 
 
 class LoRALinear(nn.Module):
-    """An nn.Linear plus a trainable low-rank update. The base layer is frozen and kept as is.
-
-    Merging (W += scale * B A) is explicit: `merge()` / `unmerge()`. Nothing merges behind your back on .eval().
-    """
+    """A frozen nn.Linear plus a trainable low-rank update. Merging (W += scale * B A) is explicit: merge() /
+    unmerge(); nothing merges behind your back on .eval()."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0):
         super().__init__()
@@ -551,8 +482,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=w.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))   # same init as nn.Linear's weight
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-        self.disabled = False   # set by lora_disabled(): the layer acts as its base alone
+        self.merged, self.disabled = False, False   # disabled (set by lora_disabled): act as the base alone
         base.requires_grad_(False)
 
     def delta_weight(self) -> torch.Tensor:
@@ -600,13 +530,10 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
              targets=("q", "k", "v", "o", "mlp")) -> list[str]:
-    """Wrap the targeted nn.Linear layers of every block in LoRALinear; freeze everything else.
-
-    Returns the wrapped module names. Only lora_A / lora_B require grad afterwards.
-    """
+    """Wrap the targeted nn.Linear layers of every block in LoRALinear and freeze everything else (only lora_A /
+    lora_B require grad afterwards). Returns the wrapped module names."""
     table = LORA_TARGETS[model.family]
-    unknown = set(targets) - set(table)
-    if unknown:
+    if unknown := set(targets) - set(table):
         raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; known: {sorted(table)}")
     if lora_layers(model):
         raise RuntimeError("the model already has LoRA layers")
@@ -674,10 +601,9 @@ def save_lora(model: nn.Module, path):
     layers = list(lora_layers(model).values())
     if not layers:
         raise RuntimeError("the model has no LoRA layers")
-    meta = {"format": "pt", "r": str(layers[0].r), "alpha": str(layers[0].alpha)}
     tensors = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        save_file(tensors, str(tmp), metadata={"format": "pt", "r": str(layers[0].r), "alpha": str(layers[0].alpha)})
 
 
 def load_lora(model: nn.Module, path):
@@ -692,11 +618,9 @@ def load_lora(model: nn.Module, path):
 def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, stop_ids=None) -> list[list[int]]:
     """Greedy continuation of each prompt; returns each row's new tokens, up to and excluding its first stop id.
 
-    The prompts are left-padded into one batch (B, T) so that every row's last prompt token sits in the same
-    column; positions are counted from each row's first real token and the padding is masked out of attention.
-    One prefill pass fills the preallocated cache, then each step feeds one token per row. Rows that have
-    stopped keep being computed (cheaper than reshaping the batch) but their output is cut; the loop ends
-    when every row has stopped.
+    Prompts are left-padded into one batch (B, T), so every row's last prompt token sits in the same column, with
+    positions counted from each row's first real token. One prefill fills the cache, then each step feeds one
+    token per row. Stopped rows keep being computed (cheaper than reshaping the batch) until every row has stopped.
     """
     stop_ids = [] if stop_ids is None else [stop_ids] if isinstance(stop_ids, int) else [int(s) for s in stop_ids]
     B = len(prompts)
@@ -705,8 +629,7 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, st
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
         raise ValueError("generate: every prompt needs at least one token")
-    w = next(model.parameters())
-    device, T = w.device, max(lengths)
+    device, T = next(model.parameters()).device, max(lengths)
     if model.family == "gpt2" and T + max_new_tokens - 1 > model.config.n_positions:
         raise ValueError(f"GPT-2 sees at most n_positions={model.config.n_positions} tokens: a {T}-token prompt "
                          f"leaves room for {model.config.n_positions - T + 1} new tokens, not {max_new_tokens}")
@@ -718,7 +641,7 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, st
 
     was_training = model.training
     model.eval()
-    cache = model.new_cache(B, T + max_new_tokens, dtype=w.dtype, device=device)
+    cache = model.new_cache(B, T + max_new_tokens)
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
     n_new = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # tokens kept per row
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -767,8 +690,7 @@ LLAMA_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq
 def hf_name(model: nn.Module, ours: str) -> str:
     """The checkpoint key holding our parameter `ours`."""
     for pattern, template in (GPT2_TO_HF if model.family == "gpt2" else LLAMA_TO_HF):
-        m = re.fullmatch(pattern, ours)
-        if m:
+        if m := re.fullmatch(pattern, ours):
             return template.format(*m.groups())
     raise KeyError(f"no Hugging Face name for parameter {ours!r} of {type(model).__name__}")
 
@@ -789,43 +711,30 @@ def _canonical_key(model: nn.Module, key: str) -> str | None:
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
     """model.safetensors, or every shard named in model.safetensors.index.json."""
-    single = model_dir / "model.safetensors"
-    if single.exists():
+    if (single := model_dir / "model.safetensors").exists():
         return [single]
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
+    if (index := model_dir / "model.safetensors.index.json").exists():
         weight_map = json.loads(index.read_text())["weight_map"]
         return [model_dir / name for name in sorted(set(weight_map.values()))]
     raise FileNotFoundError(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json "
                             "(only safetensors checkpoints are read)")
 
 
-def _open_safetensors(path: Path):
-    """safe_open, with the two ways a download goes wrong said plainly."""
+def header_shapes(path: Path) -> dict[str, tuple]:
+    """{key: shape} of one safetensors file, read from its header alone; a truncated download said plainly."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: shard listed in model.safetensors.index.json is missing")
     try:
-        return safe_open(str(path), framework="pt")
+        f = safe_open(str(path), framework="pt")
     except SafetensorError as e:   # a header that does not cover the file: most often a truncated download
         raise CheckpointError(f"{path}: not a complete safetensors file (truncated download?): {e}") from e
-
-
-def _read_tensor(path: Path, key: str, transposed: bool, dtype, device) -> torch.Tensor:
-    """One checkpoint tensor in our layout, dtype and device.
-
-    safe_open maps the file copy-on-write. Opened for this one tensor, its mapped pages are let go as soon as the
-    tensor is converted; a tensor already in `dtype` on the CPU stays those pages (read lazily, never copied).
-    """
-    with safe_open(str(path), framework="pt") as f:
-        t = f.get_tensor(key)
-    return (t.t() if transposed else t).to(device=device, dtype=dtype).contiguous()
+    with f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
 
 
 def read_checkpoint(model: nn.Module, model_dir: Path, dtype=torch.float32, device="cpu") -> dict[str, torch.Tensor]:
-    """Our state dict from the checkpoint in `model_dir`, renamed and transformed, every key and shape checked.
-
-    Every key and shape is checked from the header before its tensor is read; tensors are read one at a time
-    (_read_tensor), so the weights are never held twice.
+    """Our state dict from the checkpoint in `model_dir`, renamed and transformed. Every key and shape is checked
+    from the header before its tensor is read; tensors are read one at a time, so the weights are never held twice.
     """
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # model may live on `meta`
     ours_of = {hf_name(model, name): name for name in expected}                  # checkpoint key -> our name
@@ -833,20 +742,16 @@ def read_checkpoint(model: nn.Module, model_dir: Path, dtype=torch.float32, devi
     embed_shape = expected["wte.weight" if model.family == "gpt2" else "embed.weight"]
     sd: dict[str, torch.Tensor] = {}
     for path in checkpoint_files(model_dir):
-        with _open_safetensors(path) as f:                          # the header: names and shapes only
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-        for key, shape in shapes.items():
+        for key, shape in header_shapes(path).items():
             canon = _canonical_key(model, key)
             if canon is None:
                 continue
-            if canon == "lm_head.weight" and tied:
-                # Some tied checkpoints also store the head; it must at least be the embedding's shape.
-                if shape != embed_shape:
+            if canon == "lm_head.weight" and tied:   # some tied checkpoints also store the head: skip it, if it
+                if shape != embed_shape:             # at least has the shape of the embedding it is tied to
                     raise CheckpointError(f"{path}: key 'lm_head.weight' has shape {shape}, but the head is tied "
                                           f"to the token embedding of shape {embed_shape}")
                 continue
-            ours = ours_of.get(canon)
-            if ours is None:
+            if (ours := ours_of.get(canon)) is None:
                 raise CheckpointError(f"{path}: unexpected key {key!r} with shape {shape}: no parameter of "
                                       f"{type(model).__name__} maps to it (is config.json the right one?)")
             if ours in sd:
@@ -856,9 +761,12 @@ def read_checkpoint(model: nn.Module, model_dir: Path, dtype=torch.float32, devi
             if shape != want:
                 raise CheckpointError(f"{path}: key {key!r} has shape {shape} but parameter {ours!r} needs "
                                       f"{want} (checkpoint layout)")
-            sd[ours] = _read_tensor(path, key, transposed, dtype, device)
-    missing = [n for n in expected if n not in sd]
-    if missing:
+            # Opened for this one tensor, the copy-on-write mapping lets its pages go once the tensor is converted;
+            # a tensor already in `dtype` on the CPU stays those pages (read lazily, never copied).
+            with safe_open(str(path), framework="pt") as f:
+                t = f.get_tensor(key)
+            sd[ours] = (t.t() if transposed else t).to(device=device, dtype=dtype).contiguous()
+    if missing := [n for n in expected if n not in sd]:
         lines = [f"  {hf_name(model, n)!r} (parameter {n!r}, shape {expected[n]})" for n in missing[:10]]
         more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
         raise CheckpointError(f"{model_dir}: checkpoint lacks {len(missing)} key(s):\n" + "\n".join(lines) + more)
@@ -867,10 +775,8 @@ def read_checkpoint(model: nn.Module, model_dir: Path, dtype=torch.float32, devi
 
 def hf_cache_dir() -> Path:
     """Hugging Face's hub cache, read from the environment now (huggingface_hub reads it once, at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
+    return Path(os.environ.get("HF_HUB_CACHE") or Path(home).expanduser() / "hub")
 
 
 HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
@@ -888,8 +794,7 @@ def resolve_model_dir(name_or_path) -> Path:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: directory has no config.json")
         return path
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_like_path or not _REPO_ID.fullmatch(name):
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not _REPO_ID.fullmatch(name):   # a path
         raise FileNotFoundError(f"unknown model {name!r}: no such directory (expected a directory with config.json "
                                 "or a hub repo id like 'owner/name')")
     # HF_HUB_OFFLINE and the cache directory are read now: huggingface_hub reads them once, at import.
@@ -898,8 +803,7 @@ def resolve_model_dir(name_or_path) -> Path:
         path = Path(snapshot_download(name, cache_dir=hf_cache_dir(), allow_patterns=HUB_FILES,
                                       local_files_only=offline))
     except (LocalEntryNotFoundError, HfHubHTTPError) as e:   # not cached / no such repo / hub unreachable
-        first_line = str(e).partition("\n")[0]
-        why = "HF_HUB_OFFLINE is set" if offline else f"{type(e).__name__}: {first_line}"
+        why = "HF_HUB_OFFLINE is set" if offline else f"{type(e).__name__}: " + str(e).partition("\n")[0]
         raise FileNotFoundError(f"unknown model {name!r}: not a local directory, and not in the Hugging Face "
                                 f"cache {hf_cache_dir()} ({why})") from e
     if not (path / "config.json").is_file():
@@ -910,12 +814,10 @@ def resolve_model_dir(name_or_path) -> Path:
 def load_model(name_or_path, dtype=torch.float32, device="cpu") -> nn.Module:
     """Build the model that `name_or_path`'s config.json describes and load its weights (eval mode)."""
     model_dir = resolve_model_dir(name_or_path)
-    hf = json.loads((model_dir / "config.json").read_text())
-    cfg = config_from_hf(hf, str(model_dir / "config.json"))
+    cfg = config_from_hf(json.loads((model_dir / "config.json").read_text()), str(model_dir / "config.json"))
     with torch.device("meta"):          # parameters without storage: the checkpoint's tensors become them
         model = build_model(cfg)
-    sd = read_checkpoint(model, model_dir, dtype, device)
-    model.load_state_dict(sd, strict=True, assign=True)
+    model.load_state_dict(read_checkpoint(model, model_dir, dtype, device), strict=True, assign=True)
     model.name_or_path = str(name_or_path)
     return model.eval()
 
@@ -933,33 +835,26 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             if leaf == "weight" and not layer.merged:
                 t = t + layer.delta_weight()
             name = f"{owner[:-5]}.{leaf}"
-        t = t.detach()
-        out[hf_name(model, name)] = (t.t() if is_transposed(model, name) else t).contiguous().cpu()
+        out[hf_name(model, name)] = (t.t() if is_transposed(model, name) else t).detach().contiguous().cpu()
     return out
 
 
 def save_model(model: nn.Module, out_dir) -> Path:
-    """config.json + model.safetensors in Hugging Face layout (transformers loads it as is), each written atomically,
-    so a crash never leaves a half-written checkpoint behind."""
+    """config.json + model.safetensors in Hugging Face layout (transformers loads it as is), each written atomically."""
     out = Path(out_dir)
     hf = model.config.to_hf()
     hf["torch_dtype"] = hf["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     with atomic_path(out / "model.safetensors") as tmp:
         save_file(hf_state_dict(model), str(tmp), metadata={"format": "pt"})
-    stale = out / "model.safetensors.index.json"   # a sharded checkpoint written here before would shadow ours
-    if stale.exists():
-        stale.unlink()
+    (out / "model.safetensors.index.json").unlink(missing_ok=True)   # an old sharded checkpoint would shadow ours
     write_json(out / "config.json", hf)
     return out
 
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary sibling of `path`; on success rename it onto `path`, on error remove it.
-
-    The caller creates a file or a directory at the yielded path. Readers thus only ever see the old `path` or
-    the complete new one: a crash never leaves a half-written file that looks finished.
-    """
+    """Yield a temporary sibling of `path` for the caller to create a file or directory at; on success rename it onto
+    `path`, on error remove it. Readers see the old `path` or the complete new one, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{os.urandom(4).hex()}-{path.name}")

@@ -1,23 +1,15 @@
-"""NLI for PAL's consistency score: a hand-written RoBERTa sequence classifier, C.score, and NLI persona labels.
-
-Read top to bottom:
-  1. RobertaConfig      - filled from the checkpoint's config.json, never re-derived
-  2. the model          - embeddings (positions start after the padding index), post-LN encoder blocks,
-                          the <s>-token classification head (dense -> tanh -> out_proj)
-  3. loading / saving   - rename table Hugging Face -> ours, an assert on every shape and on the key set
-  4. NLIClassifier      - tokenize pairs, batch with padding, probabilities in a fixed label order; load_nli
-  5. c_score            - Madotto et al. (2019)'s C.score; nli_persona_labels - persona labels by entailment
+"""NLI for PAL's consistency score: 1. RobertaConfig from config.json; 2. a hand-written RoBERTa classifier;
+3. loading / saving Hugging Face checkpoints; 4. NLIClassifier (pairs -> probabilities in a fixed label order);
+5. what PAL asks of it: C.score and persona labels by entailment.
 
 Works with roberta-large-mnli and any RobertaForSequenceClassification checkpoint whose id2label names the
 three NLI classes. Fine-tuning one on labelled pairs: extras/nli_finetune.py.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +25,14 @@ from model import atomic_path, checkpoint_files, resolve_model_dir, write_json
 # Our fixed output order of predict(): index 0 contradiction, 1 neutral, 2 entailment.
 NLI_LABELS = ("contradiction", "neutral", "entailment")
 C_SCORE_VALUE = (-1, 0, 1)  # what each of NLI_LABELS contributes to C.score
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings", "pad_token_id")
+
+
+def _require(ok: bool, message: str, error: type[Exception] = ValueError):
+    """Raise error(message) unless ok: the checks on checkpoints and inputs, one line each."""
+    if not ok:
+        raise error(message)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -68,35 +68,27 @@ class RobertaConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, where: str = "config.json") -> "RobertaConfig":
-        if hf.get("model_type") not in ("roberta", None):
-            raise ValueError(f"{where}: model_type is {hf.get('model_type')!r}, expected 'roberta'")
-        if hf.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"{where}: position_embedding_type {hf['position_embedding_type']!r} is not supported "
-                             "(only 'absolute')")
-        if hf.get("is_decoder") or hf.get("add_cross_attention"):
-            raise ValueError(f"{where}: a decoder RoBERTa is not an NLI classifier")
-        for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                  "max_position_embeddings", "pad_token_id"):
-            if k not in hf:
-                raise KeyError(f"{where}: missing key {k!r}")
-        kw = {f: hf[f] for f in cls.__dataclass_fields__ if f in hf and f != "id2label"}
-        if "id2label" in hf:
-            labels = hf["id2label"]
-            if not isinstance(labels, dict) or not all(str(k).lstrip("-").isdigit() for k in labels):
-                raise ValueError(f"{where}: id2label must map integer ids to names, got {labels!r}")
-            kw["id2label"] = {int(k): str(v) for k, v in labels.items()}
-        elif "num_labels" in hf:
-            kw["id2label"] = {i: f"LABEL_{i}" for i in range(int(hf["num_labels"]))}
-        else:
-            raise KeyError(f"{where}: neither 'id2label' nor 'num_labels': cannot size the classification head")
-        cfg = cls(**kw)
-        if sorted(cfg.id2label) != list(range(cfg.num_labels)):
-            raise ValueError(f"{where}: id2label keys must be 0..{cfg.num_labels - 1}, got {sorted(cfg.id2label)}")
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ValueError(f"{where}: hidden_size {cfg.hidden_size} is not a multiple of num_attention_heads "
-                             f"{cfg.num_attention_heads}")
-        if cfg.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"{where}: hidden_act {cfg.hidden_act!r} not supported ({sorted(_ACTIVATIONS)})")
+        _require(hf.get("model_type") in ("roberta", None),
+                 f"{where}: model_type is {hf.get('model_type')!r}, expected 'roberta'")
+        _require(hf.get("position_embedding_type", "absolute") == "absolute",
+                 f"{where}: position_embedding_type {hf.get('position_embedding_type')!r} is not supported")
+        _require(not (hf.get("is_decoder") or hf.get("add_cross_attention")),
+                 f"{where}: a decoder RoBERTa is not an NLI classifier")
+        for k in REQUIRED_KEYS:
+            _require(k in hf, f"{where}: missing key {k!r}", KeyError)
+        _require("id2label" in hf or "num_labels" in hf,
+                 f"{where}: neither 'id2label' nor 'num_labels': cannot size the classification head", KeyError)
+        labels = hf["id2label"] if "id2label" in hf else {i: f"LABEL_{i}" for i in range(int(hf["num_labels"]))}
+        _require(isinstance(labels, dict) and all(str(k).lstrip("-").isdigit() for k in labels),
+                 f"{where}: id2label must map integer ids to names, got {labels!r}")
+        cfg = cls(**{f: hf[f] for f in cls.__dataclass_fields__ if f in hf and f != "id2label"},
+                  id2label={int(k): str(v) for k, v in labels.items()})
+        _require(sorted(cfg.id2label) == list(range(cfg.num_labels)),
+                 f"{where}: id2label keys must be 0..{cfg.num_labels - 1}, got {sorted(cfg.id2label)}")
+        _require(cfg.hidden_size % cfg.num_attention_heads == 0, f"{where}: hidden_size {cfg.hidden_size} is "
+                 f"not a multiple of num_attention_heads {cfg.num_attention_heads}")
+        _require(cfg.hidden_act in _ACTIVATIONS,
+                 f"{where}: hidden_act {cfg.hidden_act!r} not supported ({sorted(_ACTIVATIONS)})")
         return cfg
 
     def to_hf(self) -> dict:
@@ -108,12 +100,8 @@ class RobertaConfig:
         return d
 
 
-_ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),  # exact erf GELU: RoBERTa's
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
+_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu,  # F.gelu: the exact erf GELU, RoBERTa's
+                **dict.fromkeys(("gelu_new", "gelu_pytorch_tanh"), lambda x: F.gelu(x, approximate="tanh"))}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -135,9 +123,8 @@ class Embeddings(nn.Module):
         # fairseq's positions: real tokens are numbered pad+1, pad+2, ... (RoBERTa never uses rows 0..pad);
         # padding gets row `pad`. Same numbers as HF's create_position_ids_from_input_ids on right-padded rows.
         positions = torch.cumsum(mask, dim=1) * mask + self.pad  # (B, T)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)  # RoBERTa has one segment type
-        x = self.tok(input_ids) + self.seg(token_type_ids) + self.pos(positions)  # (B, T, C)
+        types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids  # RoBERTa has one type
+        x = self.tok(input_ids) + self.seg(types) + self.pos(positions)  # (B, T, C)
         return self.drop(self.ln(x))
 
 
@@ -181,8 +168,7 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, cfg: RobertaConfig):
         super().__init__()
-        p = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
-        self.drop = nn.Dropout(p)
+        self.drop = nn.Dropout(cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.num_labels)
 
@@ -210,8 +196,7 @@ class RobertaClassifier(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         mask = attention_mask.long()
         x = self.emb(input_ids, mask, token_type_ids)
-        dtype = x.dtype
-        bias = (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min  # (B, 1, 1, T)
+        bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min  # (B, 1, 1, T)
         for block in self.blocks:
             x = block(x, bias)
         return self.head(x)
@@ -220,36 +205,29 @@ class RobertaClassifier(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # 3. Loading and saving Hugging Face checkpoints
 
-# Keys a RobertaForSequenceClassification checkpoint may hold that the classifier does not use: the pooler of
-# the pre-trained RobertaModel (roberta-large-mnli ships it) and an old position_ids buffer. Anything else
-# unknown is an error.
+# Checkpoint keys the classifier does not use: the pretrained RobertaModel's pooler (roberta-large-mnli ships
+# it) and an old position_ids buffer. Any other unknown key is an error.
 IGNORED_KEYS = ("roberta.pooler.dense.weight", "roberta.pooler.dense.bias", "roberta.embeddings.position_ids")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 
 
 def hf_names(cfg: RobertaConfig) -> dict[str, str]:
     """Rename table: our parameter name -> Hugging Face RobertaForSequenceClassification name."""
-    names = {"emb.tok.weight": "roberta.embeddings.word_embeddings.weight",
-             "emb.pos.weight": "roberta.embeddings.position_embeddings.weight",
-             "emb.seg.weight": "roberta.embeddings.token_type_embeddings.weight",
-             "emb.ln.weight": "roberta.embeddings.LayerNorm.weight",
-             "emb.ln.bias": "roberta.embeddings.LayerNorm.bias"}
+    modules = {"emb.tok": "roberta.embeddings.word_embeddings", "emb.pos": "roberta.embeddings.position_embeddings",
+               "emb.seg": "roberta.embeddings.token_type_embeddings", "emb.ln": "roberta.embeddings.LayerNorm",
+               "head.dense": "classifier.dense", "head.out_proj": "classifier.out_proj"}
     per_block = {"attn.q": "attention.self.query", "attn.k": "attention.self.key", "attn.v": "attention.self.value",
                  "attn.o": "attention.output.dense", "ln1": "attention.output.LayerNorm",
                  "fc1": "intermediate.dense", "fc2": "output.dense", "ln2": "output.LayerNorm"}
-    modules = {f"blocks.{i}.{ours}": f"roberta.encoder.layer.{i}.{theirs}"
-               for i in range(cfg.num_hidden_layers) for ours, theirs in per_block.items()}
-    modules.update({"head.dense": "classifier.dense", "head.out_proj": "classifier.out_proj"})
-    for ours, theirs in modules.items():
-        for w in ("weight", "bias"):
-            names[f"{ours}.{w}"] = f"{theirs}.{w}"
-    return names
+    modules.update({f"blocks.{i}.{ours}": f"roberta.encoder.layer.{i}.{theirs}"
+                    for i in range(cfg.num_hidden_layers) for ours, theirs in per_block.items()})
+    return {f"{ours}.{w}": f"{theirs}.{w}" for ours, theirs in modules.items()
+            for w in (("weight",) if theirs.endswith("_embeddings") else ("weight", "bias"))}  # embeddings: no bias
 
 
 def read_hf_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint: model.safetensors, sharded safetensors (index json), or pytorch_model.bin."""
-    safetensors = [model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"]
-    if any(p.exists() for p in safetensors):
+    if any((model_dir / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
         return {k: t for f in checkpoint_files(model_dir) for k, t in load_file(str(f)).items()}
     if (model_dir / "pytorch_model.bin").exists():
         return torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
@@ -258,30 +236,22 @@ def read_hf_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def load_classifier(model_dir: Path, dtype=torch.float32, device="cpu") -> RobertaClassifier:
     """Build RobertaClassifier from a Hugging Face directory: rename, assert every shape and the key set."""
-    model_dir = Path(model_dir)
-    config = model_dir / "config.json"
-    if not config.exists():
-        raise FileNotFoundError(f"{config}: not found (an NLI model directory needs config.json)")
+    config = Path(model_dir) / "config.json"
+    _require(config.exists(), f"{config}: not found (an NLI model directory needs config.json)", FileNotFoundError)
     cfg = RobertaConfig.from_hf(json.loads(config.read_text(encoding="utf-8")), str(config))
-    sd = read_hf_state_dict(model_dir)
-    names = hf_names(cfg)
+    sd, names = read_hf_state_dict(Path(model_dir)), hf_names(cfg)
     with torch.device("meta"):  # no random init of weights that are overwritten next (gpt-fast's trick)
         model = RobertaClassifier(cfg)
     expected = {n: p.shape for n, p in model.state_dict().items()}
     assert set(expected) == set(names), "rename table out of date with the module tree"
     missing = [names[n] for n in expected if names[n] not in sd]
     unknown = sorted(set(sd) - set(names.values()) - set(IGNORED_KEYS))
-    if missing or unknown:
-        raise KeyError(f"{model_dir}: checkpoint does not match a RobertaForSequenceClassification of its config: "
-                       f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}, unexpected {unknown[:6]}"
-                       f"{' ...' if len(unknown) > 6 else ''}")
-    ours = {}
+    _require(not (missing or unknown), f"{model_dir}: checkpoint does not match a RobertaForSequenceClassification "
+             f"of its config: missing {len(missing)} {missing[:6]}, unexpected {len(unknown)} {unknown[:6]}", KeyError)
     for n, shape in expected.items():
-        t = sd[names[n]]
-        if t.shape != shape:
-            raise ValueError(f"{model_dir}: {names[n]} has shape {tuple(t.shape)}, config.json implies {tuple(shape)}")
-        ours[n] = t.to(device=device, dtype=dtype)
-    model.load_state_dict(ours, strict=True, assign=True)
+        _require(sd[names[n]].shape == shape, f"{model_dir}: {names[n]} has shape {tuple(sd[names[n]].shape)}, "
+                 f"config.json implies {tuple(shape)}")
+    model.load_state_dict({n: sd[names[n]].to(device=device, dtype=dtype) for n in expected}, strict=True, assign=True)
     return model.eval()
 
 
@@ -303,16 +273,11 @@ def save_classifier(model: RobertaClassifier, out_dir, tokenizer_from: Path | No
 
 def label_order(id2label: dict[int, str], where: str = "config.json") -> list[int]:
     """Checkpoint label ids of (contradiction, neutral, entailment), found by name (case-insensitive)."""
-    by_name = {}
-    for i, name in id2label.items():
-        key = str(name).strip().lower()
-        if key in by_name:
-            raise ValueError(f"{where}: label {name!r} appears twice in id2label {id2label}")
-        by_name[key] = i
+    by_name = {str(name).strip().lower(): i for i, name in id2label.items()}
+    _require(len(by_name) == len(id2label), f"{where}: a label name appears twice in id2label {id2label}")
     missing = [n for n in NLI_LABELS if n not in by_name]
-    if missing or len(id2label) != 3:
-        raise ValueError(f"{where}: id2label {id2label} does not name the three NLI classes {NLI_LABELS} "
-                         f"(missing {missing}); pass label_names=[name of id 0, id 1, id 2] to load_nli")
+    _require(not missing and len(id2label) == 3, f"{where}: id2label {id2label} does not name the three NLI "
+             f"classes {NLI_LABELS} (missing {missing}); pass label_names=[name of id 0, id 1, id 2] to load_nli")
     return [by_name[n] for n in NLI_LABELS]
 
 
@@ -326,20 +291,15 @@ class NLIClassifier:
     def __init__(self, model: RobertaClassifier, tokenizer=None, label_names: list[str] | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer  # needs encode_pair(a, b) and encode(text); None: use predict_ids only
-        if label_names is not None and len(label_names) != model.config.num_labels:
-            raise ValueError(f"label_names has {len(label_names)} names, the model has "
-                             f"{model.config.num_labels} labels")
+        _require(label_names is None or len(label_names) == model.config.num_labels,
+                 f"label_names has {len(label_names or [])} names, the model has {model.config.num_labels} labels")
         id2label = dict(enumerate(label_names)) if label_names is not None else model.config.id2label
         self.order = label_order(id2label)  # probs_ours[:, k] = probs_checkpoint[:, order[k]]
 
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
-
     def encode(self, premise: str, hypothesis: str) -> list[int]:
         """<s> premise </s></s> hypothesis </s>; over-long pairs are cut longest-first, keeping the specials."""
-        if self.tokenizer is None:
-            raise RuntimeError("NLIClassifier has no tokenizer (load it with load_nli, or call predict_ids)")
+        _require(self.tokenizer is not None, "NLIClassifier has no tokenizer (load it with load_nli, or call "
+                 "predict_ids)", RuntimeError)
         ids = self.tokenizer.encode_pair(premise, hypothesis)
         limit = self.model.config.max_tokens
         if len(ids) <= limit:
@@ -352,14 +312,11 @@ class NLIClassifier:
 
     @torch.inference_mode()
     def logits_ids(self, seqs: list[list[int]], batch_size: int = 32, progress: bool | None = None) -> torch.Tensor:
-        """Raw logits (N, num_labels) in the checkpoint's order for already-encoded sequences.
-
-        Sequences are sorted by length so each batch pads little, right-padded with <pad>, the mask built from
-        the lengths; results come back in input order."""
-        cfg = self.model.config
+        """Raw logits (N, num_labels) in the checkpoint's order for encoded sequences, in input order. Batches
+        take sequences sorted by length (little padding), right-padded with <pad>, the mask built from lengths."""
+        cfg, device = self.model.config, next(self.model.parameters()).device
         for i, s in enumerate(seqs):
-            if not 0 < len(s) <= cfg.max_tokens:
-                raise ValueError(f"sequence {i} has {len(s)} tokens; must be 1..{cfg.max_tokens}")
+            _require(0 < len(s) <= cfg.max_tokens, f"sequence {i} has {len(s)} tokens; must be 1..{cfg.max_tokens}")
         out = torch.empty(len(seqs), cfg.num_labels)
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         batches = [order[i:i + batch_size] for i in range(0, len(seqs), batch_size)]
@@ -369,11 +326,9 @@ class NLIClassifier:
                         dynamic_ncols=True):
             lens = torch.tensor([len(seqs[i]) for i in idx])
             T = int(lens.max())
-            ids = torch.full((len(idx), T), cfg.pad_token_id, dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
+            ids = torch.tensor([seqs[i] + [cfg.pad_token_id] * (T - len(seqs[i])) for i in idx])  # (B, T)
             mask = (torch.arange(T)[None, :] < lens[:, None]).long()  # (B, T) from lengths
-            out[idx] = self.model(ids.to(self.device), mask.to(self.device)).float().cpu()
+            out[idx] = self.model(ids.to(device), mask.to(device)).float().cpu()
         self.model.train(was_training)
         return out
 
@@ -383,26 +338,22 @@ class NLIClassifier:
 
     def predict(self, premises: list[str], hypotheses: list[str], batch_size: int = 32,
                 progress: bool | None = None) -> torch.Tensor:
-        """Probabilities (N, 3) ordered (contradiction, neutral, entailment) that premise i entails / is
-        neutral to / contradicts hypothesis i."""
-        if len(premises) != len(hypotheses):
-            raise ValueError(f"{len(premises)} premises but {len(hypotheses)} hypotheses")
+        """Probabilities (N, 3) that premise i contradicts / is neutral to / entails hypothesis i."""
+        _require(len(premises) == len(hypotheses), f"{len(premises)} premises but {len(hypotheses)} hypotheses")
         return self.predict_ids([self.encode(p, h) for p, h in zip(premises, hypotheses)], batch_size, progress)
 
 
 def load_nli(name_or_path, dtype=torch.float32, device="cpu", label_names: list[str] | None = None) -> NLIClassifier:
-    """NLIClassifier from a local directory or a hub id (e.g. "roberta-large-mnli", via model.resolve_model_dir).
-
-    The directory needs config.json, the weights (safetensors preferred) and RoBERTa's tokenizer files.
-    label_names overrides config.json's id2label when it is generic (LABEL_0, ...)."""
+    """NLIClassifier from a local directory or a hub id (e.g. "roberta-large-mnli", via model.resolve_model_dir)
+    holding config.json, the weights and RoBERTa's tokenizer files. label_names overrides config.json's
+    id2label when it is generic (LABEL_0, ...)."""
     d = resolve_model_dir(name_or_path)
     model = load_classifier(d, dtype=dtype, device=device)
     tok = load_tokenizer(d)
-    if not hasattr(tok, "encode_pair"):
-        raise TypeError(f"{d}: tokenizer {type(tok).__name__} has no encode_pair (is this a RoBERTa directory?)")
-    if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{d}: tokenizer has {tok.vocab_size} ids but the model's embedding has "
-                         f"{model.config.vocab_size} rows")
+    _require(hasattr(tok, "encode_pair"),
+             f"{d}: tokenizer {type(tok).__name__} has no encode_pair (is this a RoBERTa directory?)", TypeError)
+    _require(tok.vocab_size <= model.config.vocab_size,
+             f"{d}: tokenizer has {tok.vocab_size} ids but the model's embedding has {model.config.vocab_size} rows")
     return NLIClassifier(model, tok, label_names)
 
 
@@ -413,16 +364,16 @@ def _pairs(responses: list[str], personas_per_response: list[list[str]]) -> list
     """(response index, persona index, premise = the response, hypothesis = the persona sentence) for every
     persona sentence of every response: "u entails p_j", as Madotto et al. and Dialogue NLI pair them."""
     for i, personas in enumerate(personas_per_response):
-        if isinstance(personas, str):
-            raise TypeError(f"personas_per_response[{i}] must be a list of persona sentences, got a str")
+        _require(not isinstance(personas, str),
+                 f"personas_per_response[{i}] must be a list of persona sentences, got a str", TypeError)
     return [(i, j, r, p) for i, (r, ps) in enumerate(zip(responses, personas_per_response)) for j, p in enumerate(ps)]
 
 
 def _entailment_probs(nli_predict, pairs: list[tuple[int, int, str, str]], **kw) -> torch.Tensor:
     """nli_predict on the pairs' (premise, hypothesis) texts -> probs (N, 3) (contradiction, neutral, entailment)."""
     probs = torch.as_tensor(nli_predict([p[2] for p in pairs], [p[3] for p in pairs], **kw), dtype=torch.float32)
-    if probs.shape != (len(pairs), 3):
-        raise ValueError(f"the NLI classifier returned shape {tuple(probs.shape)}, expected ({len(pairs)}, 3)")
+    _require(probs.shape == (len(pairs), 3),
+             f"the NLI classifier returned shape {tuple(probs.shape)}, expected ({len(pairs)}, 3)")
     return probs
 
 
@@ -431,40 +382,32 @@ def c_score(responses: list[str], personas_per_response: list[list[str]], nli, b
     """C.score of Madotto et al. (2019), "Personalizing Dialogue Agents via Meta-Learning":
 
         NLI(u, p_j) = +1 if u entails p_j, 0 if neutral, -1 if u contradicts p_j   (argmax of the classifier)
-        C(u) = sum_j NLI(u, p_j)   over the persona sentences p_1..p_m given with response u
+        C(u) = sum_j NLI(u, p_j)   over the persona sentences p_1..p_m given with response u (range -m..m)
         C.score = mean of C(u) over the responses
 
-    Premise = the generated response u, hypothesis = the persona sentence p_j ("u entails p_j"), the
-    direction of the paper's definition and of Dialogue NLI (utterance, persona-sentence) pairs.
-    Note C(u) is a sum, so its range grows with the number of persona sentences (-m..m).
-
-    `nli` is anything with predict(premises, hypotheses, batch_size=...) -> probs (N, 3) ordered
-    (contradiction, neutral, entailment), e.g. load_nli(...).
+    Premise = the response u, hypothesis = the persona sentence p_j, as in the paper and Dialogue NLI. `nli`
+    has predict(premises, hypotheses, batch_size=...) -> probs (N, 3), e.g. load_nli(...).
     """
-    if nli is None:
-        raise ValueError("c_score needs an NLI classifier; without one report C.score as unavailable "
-                         "(metrics.persona_coverage is the model-free persona score)")
-    if len(responses) != len(personas_per_response):
-        raise ValueError(f"{len(responses)} responses but {len(personas_per_response)} persona lists")
+    _require(nli is not None, "c_score needs an NLI classifier; without one report C.score as unavailable "
+             "(metrics.persona_coverage is the model-free persona score)")
+    _require(len(responses) == len(personas_per_response),
+             f"{len(responses)} responses but {len(personas_per_response)} persona lists")
     pairs = _pairs(responses, personas_per_response)
     per_response = [0.0] * len(responses)
     if pairs:  # one call for all pairs: the classifier batches (and sorts by length) itself
-        values = torch.tensor(C_SCORE_VALUE, dtype=torch.float64)[
-            _entailment_probs(nli.predict, pairs, batch_size=batch_size).argmax(dim=-1)]
-        for (i, _, _, _), v in zip(pairs, values.tolist()):
-            per_response[i] += v
+        predicted = _entailment_probs(nli.predict, pairs, batch_size=batch_size).argmax(dim=-1).tolist()
+        for (i, _, _, _), y in zip(pairs, predicted):
+            per_response[i] += C_SCORE_VALUE[y]
     score = math.fsum(per_response) / len(responses) if responses else 0.0
     return (score, per_response) if return_per_response else score
 
 
 def nli_persona_labels(examples: list[Example], nli_predict, threshold: float = 0.5,
                        batch_size: int = 64) -> list[int | None]:
-    """Persona labels by NLI entailment: premise = the response, hypothesis = each persona sentence.
-
-    nli_predict(premises: list[str], hypotheses: list[str]) -> probs (N, 3) ordered (contradiction, neutral,
-    entailment), e.g. NLIClassifier.predict, called on batch_size pairs at a time. The label is the persona with
-    the highest entailment probability if that probability is >= threshold, else None. Apply the labels with
-    data.relabel(examples, labels)."""
+    """Persona labels by NLI entailment (premise = the response, hypothesis = each persona sentence): the
+    persona with the highest entailment probability if it is >= threshold, else None. nli_predict(premises,
+    hypotheses) -> probs (N, 3), e.g. NLIClassifier.predict, gets batch_size pairs at a time. Apply the labels
+    with data.relabel(examples, labels)."""
     pairs = _pairs([e.response for e in examples], [e.personas for e in examples])
     entail = [e for s in range(0, len(pairs), batch_size)
               for e in _entailment_probs(nli_predict, pairs[s:s + batch_size])[:, 2].tolist()]
@@ -475,17 +418,3 @@ def nli_persona_labels(examples: list[Example], nli_predict, threshold: float = 
             labels[k], best[k] = i, e
     return labels
 
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="RoBERTa NLI for PAL: probabilities for one (premise, hypothesis) "
-                                 "pair. Fine-tuning: python extras/nli_finetune.py")
-    ap.add_argument("--model", required=True, help="local dir or hub id of a RobertaForSequenceClassification")
-    ap.add_argument("--premise", required=True)
-    ap.add_argument("--hypothesis", required=True)
-    args = ap.parse_args(argv)
-    probs = load_nli(args.model).predict([args.premise], [args.hypothesis])[0]
-    print(json.dumps({name: round(p, 4) for name, p in zip(NLI_LABELS, probs.tolist())}))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -363,9 +363,6 @@ def validation_nll(model, feats: list[dict], collate, batch_size: int) -> dict:
 def stage_sft(cfg: RunConfig, run: Path):
     """Persona-aware Learning: mixed-task SFT on Train (selection + persona-enhanced generation)."""
     out = run / "sft" / "final"
-    if out.exists():
-        say(f"sft: {out} exists, skipping")
-        return out
     splits, lang = run_data(cfg)
     tok = load_tokenizer(cfg.model)
     collate = lambda fs: data.collate_sft(fs, tok.pad_id)
@@ -403,9 +400,6 @@ def stage_pairs(cfg: RunConfig, run: Path):
     """The SFT model answers each Valid#1 example from the history alone (no persona): the rejected side of
     PAL's preference pairs; the gold response is the chosen side."""
     out = run / "pairs.jsonl"
-    if out.exists():
-        say(f"pairs: {out} exists, skipping")
-        return out
     splits, lang = run_data(cfg)
     tok = load_tokenizer(cfg.model)
     model = generation_model(cfg, run / "sft" / "final")
@@ -438,9 +432,6 @@ def stage_dpo(cfg: RunConfig, run: Path):
     if align == "none":
         say("dpo: this variant has no alignment stage (w/o PA); predict uses the SFT model")
         return run / "sft" / "final"
-    if out.exists():
-        say(f"dpo: {out} exists, skipping")
-        return out
     splits, lang = run_data(cfg)
     tok = load_tokenizer(cfg.model)
     mode = prompt_mode(cfg.switches()["fmt"])
@@ -484,9 +475,6 @@ def final_weights(align: str, run: Path) -> Path:
 def stage_predict(cfg: RunConfig, run: Path):
     """Select then Generate on Test: generations.jsonl (personas, history, selected persona, response, gold)."""
     out = run / "generations.jsonl"
-    if out.exists():
-        say(f"predict: {out} exists, skipping")
-        return out
     splits, lang = run_data(cfg)
     tok = load_tokenizer(cfg.model)
     model = generation_model(cfg, final_weights(cfg.switches()["align"], run))
@@ -525,9 +513,6 @@ def validation_score(rows: list[dict], lang: str, nli_model=None) -> dict:
 def stage_evaluate(cfg: RunConfig, run: Path):
     """BLEU-1/2, ROUGE-L, Entropy, C.score (with --nli) and persona coverage -> results.json, results.md."""
     out = run / "results.json"
-    if out.exists():
-        say(f"evaluate: {out} exists, skipping")
-        return out
     rows = read_jsonl(run / "generations.jsonl")
     lang = cfg.lang or ("zh" if any(data.CJK_CHAR.search(r["gold"]) for r in rows[:20]) else "en")
     res = score_generations(rows, lang, load_nli(cfg.nli))
@@ -835,6 +820,8 @@ def persona_coverage(responses, personas_per_response, lang: str = "en") -> floa
 
 STAGES = {"sft": stage_sft, "pairs": stage_pairs, "dpo": stage_dpo, "predict": stage_predict,
           "evaluate": stage_evaluate}
+OUTPUTS = {"sft": "sft/final", "pairs": "pairs.jsonl", "dpo": "dpo/final", "predict": "generations.jsonl",
+           "evaluate": "results.json"}  # a stage whose output exists is complete: it is skipped
 def add_run_options(p: argparse.ArgumentParser):
     p.add_argument("--run-dir", required=True, help="directory of this run (created; holds run.json)")
     for f in dataclasses.fields(RunConfig):
@@ -875,6 +862,9 @@ def main(argv=None):
             continue
         if s not in ("sft", "dpo") and not is_rank0():
             continue  # under torchrun only training uses every rank; generation and scoring run on rank 0
+        if (run / OUTPUTS[s]).exists():
+            say(f"{s}: {run / OUTPUTS[s]} exists, skipping")
+            continue
         t0 = time.time()
         STAGES[s](cfg, run)
         say(f"{s}: done in {time.time() - t0:.0f} s")
