@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import shared_file
+from conftest import shared_file, write_roberta_tokenizer
 
 import data
 from data import TokenizerError, check_tokenizer_fits, load_tokenizer
@@ -217,20 +217,10 @@ def test_smollm2_chat_equals_apply_chat_template(smol, smol_converted, en_lines)
 # ---- RoBERTa ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def roberta_dir(tmp_path_factory):
-    """A RoBERTa-layout vocab.json whose ids are a random permutation of GPT-2's (fairseq order is unrelated to
-    merge order), with <s>=0, <pad>=1, </s>=2, <unk>=3 and <mask> last, plus GPT-2's merges as merges.txt."""
-    src = shared_file("tokenizers/gpt2/encoder.json").parent
-    enc = json.loads((src / "encoder.json").read_text())
-    tokens = sorted(enc, key=enc.get)
-    random.Random(1).shuffle(tokens)
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for t in tokens:
-        vocab[t] = len(vocab)
-    vocab["<mask>"] = len(vocab)
+    """GPT-2's merges with RoBERTa's (fairseq) id order: conftest.write_roberta_tokenizer."""
     d = tmp_path_factory.mktemp("roberta")
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    shutil.copy(src / "vocab.bpe", d / "merges.txt")
-    (d / "config.json").write_text(json.dumps({"model_type": "roberta", "vocab_size": len(vocab)}))
+    n = write_roberta_tokenizer(d, seed=1)
+    (d / "config.json").write_text(json.dumps({"model_type": "roberta", "vocab_size": n}))
     return d
 
 

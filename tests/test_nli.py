@@ -1,12 +1,10 @@
 """nli.py against transformers' RobertaForSequenceClassification (tiny random configs saved in HF layout), and
 C.score on hand-built cases with a classifier whose outputs are known."""
 import json
-import random
-import shutil
 
 import pytest
 import torch
-from conftest import shared_file
+from conftest import shared_file, write_roberta_tokenizer
 
 import data
 import nli as N
@@ -51,18 +49,9 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def roberta_text_dir(tmp_path_factory):
     """Tiny random classifier + a RoBERTa-layout tokenizer (GPT-2's merges, ids permuted as fairseq's are)."""
-    src = shared_file("tokenizers/gpt2/encoder.json").parent
-    enc = json.loads((src / "encoder.json").read_text())
-    tokens = [t for t in sorted(enc, key=enc.get) if t != "<|endoftext|>"]
-    random.Random(3).shuffle(tokens)
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for t in tokens:
-        vocab[t] = len(vocab)
-    vocab["<mask>"] = len(vocab)
     d = tmp_path_factory.mktemp("roberta_nli")
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    shutil.copy(src / "vocab.bpe", d / "merges.txt")
-    hf = _save_random_hf(d, vocab_size=len(vocab), id2label={0: "entailment", 1: "Contradiction", 2: "neutral"})
+    n = write_roberta_tokenizer(d, seed=3, keep_endoftext=False)
+    hf = _save_random_hf(d, vocab_size=n, id2label={0: "entailment", 1: "Contradiction", 2: "neutral"})
     return d, hf
 
 
