@@ -184,7 +184,8 @@ def load_data(data_dir: str | None, limit: int | None = None, labels: str = "lex
 
 
 def run_data(cfg: RunConfig) -> tuple[dict, str]:
-    return load_data(cfg.data_dir, cfg.limit, cfg.labels, load_nli(cfg.nli), cfg.lang)
+    nli_model = load_nli(cfg.nli) if cfg.labels == "nli" else None  # the classifier is loaded only to label
+    return load_data(cfg.data_dir, cfg.limit, cfg.labels, nli_model, cfg.lang)
 
 
 def load_nli(name_or_path: str | None):

@@ -5,7 +5,6 @@ candidates), hand-derived expectations for hand-made files, prompt snapshots wri
 Hugging Face GPT-2 tokenizer (test-only oracle) for the token ids of the masks."""
 import dataclasses
 import json
-import random
 
 import pytest
 import torch
