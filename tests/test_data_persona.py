@@ -337,9 +337,9 @@ CONV_EN = ("Conversation:\nPartner: hi ! how are you doing tonight ?\n"
 SNAPSHOTS = {
     ("select", "en"): (
         "Here is what you know about yourself and the conversation so far. Which single sentence about yourself "
-        "should your next reply build on? Copy it exactly, or write \"No persona sentence applies.\" if none of "
-        "them fits.\n\nAbout you:\n- i have two dogs.\n- i like to work on vintage cars.\n\n" + CONV_EN +
-        "Sentence to build on:\n", "i like to work on vintage cars."),
+        "should your next reply build on? Answer with its number, or 0 if none of them fits.\n\nAbout you:\n"
+        "1. i have two dogs.\n2. i like to work on vintage cars.\n\n" + CONV_EN +
+        "Number of the sentence to build on:\n", "2"),
     ("generate", "en"): (
         "You are taking part in a conversation as the person described below.\n\nAbout you:\n"
         "- i have two dogs.\n- i like to work on vintage cars.\n\n" + CONV_EN +
@@ -351,9 +351,8 @@ SNAPSHOTS = {
                          "i am doing great . just relaxing with my two dogs .\n"
                          "great . in my spare time i do volunteer work .\n", EX.response),
     ("select", "zh"): (
-        "下面是关于你自己的描述和目前的对话。你接下来的回复应该以哪一句描述为依据？请原样写出那一句；如果都不合适，"
-        "请写“没有相关的人设。”。\n\n关于你：\n- 我喜欢猫。\n- 我是护士。\n\n对话：\n对方: 你好呀。\n\n依据的句子：\n",
-        "我是护士。"),
+        "下面是关于你自己的描述和目前的对话。你接下来的回复应该以哪一句描述为依据？请写出它的编号；如果都不合适，"
+        "请写 0。\n\n关于你：\n1. 我喜欢猫。\n2. 我是护士。\n\n对话：\n对方: 你好呀。\n\n依据的句子编号：\n", "2"),
     ("generate", "zh"): (
         "你正在以下面描述的身份参与一段对话。\n\n关于你：\n- 我喜欢猫。\n- 我是护士。\n\n对话：\n对方: 你好呀。\n\n"
         "回复时请记住：我是护士。\n请写出你的下一句回复。\n回复：\n", "你好，我刚下班。"),
@@ -372,7 +371,7 @@ def test_prompt_variants():
     # no label -> the selection target and the highlighted persona are the sentinel
     ex = pd.Example(EX.personas, [], "hello !", None, 0)
     prompt, target = pd.prompt_and_target(ex, "select")
-    assert target == pd.NO_PERSONA["en"] and "(nobody has spoken yet)" in prompt
+    assert target == "0" and "(nobody has spoken yet)" in prompt
     assert "Keep this in mind for your reply: No persona sentence applies.\n" in pd.prompt_and_target(ex, "generate")[0]
     # persona=None is the sentinel, never the gold persona (the trap of the authors' code)
     p, _ = pd.prompt_and_target(EX, "generate", persona=None)
@@ -383,6 +382,10 @@ def test_prompt_variants():
     assert pd.parse_selection(" i have two dogs.\nmore", EX.personas) == "i have two dogs."
     assert pd.parse_selection("vintage cars, I work on them", EX.personas) == EX.personas[1]
     assert pd.parse_selection(pd.NO_PERSONA["en"], EX.personas) is None
+    # the trained answer is a number: k -> the k-th sentence; 0 or out of range -> no persona
+    assert pd.parse_selection("2", EX.personas) == EX.personas[1]
+    assert pd.parse_selection(" 1. i have two dogs.", EX.personas) == EX.personas[0]
+    assert pd.parse_selection("0", EX.personas) is None and pd.parse_selection("3", EX.personas) is None
     assert pd.detect_lang([EX_ZH]) == "zh" and pd.detect_lang([EX]) == "en"
     with pytest.raises(ValueError, match="unknown prompt mode"):
         pd.prompt_and_target(EX, "chitchat")
@@ -482,11 +485,21 @@ def test_mixed_task_features(gpt2, pc_valid):
     assert tasks[:10].count("select") not in (0, 10)  # interleaved, not one block after the other
     b = pd.collate_sft(f1[:4], pad_id=gpt2.pad_id)
     assert set(b) == {"input_ids", "labels", "attention_mask"} and b["input_ids"].shape[0] == 4
-    # the selection targets are the gold persona sentences (or the sentinel)
+    # the selection targets are the gold persona's number in the list (1-based), "0" without a label
     sel, _ = pd.sft_features(gpt2, ex[:5], mode="select")
     for f, e in zip(sel, ex[:5]):
         tgt = [t for t in f["labels"] if t != -100]
-        assert gpt2.decode(tgt[:-1]) == pd.gold_persona(e)
+        assert gpt2.decode(tgt[:-1]) == (str(e.persona_label + 1) if e.persona_label is not None else "0")
+    # select_none_ratio keeps that share of the "0" (no persona) selection features, every labelled one
+    n_none = sum(e.persona_label is None for e in ex)
+    assert 0 < n_none < 30
+    targets = lambda fs: [gpt2.decode([t for t in f["labels"] if t != -100][:-1]) for f in fs if f["task"] == "select"]
+    full, _ = pd.mixed_task_features(gpt2, ex, select_none_ratio=1.0)
+    quarter, _ = pd.mixed_task_features(gpt2, ex, select_none_ratio=0.25)
+    assert targets(full).count("0") == n_none and targets(quarter).count("0") == round(0.25 * n_none)
+    assert len(targets(quarter)) - targets(quarter).count("0") == 30 - n_none
+    with pytest.raises(ValueError, match="select_none_ratio"):
+        pd.mixed_task_features(gpt2, ex, select_none_ratio=1.5)
 
 
 def test_dpo_features(gpt2, ref_gpt2, pc_valid):

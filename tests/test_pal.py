@@ -185,8 +185,7 @@ def test_alignment_stage_of_variant(sft_run, tiny_model_dir, data_dir, variant, 
     rec.calls.clear()
     pal.main(["dpo", *args])
     if expect is None:  # w/o PA: no second stage; predict reads the SFT weights
-        align = pal.load_run_config(run, {}).switches()["align"]
-        assert rec.calls == [] and pal.final_weights(align, run) == run / "sft" / "final"
+        assert rec.calls == [] and pal.final_weights(pal.load_run_config(run, {}), run) == run / "sft" / "final"
         return
     (call,) = rec.calls
     assert call["mode"] == expect
@@ -197,20 +196,38 @@ def test_alignment_stage_of_variant(sft_run, tiny_model_dir, data_dir, variant, 
 
 
 @pytest.mark.parametrize("strategy", ["select", "random", "none"])
-def test_inference_strategy(tiny_model_dir, data_dir, strategy):
+def test_inference_strategy(tiny_model_dir, data_dir, strategy, monkeypatch):
     cfg = pal.RunConfig(model=str(tiny_model_dir), data_dir=data_dir, limit=3, max_new_tokens=3,
                         select_max_new_tokens=3, strategy=strategy)
     splits, lang = pal.load_data(data_dir, limit=3)
     tok = pal.load_tokenizer(str(tiny_model_dir))
     m = modeling.load_model(str(tiny_model_dir))
+    modes, encode = [], data.encode_generation_prompt
+    monkeypatch.setattr(data, "encode_generation_prompt", lambda tok, e, mode, *a, **kw: (
+        modes.append(mode), encode(tok, e, mode, *a, **kw))[1])
     rows = pal.select_then_generate(m, tok, splits["test"], lang, **pal.decoding(cfg))
     assert len(rows) == 3
     if strategy == "select":  # the model's own selection output is parsed; the gold label is never used
         assert all(r["selection_output"] is not None for r in rows)
+        assert modes == ["select"] * 3 + ["generate"] * 3
     elif strategy == "random":
         assert all(r["selected_persona"] in r["personas"] for r in rows)
-    else:
+        assert modes == ["generate"] * 3
+    else:  # Not Select: the full persona list and no highlighted sentence, not the "no persona" sentinel
         assert all(r["selected_persona"] is None and r["selection_output"] is None for r in rows)
+        assert modes == ["personas"] * 3
+        prompt = data.build_prompt("personas", ["i like cats ."], ["hi"])
+        assert "i like cats ." in prompt and "Keep this in mind" not in prompt and data.NO_PERSONA["en"] not in prompt
+
+
+def test_zero_shot_variant_uses_the_base_model_untrained(tmp_path, tiny_model_dir, data_dir):
+    run = tmp_path / "zs"
+    pal.main(["all", *_args(run, tiny_model_dir, data_dir, "--variant", "zero_shot")])
+    assert not (run / "sft").exists() and not (run / "dpo").exists() and not (run / "pairs.jsonl").exists()
+    assert pal.final_weights(pal.load_run_config(run, {}), run) == str(tiny_model_dir)
+    rows = pal.read_jsonl(run / "generations.jsonl")
+    assert rows and all(r["selection_output"] is None for r in rows)
+    assert json.loads((run / "results.json").read_text())["variant"] == "zero_shot"
 
 
 def test_chat_in_the_terminal(tmp_path, tiny_model_dir, data_dir, capsys):

@@ -302,3 +302,78 @@ def test_persona_coverage_hand_computed():
         M.persona_coverage(["a"], [])
     with pytest.raises(TypeError, match="list of persona sentences"):
         M.persona_coverage(["a"], ["i have a dog"])
+
+
+# ---------------------------------------------------------------------------------------------- diagnostics (issue 14)
+
+
+def test_verbatim_copy_hand_computed():
+    persona = "i love to meet new people ."  # content words in order: meet, new, peopl ("people" -> "peopl")
+    assert M.is_verbatim_copy("yes ! i love to meet new people .", persona)
+    assert M.is_verbatim_copy("i meet so many new and interesting people at work", persona)  # gaps allowed
+    assert not M.is_verbatim_copy("new people are fun to meet", persona)  # same words, another order
+    assert not M.is_verbatim_copy("i love to meet people", persona)  # "new" is missing
+    # one content word ("dog") is a topic, not a copied sentence: never a copy
+    assert not M.is_verbatim_copy("i have a dog", "i have a dog .")
+    assert M.is_verbatim_copy("i drive a ford pickup truck", "i drive a ford pickup truck .")
+    personas = ["i love to meet new people .", "i drive a ford pickup truck ."]
+    replies = ["i love to meet new people .", "my truck is a ford", "i drive my ford pickup truck to work",
+               "hello"]
+    assert M.verbatim_copy_rate(replies, [personas] * 4) == pytest.approx(2 / 4)
+    assert M.verbatim_copy_rate([], []) == 0.0
+    with pytest.raises(ValueError):
+        M.verbatim_copy_rate(["a"], [])
+    # Chinese: non-stop characters in order (我/喜欢 are stop characters): 猫, 狗
+    assert M.is_verbatim_copy("我家有猫，也有狗。", "我喜欢猫和狗。", min_words=2)
+    assert not M.is_verbatim_copy("狗和猫都好。", "我喜欢猫和狗。")
+
+
+def test_mean_words_hand_computed():
+    # "hello , world ! !" -> 2 words; "i ' m 25 years old ." -> i, m, 25, years, old = 5 words
+    assert M.mean_words(["Hello, world!!", "i'm 25 years old ."]) == pytest.approx(3.5)
+    assert M.mean_words(["我喜欢猫。"], lang="zh") == pytest.approx(4.0)  # one word per character, "。" is not
+    assert M.mean_words([]) == 0.0
+
+
+def test_selection_diagnostics_hand_computed():
+    picks = ["a", "a", None, "b", "b"]
+    labels = ["a", "b", None, "b", None]
+    dialogues = [1, 1, 1, 2, 2]
+    # consecutive pairs inside a dialogue: (a, a) (a, None) | (b, b) -> 2 of 3 keep the same persona
+    # no persona picked: 1 of 5; labelled rows (a, a) (a, b) (b, b): 2 of 3 right
+    d = M.selection_diagnostics(picks, labels, dialogues)
+    assert d == {"same_persona": pytest.approx(2 / 3), "no_persona": pytest.approx(1 / 5),
+                 "select_acc": pytest.approx(2 / 3)}
+    # the gold yardstick: labels against themselves; pairs (a, b) (b, None) | (b, None) never repeat
+    g = M.selection_diagnostics(labels, labels, dialogues)
+    assert g == {"same_persona": 0.0, "no_persona": pytest.approx(2 / 5), "select_acc": 1.0}
+    assert M.selection_diagnostics([], [], []) == {"same_persona": None, "no_persona": None, "select_acc": None}
+
+
+def _row(dialogue, response, gold, selected, gold_persona, personas=("i love to meet new people .",)):
+    return {"dialogue_id": dialogue, "personas": list(personas), "response": response, "gold": gold,
+            "selection_output": selected or "No persona sentence applies.", "selected_persona": selected,
+            "gold_persona": gold_persona}
+
+
+def test_diagnostics_of_rows_and_gold_yardstick():
+    p = "i love to meet new people ."
+    rows = [_row(0, "i love to meet new people .", "hi , how are you today ?", p, None),
+            _row(0, "i love to meet new people .", "i meet new people every day at work", p, p)]
+    d = M.diagnostics(rows)
+    assert d["copy_rate"] == 1.0 and d["gold"]["copy_rate"] == pytest.approx(1 / 2)
+    assert d["words"] == pytest.approx(6.0)  # i love to meet new people
+    assert d["gold"]["words"] == pytest.approx((5 + 8) / 2)
+    assert d["distinct1"] == pytest.approx(7 / 14)  # the same 7 tokens (with ".") twice
+    assert d["same_persona"] == 1.0 and d["no_persona"] == 0.0 and d["select_acc"] == 1.0
+    assert d["gold"]["same_persona"] == 0.0 and d["gold"]["no_persona"] == pytest.approx(1 / 2)
+    # a run without a selection step (Not Select) has no selection diagnostics, the gold side still does
+    plain = [{**r, "selection_output": None, "selected_persona": None} for r in rows]
+    d = M.diagnostics(plain)
+    assert d["same_persona"] is None and d["no_persona"] is None and d["select_acc"] is None
+    assert d["gold"]["no_persona"] == pytest.approx(1 / 2)
+    # and score_generations carries them into results.json, with the table showing the gold row first
+    res = M.score_generations(rows, "en")
+    assert res["copy_rate"] == 1.0 and res["gold"]["copy_rate"] == pytest.approx(1 / 2)
+    table = M.results_table([("pal", res)])
+    assert "| gold responses | 50.0 |" in table and "| pal | 100.0 |" in table
