@@ -883,7 +883,8 @@ def verbatim_copy_rate(responses, personas_per_response) -> float:
 def mean_words(responses, lang: str = "en") -> float:
     """Mean words per response: metric tokens with a letter or digit (punctuation is not a word; a CJK
     character is one word)."""
-    counts = [sum(1 for t in toks if any(c.isalnum() for c in t)) for toks in _as_token_lists(responses, lang, "responses")]
+    token_lists = _as_token_lists(responses, lang, "responses")
+    counts = [sum(1 for t in toks if any(c.isalnum() for c in t)) for toks in token_lists]
     return sum(counts) / len(counts) if counts else 0.0
 
 
