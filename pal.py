@@ -520,9 +520,12 @@ def score_generations(rows: list[dict], lang: str, nli_model=None) -> dict:
 
 def validation_score(rows: list[dict], lang: str, nli_model=None) -> dict:
     """The early-stopping score of a validation pass: C.score when an NLI model is given (as in the paper),
-    else the lexical persona coverage plus BLEU-1 (so that a degenerate copy of a persona does not win)."""
+    else persona coverage + BLEU-1 - 100 x copy rate. Coverage alone rewards parroting: a reply that repeats a
+    persona sentence covers it fully, and on SmolLM2 the checkpoint that copied most won (README, issue 14); a
+    copied reply's coverage is taken back, and BLEU-1 keeps the replies close to what people answer."""
     s = score_generations(rows, lang, nli_model)
-    s["score"] = s["c_score"] if s["c_score"] is not None else s["persona_coverage"] + s["bleu1"]
+    lexical = s["persona_coverage"] + s["bleu1"] - 100 * s["copy_rate"]
+    s["score"] = s["c_score"] if s["c_score"] is not None else lexical
     return s
 
 

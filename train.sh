@@ -39,7 +39,7 @@ case "$preset" in
     # sized for ~15 minutes on 2 CPU cores: one pass of each training stage, prompts cut to 256 tokens
     opts=(--dtype fp32 --precision fp32 --lora-r 16 --lora-alpha 32 --lora-dropout 0.05
           --sft-lr 3e-4 --sft-epochs 1 --sft-warmup 2 --select-ratio 0.5 --batch-size 8 --max-len 256
-          --dpo-lr 5e-5 --dpo-epochs 1 --dpo-warmup 1 --eval-every 4 --patience 2 --eval-limit 8
+          --dpo-lr 5e-5 --dpo-epochs 1 --dpo-warmup 1 --eval-every 4 --patience 2 --eval-limit 32
           --max-new-tokens 24 --select-max-new-tokens 24 --gen-batch 16)
     if [ -z "$data_dir" ]; then
       if [ -d data/personachat ]; then data_dir=data/personachat

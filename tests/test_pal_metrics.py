@@ -377,3 +377,14 @@ def test_diagnostics_of_rows_and_gold_yardstick():
     assert res["copy_rate"] == 1.0 and res["gold"]["copy_rate"] == pytest.approx(1 / 2)
     table = M.results_table([("pal", res)])
     assert "| gold responses | 50.0 |" in table and "| pal | 100.0 |" in table
+
+
+def test_early_stopping_score_does_not_reward_parroting():
+    persona = "i love to meet new people ."
+    copy = [{"dialogue_id": 0, "personas": [persona], "response": persona, "gold": "hi , how are you ?",
+             "selection_output": "1", "selected_persona": persona, "gold_persona": None}]
+    s = M.validation_score(copy, "en")
+    # coverage 100 (meet, new, peopl all said), BLEU-1 0 (no word of the gold), one copy in one reply: 100 + 0 - 100
+    assert s["persona_coverage"] == pytest.approx(100) and s["bleu1"] == 0 and s["score"] == pytest.approx(0)
+    fair = [{**copy[0], "response": "hi , how are you ?"}]  # the gold itself: BLEU-1 100, no persona words
+    assert M.validation_score(fair, "en")["score"] == pytest.approx(100)
