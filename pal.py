@@ -16,7 +16,8 @@ first stage are stored in R/run.json and reused by the later ones (an option giv
 Read top to bottom:
   1. a run         RunConfig: every option of a run; the variants (baselines and ablations); run.json
   2. stages        sft -> pairs -> dpo -> predict -> evaluate, with Select then Generate; then chat and table
-  3. metrics       BLEU-n, ROUGE-L, n-gram entropy, Distinct-n, lexical persona coverage (C.score: nli.py)
+  3. metrics       BLEU-n, ROUGE-L, n-gram entropy, Distinct-n, lexical persona coverage (C.score: nli.py);
+                   diagnostics of parroting and of the selection step
   4. command line  the options, declared one by one
 """
 from __future__ import annotations

@@ -220,7 +220,7 @@ def test_inference_strategy(tiny_model_dir, data_dir, strategy, monkeypatch):
         assert "i like cats ." in prompt and "Keep this in mind" not in prompt and data.NO_PERSONA["en"] not in prompt
 
 
-def test_zero_shot_variant_uses_the_base_model_untrained(tmp_path, tiny_model_dir, data_dir):
+def test_zero_shot_variant_uses_the_base_model_untrained(tmp_path, tiny_model_dir, data_dir, capsys):
     run = tmp_path / "zs"
     pal.main(["all", *_args(run, tiny_model_dir, data_dir, "--variant", "zero_shot")])
     assert not (run / "sft").exists() and not (run / "dpo").exists() and not (run / "pairs.jsonl").exists()
@@ -228,6 +228,11 @@ def test_zero_shot_variant_uses_the_base_model_untrained(tmp_path, tiny_model_di
     rows = pal.read_jsonl(run / "generations.jsonl")
     assert rows and all(r["selection_output"] is None for r in rows)
     assert json.loads((run / "results.json").read_text())["variant"] == "zero_shot"
+    capsys.readouterr()
+    pal.main(["table", "--examples", "2", str(run)])  # the table, then the first two replies with their gold
+    out = capsys.readouterr().out
+    assert "| Diagnostics |" in out and "| gold responses |" in out
+    assert "Example 2." in out and "Example 3." not in out and f"zs: {rows[1]['response']}" in out
 
 
 def test_chat_in_the_terminal(tmp_path, tiny_model_dir, data_dir, capsys):
