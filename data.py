@@ -973,11 +973,9 @@ def content_word_sequence(text: str) -> list[str]:
 def content_words(text: str) -> set[str]:
     """THE content-word rule (see the comment above): the items the lexical labeler compares, and the ones
     pal.py's persona coverage counts. English: stemmed non-stop words; Chinese: characters and bigrams."""
-    text = text.lower()
-    items = {_stem(w) for w in re.findall(r"[a-z0-9]+", text) if w not in _STOP_EN}
-    for run in _CJK_RUN.findall(text):
+    items = set(content_word_sequence(text))  # the words and the single CJK characters
+    for run in _CJK_RUN.findall(text.lower()):
         kept = [c if c not in _STOP_ZH else None for c in run]  # stop characters break the run
-        items.update(c for c in kept if c is not None)
         items.update(a + b for a, b in zip(kept, kept[1:]) if a is not None and b is not None)
     return items
 

