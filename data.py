@@ -5,7 +5,8 @@
           ──encode──> feature {"input_ids", "labels"} (python lists) ──collate──> batch of LongTensors (B, T)
 
 Bad input never disappears silently: a line that cannot be parsed raises DataFormatError naming file, line
-number and line; irregularities with a documented rule are counted in the parsers' ParseStats (`.stats`).
+number and line (a file without any dialogue: the file); irregularities with a documented rule are counted in the
+parsers' ParseStats (`.stats`, printed by `.report()`).
 `python data.py stats --data-dir DIR` prints the paper's Table 1 and the persona-label distribution.
 """
 from __future__ import annotations
@@ -657,10 +658,12 @@ class ParseStats:
     invalid_utf8_lines: int = 0          # decoded with U+FFFD replacement characters (strict_utf8 raises)
     silence_openers: int = 0             # `__SILENCE__` contexts: turn kept, the marker is no utterance
     empty_dialogues: int = 0             # dialogue without any response: no example possible, skipped
+    no_persona_dialogues: int = 0        # dialogue without persona lines: kept, its prompts list no persona
     missing_responses: int = 0           # turn without response: message kept in history, no example
     numbering_gaps: int = 0              # turn number jumped forward (N -> N+2...): accepted as is
     numbering_restarts: int = 0          # number did not go back to 1 at a new dialogue: new dialogue anyway
     conversation_breaks: int = 0         # JSON lines whose history does not extend an earlier line's
+    long_texts: int = 0                  # utterances / persona sentences cut to MAX_TEXT_CHARS characters
     notes: list[str] = field(default_factory=list)  # first few irregularities, with file:line
 
     def count(self, what: str | None, msg: str) -> None:
@@ -675,6 +678,17 @@ class ParseStats:
                 if isinstance(v, int) and v and k not in ("lines", "dialogues", "examples")]
         return ", ".join(f"{k}={getattr(self, k)}" for k in keys)
 
+    def report(self, first: int = 3) -> str:
+        """For logs: the file(s), sizes and non-zero irregularity counters on one line, then the first `first`
+        notes, each with its file:line, so that a problem can be found in the data."""
+        counters = self.summary()
+        lines = [f"{', '.join(Path(f).name for f in self.files)}: {self.dialogues} dialogues, {self.examples} "
+                 f"examples" + (f" ({counters})" if counters else "")]
+        lines += [f"    {note}" for note in self.notes[:first]]
+        if len(self.notes) > first:
+            lines.append(f"    ... {len(self.notes) - first} more noted (ParseStats.notes keeps the first 20)")
+        return "\n".join(lines)
+
 
 class Dialogues(list):
     """A list of Dialogue that also carries the ParseStats of the files it came from (`.stats`)."""
@@ -682,12 +696,33 @@ class Dialogues(list):
 
 
 class DataFormatError(ValueError):
-    def __init__(self, path, lineno: int, line: str, reason: str):
-        super().__init__(f"{path}:{lineno}: {reason}: {line[:300]!r}")
+    """A file that cannot be read: the message names file:line and shows the line (lineno None: the whole file)."""
+
+    def __init__(self, path, lineno: int | None, line: str, reason: str):
+        super().__init__(f"{path}:{lineno}: {reason}: {line[:300]!r}" if lineno is not None else f"{path}: {reason}")
         self.path, self.lineno, self.line, self.reason = str(path), lineno, line, reason
 
 
 SILENCE = "__SILENCE__"
+# A persona sentence or utterance longer than this is cut to it (counted in long_texts): PERSONA-CHAT's longest is
+# 113 characters, and 10,000 characters (~2,500 GPT-2 tokens) already overflow any max_len, while a runaway
+# megabyte line would make every tokenization slow (and tiktoken panics on a run of ~1M spaces).
+MAX_TEXT_CHARS = 10_000
+
+
+def _capped(text: str, stats: ParseStats, where: str) -> str:
+    """`text`, cut to MAX_TEXT_CHARS characters (counted, noted with `where` = file:line) when it is longer."""
+    if len(text) <= MAX_TEXT_CHARS:
+        return text
+    stats.count("long_texts", f"{where}: text of {len(text)} characters cut to its first {MAX_TEXT_CHARS}")
+    return text[:MAX_TEXT_CHARS]
+
+
+def _checked(dialogues: Dialogues, path: Path) -> Dialogues:
+    """The parsers' last step: a file without a single dialogue is an error, not an empty split."""
+    if not dialogues:
+        raise DataFormatError(path, None, "", f"no dialogues in its {dialogues.stats.lines} lines (empty file?)")
+    return dialogues
 
 
 def _read_lines(path: Path, stats: ParseStats, strict_utf8: bool) -> list[tuple[int, str]]:
@@ -719,7 +754,8 @@ def read_personachat(path, strict_utf8: bool = False, first_id: int = 0) -> Dial
     Lines: `N your persona: ...` (`N partner's persona: ...` in "both" files), then turns
     `N context\\tresponse[\\treward\\tcand1|cand2|...]`; a context `__SILENCE__` means our speaker opens.
     A new dialogue starts when N does not grow (ParlAI's rule; a restart at N != 1 and a skipped N are counted).
-    A persona line after the first turn, an unnumbered line or > 4 tab fields raise DataFormatError."""
+    A persona line after the first turn, an unnumbered line, > 4 tab fields or a file without any dialogue
+    raise DataFormatError."""
     path = Path(path)
     stats = ParseStats(files=[str(path)])
     dialogues = Dialogues()
@@ -732,6 +768,8 @@ def read_personachat(path, strict_utf8: bool = False, first_id: int = 0) -> Dial
         if not any(t.response is not None for t in d.turns):
             stats.count("empty_dialogues", f"{d.source}: dialogue without any response skipped")
             return
+        if not d.personas:  # kept: its prompts show "-" for the persona list and select answers "0"
+            stats.count("no_persona_dialogues", f"{d.source}: dialogue without persona lines")
         d.dialogue_id = first_id + len(dialogues)
         dialogues.append(d)
 
@@ -756,15 +794,15 @@ def read_personachat(path, strict_utf8: bool = False, first_id: int = 0) -> Dial
         if kind is not None:
             if cur.turns:
                 raise DataFormatError(path, lineno, line, "persona line after the dialogue's first turn")
-            text = body.split(":", 1)[1].strip()
+            text = _capped(body.split(":", 1)[1].strip(), stats, f"{path}:{lineno}")
             (cur.personas if kind == "self" else cur.partner_personas).append(text)
             continue
 
         fields = body.split("\t")
         if len(fields) > 4:
             raise DataFormatError(path, lineno, line, f"{len(fields)} tab-separated fields, at most 4 expected")
-        context = fields[0].strip()
-        response = fields[1].strip() if len(fields) > 1 else ""
+        context = _capped(fields[0].strip(), stats, f"{path}:{lineno}")
+        response = _capped(fields[1].strip(), stats, f"{path}:{lineno}") if len(fields) > 1 else ""
         candidates = None
         if len(fields) == 4 and fields[3].strip():
             candidates = [c.strip() for c in fields[3].split("|")]
@@ -782,7 +820,7 @@ def read_personachat(path, strict_utf8: bool = False, first_id: int = 0) -> Dial
     stats.dialogues = len(dialogues)
     stats.examples = sum(t.response is not None for d in dialogues for t in d.turns)
     dialogues.stats = stats
-    return dialogues
+    return _checked(dialogues, path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -817,6 +855,8 @@ def _rows_to_dialogues(rows: list[tuple[list[str], list[str], Turn]], stats: Par
                 stats.count("conversation_breaks",
                             f"{turn.source}: history does not extend this speaker's earlier turns; new dialogue")
             d = Dialogue(list(personas), [], conv_id, context=list(history[:-1]), source=turn.source)
+            if not personas:
+                stats.count("no_persona_dialogues", f"{turn.source}: dialogue without persona lines")
             open_by_speaker[tuple(personas)] = d
             dialogues.append(d)
         d.turns.append(turn)
@@ -854,7 +894,8 @@ def read_baidu_jsonl(path, strict_utf8: bool = False, first_id: int = 0) -> Dial
 
     personas is a list of sentences (a single string is split at sentence ends), history a list of
     utterances oldest first, response a string. The file's label, when given, becomes the example's gold
-    persona label (see _parse_label); without it the persona labeler decides."""
+    persona label (see _parse_label); without it the persona labeler decides. A file without any example
+    raises DataFormatError."""
     path = Path(path)
     stats = ParseStats(files=[str(path)])
     rows = []
@@ -880,11 +921,13 @@ def read_baidu_jsonl(path, strict_utf8: bool = False, first_id: int = 0) -> Dial
             stats.count("missing_responses", f"{path}:{lineno}: empty response, line skipped (no example)")
             continue
         label = _parse_label(obj[3], len(personas), (path, lineno, line)) if len(obj) == 4 else None
-        history = [h.strip() for h in history]
-        turn = Turn(history[-1] if history else None, response.strip(), None, label, len(obj) == 4,
-                    f"{path}:{lineno}")
-        rows.append(([p.strip() for p in personas], history, turn))
-    return _rows_to_dialogues(rows, stats, first_id)
+        where = f"{path}:{lineno}"
+        personas = [_capped(p.strip(), stats, where) for p in personas]
+        history = [_capped(h.strip(), stats, where) for h in history]
+        turn = Turn(history[-1] if history else None, _capped(response.strip(), stats, where), None, label,
+                    len(obj) == 4, where)
+        rows.append((personas, history, turn))
+    return _checked(_rows_to_dialogues(rows, stats, first_id), path)
 
 
 def read_dialogues(path, **kw) -> Dialogues:
@@ -1068,7 +1111,7 @@ SPLIT_FILES = {kind: (f"{kind}_self_{{v}}.txt", f"{kind}.jsonl", f"{kind}.json")
 SPLIT_FILES["valid"] += ("dev.jsonl", "dev.json")
 
 
-def _split_files(data_dir, variant: str) -> tuple[Path, dict[str, Path]]:
+def split_files(data_dir, variant: str) -> tuple[Path, dict[str, Path]]:
     """(directory, {"train"/"valid"/"test": the first SPLIT_FILES name present}) in data_dir or data_dir/personachat."""
     for d in (Path(data_dir), Path(data_dir) / "personachat"):
         found = {kind: [d / n.format(v=variant) for n in names] for kind, names in SPLIT_FILES.items()}
@@ -1094,7 +1137,7 @@ def load_splits(data_dir, variant: str = "original", limit: int | None = None,
     """The paper's four splits from a data directory (SPLIT_FILES): the official files when train, valid and test
     are present (valid cut by split_valid), else carved from what is there (carve_splits; info.message says
     so). `limit`: the first `limit` examples of each split."""
-    d, present = _split_files(data_dir, variant)
+    d, present = split_files(data_dir, variant)
     loaded, stats, next_id = {}, {}, 0
     for k, p in present.items():
         dialogues = read_dialogues(p, first_id=next_id)  # dialogue ids unique across files
@@ -1301,12 +1344,23 @@ class EncodeStats:
     examples: int = 0
     truncated: int = 0                   # examples that lost at least one history utterance
     dropped_utterances: int = 0          # history utterances removed in total
-    overlong: int = 0                    # still > max_len with only the partner's last message left (kept)
-    max_length: int = 0
+    overlong: int = 0                    # still > max_len with only the partner's last message left, of which:
+    left_out: int = 0                    #   features the feature lists (sft_, mixed_task_, dpo_features) left out
+    cut: int = 0                         #   generation prompts cut to their last max_len ids
+    max_length: int = 0                  # longest sequence encoded (before leaving out or cutting)
+
+    def add(self, start: int, longest: int, max_len: int | None) -> None:
+        """Count one encoded example that lost its `start` oldest history utterances and is `longest` ids long."""
+        self.examples += 1
+        self.truncated += start > 0
+        self.dropped_utterances += start
+        self.overlong += max_len is not None and longest > max_len
+        self.max_length = max(self.max_length, longest)
 
     def summary(self) -> str:
         return (f"{self.examples} encoded, {self.truncated} truncated ({self.dropped_utterances} oldest history "
-                f"utterances dropped), {self.overlong} still over the limit, longest {self.max_length} tokens")
+                f"utterances dropped), {self.overlong} still over the limit ({self.left_out} left out, {self.cut} "
+                f"prompts cut), longest {self.max_length} tokens")
 
 
 def encode_example(tok, ex: Example, mode: str, lang: str = "en", max_len: int | None = None,
@@ -1314,7 +1368,8 @@ def encode_example(tok, ex: Example, mode: str, lang: str = "en", max_len: int |
                    target: str | None = None) -> dict:
     """Feature {"input_ids", "labels"} for one example and prompt mode. Over max_len, the oldest history
     utterances are dropped (down to the partner's last message; personas and target are never cut); a sequence
-    still too long is kept and counted in stats.overlong. `target` overrides the target text."""
+    still too long is returned and counted in stats.overlong (sft_features leaves it out). `target` overrides
+    the target text."""
     feat, _ = _encode_truncated(tok, ex, mode, lang, max_len, persona, stats, [target] if target else None)
     return feat[0]
 
@@ -1349,26 +1404,28 @@ def _encode_truncated(tok, ex, mode, lang, max_len, persona, stats, targets):
         return pairs, max(len(p) + len(t) for p, t in pairs)
 
     start, (pairs, longest) = _drop_oldest(encode_from, len(ex.history), max_len)
-    stats = stats if stats is not None else EncodeStats()
-    stats.examples += 1
-    stats.truncated += start > 0
-    stats.dropped_utterances += start
-    stats.overlong += max_len is not None and longest > max_len
-    stats.max_length = max(stats.max_length, longest)
+    if stats is not None:
+        stats.add(start, longest, max_len)
     return [{"input_ids": p + t, "labels": [IGNORE] * len(p) + t} for p, t in pairs], start
 
 
 def encode_generation_prompt(tok, ex: Example, mode: str, lang: str = "en", persona: str | None | _Gold = None,
-                             max_len: int | None = None) -> tuple[list[int], int]:
+                             max_len: int | None = None, stats: EncodeStats | None = None) -> tuple[list[int], int]:
     """(prompt ids a model generates from, number of oldest history utterances dropped so that the prompt
     holds at most max_len ids). Used for the DPO rejected samples (mode "history") and select-then-generate
     ("select", then "generate" with persona=the selected sentence, None = NO_PERSONA). Unlike training, the
-    default here is NOT the gold persona; pass persona=GOLD explicitly for an oracle run."""
+    default here is NOT the gold persona; pass persona=GOLD explicitly for an oracle run. A prompt still over
+    max_len keeps its last max_len ids, the end that asks for the reply (stats.cut): every example gets one."""
     def encode_from(start):  # -> (prompt ids, their length)
         ids = encode_prompt(tok, prompt_and_target(ex, mode, lang, persona, history=ex.history[start:])[0])
         return ids, len(ids)
 
-    start, (ids, _) = _drop_oldest(encode_from, len(ex.history), max_len)
+    start, (ids, n) = _drop_oldest(encode_from, len(ex.history), max_len)
+    stats = stats if stats is not None else EncodeStats()
+    stats.add(start, n, max_len)
+    if max_len is not None and n > max_len:
+        stats.cut += 1
+        ids = ids[n - max_len:]
     return ids, start
 
 
@@ -1376,15 +1433,27 @@ def _progress(it, total, desc):  # a progress bar for long encodings only
     return tqdm(it, total=total, desc=desc, disable=total < 2000, leave=False, mininterval=2.0)
 
 
+def _fitting(features: list[dict], max_len: int | None, stats: EncodeStats) -> list[dict]:
+    """The features whose sequences (input_ids; DPO: both sides) hold at most max_len ids. The others are over
+    even with the oldest history gone (a runaway utterance, or a max_len too short for the personas): training
+    on them would overflow the model's positions, so they are left out, counted in stats.left_out."""
+    if max_len is None:
+        return features
+    kept = [f for f in features if all(len(v) <= max_len for k, v in f.items() if k.endswith("input_ids"))]
+    stats.left_out += len(features) - len(kept)
+    return kept
+
+
 def sft_features(tok, examples: Sequence[Example], mode: str = "generate", lang: str = "en",
                  max_len: int | None = None, personas: Sequence[str | None] | None = None
                  ) -> tuple[list[dict], EncodeStats]:
-    """One feature per example for one prompt mode. `personas` (one per example: a sentence, None for
-    NO_PERSONA, or GOLD) gives the highlighted persona of the generate mode; default: the gold label's."""
+    """One feature per example for one prompt mode, except those over max_len (see _fitting). `personas` (one
+    per example: a sentence, None for NO_PERSONA, or GOLD) gives the highlighted persona of the generate mode;
+    default: the gold label's."""
     stats = EncodeStats()
     feats = [encode_example(tok, ex, mode, lang, max_len, GOLD if personas is None else personas[k], stats)
              for k, ex in _progress(enumerate(examples), len(examples), f"encode {mode}")]
-    return feats, stats
+    return _fitting(feats, max_len, stats), stats
 
 
 def mixed_task_features(tok, examples: Sequence[Example], select_ratio: float = 1.0, seed: int = 0,
@@ -1394,7 +1463,8 @@ def mixed_task_features(tok, examples: Sequence[Example], select_ratio: float = 
     selection feature for a `select_ratio` share of them (1.0: every example; the chosen ones are drawn with
     `seed`), shuffled together with `seed` so both tasks are interleaved. Each feature carries "task".
     select_none_ratio: the share of unlabelled examples ("no persona applies", the most frequent selection
-    target) that keep their selection feature (the authors' "mixture_R" data mode; 1.0 = all of them)."""
+    target) that keep their selection feature (the authors' "mixture_R" data mode; 1.0 = all of them).
+    Features over max_len are left out (see _fitting)."""
     for name, r in (("select_ratio", select_ratio), ("select_none_ratio", select_none_ratio)):
         if not 0.0 <= r <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {r}")
@@ -1408,6 +1478,7 @@ def mixed_task_features(tok, examples: Sequence[Example], select_ratio: float = 
         feats.append({**encode_example(tok, ex, "generate", lang, max_len, stats=stats), "task": "generate"})
         if k in chosen:
             feats.append({**encode_example(tok, ex, "select", lang, max_len, stats=stats), "task": "select"})
+    feats = _fitting(feats, max_len, stats)
     rng.shuffle(feats)
     return feats, stats
 
@@ -1416,7 +1487,8 @@ def dpo_feature(tok, ex: Example, rejected: str, mode: str = "generate", lang: s
                 max_len: int | None = None, persona: str | None | _Gold = GOLD, stats: EncodeStats | None = None,
                 chosen: str | None = None) -> dict:
     """DPO feature: the same prompt (truncated so that both fit) with chosen = the gold response (or
-    `chosen`) and rejected = a generated response; keys chosen_/rejected_ + input_ids/labels."""
+    `chosen`) and rejected = a generated response; keys chosen_/rejected_ + input_ids/labels. Like
+    encode_example, a pair still over max_len is returned and counted (dpo_features leaves it out)."""
     (c, r), _ = _encode_truncated(tok, ex, mode, lang, max_len, persona, stats,
                                   [chosen if chosen is not None else ex.response, rejected])
     return {"chosen_input_ids": c["input_ids"], "chosen_labels": c["labels"],
@@ -1425,12 +1497,13 @@ def dpo_feature(tok, ex: Example, rejected: str, mode: str = "generate", lang: s
 
 def dpo_features(tok, examples: Sequence[Example], rejected: Sequence[str], mode: str = "generate",
                  lang: str = "en", max_len: int | None = None) -> tuple[list[dict], EncodeStats]:
+    """DPO features of the examples and their rejected responses, except pairs over max_len (see _fitting)."""
     if len(rejected) != len(examples):
         raise ValueError(f"{len(rejected)} rejected responses for {len(examples)} examples")
     stats = EncodeStats()
     feats = [dpo_feature(tok, ex, r, mode, lang, max_len, stats=stats)
              for ex, r in _progress(zip(examples, rejected), len(examples), "encode dpo")]
-    return feats, stats
+    return _fitting(feats, max_len, stats), stats
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1483,8 +1556,7 @@ def main(argv=None) -> None:
     splits, info = load_splits(args.data_dir, args.variant, args.limit, "lexical" if args.labels == "lexical" else None)
     print(info.message)
     for k, st in info.stats.items():
-        extra = f" ({st.summary()})" if st.summary() else ""
-        print(f"  {k}: {Path(st.files[0]).name}: {st.dialogues} dialogues, {st.examples} examples{extra}")
+        print(f"  {k}: {st.report()}")
     print(f"\n{table1(splits)}")
     if args.labels == "none":
         return

@@ -12,7 +12,9 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import sys
 import time
@@ -25,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -213,6 +216,19 @@ def _fingerprint(model: nn.Module, features: list[dict], precision: str) -> str:
     return h.hexdigest() + precision
 
 
+def load_plain(path: Path):
+    """torch.load of plain tensors and containers only (weights_only=True): a pickle that names any other global,
+    i.e. that would run code while loading, is refused, and so is a corrupt file; the error names the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # what weights_only raises on a global it does not allow
+        why = re.search(r"Unsupported (global: GLOBAL [\w.]+|operand \w+)", str(e))  # e.g. GLOBAL os.system
+        raise ValueError(f"{path}: refusing to unpickle arbitrary objects ({why[0] if why else 'not plain data'}); "
+                         "delete it unless you trust its source") from None
+    except (EOFError, RuntimeError) as e:  # empty; not a readable zip archive
+        raise ValueError(f"{path}: corrupt or truncated torch file ({e})") from None
+
+
 def cached_reference_logps(policy: nn.Module, ref: nn.Module | None, features: list[dict], collate: Callable,
                            cache_path: str | os.PathLike, batch_size: int = 8, autocast=contextlib.nullcontext,
                            device="cpu", rank: int = 0, world: int = 1, precision: str = "fp32") -> torch.Tensor:
@@ -222,7 +238,7 @@ def cached_reference_logps(policy: nn.Module, ref: nn.Module | None, features: l
     key = _fingerprint(ref if ref is not None else policy, features, precision)
     path = Path(cache_path)
     if path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_plain(path)
         if saved.get("key") == key and saved["logps"].shape == (len(features), 2):
             return saved["logps"]
         if rank == 0:
@@ -277,6 +293,7 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps between eval_fn calls (0: never)
     patience: int = 0  # stop after this many evals without a better score (0: never stop early)
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end and on a new best)
+    save_minutes: float = 0.0  # also a checkpoint when this many minutes passed since the last one (0: off)
     lora_export: str = "merged"  # final LoRA weights: "merged" (HF layout) | "adapter" (adapter.safetensors)
     log_every: int = 1
     resume: bool = False
@@ -292,6 +309,9 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{k} must be one of {allowed}, got {getattr(self, k)!r}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("TrainConfig.batch_size and grad_accum must be >= 1")
+        for k in ("save_every", "save_minutes"):
+            if not getattr(self, k) >= 0:  # written so that NaN fails too
+                raise ValueError(f"TrainConfig.{k} must be >= 0 (0: off), got {getattr(self, k)!r}")
 
 
 def global_batch_indices(n: int, global_batch: int, seed: int, step: int) -> list[int]:
@@ -492,6 +512,16 @@ def write_log(run: Run, rec: dict):
             f.write(json.dumps(rec) + "\n")
 
 
+def trim_log(path: Path, step: int):
+    """Rewrite log.jsonl atomically with the records of steps <= `step` only: a resumed run writes the later ones
+    again. A line cut short by a kill has no newline yet: it goes too."""
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").split("\n")[:-1]  # complete lines only
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= step),
+                           encoding="utf-8")
+
+
 def evaluate(run: Run, model: nn.Module, eval_fn: Callable, step: int) -> float:
     """eval_fn(model) on rank 0 with dropout off, logged; its score, broadcast to every rank."""
     score = torch.zeros(1, dtype=torch.float64, device=run.device)
@@ -512,12 +542,25 @@ def evaluate(run: Run, model: nn.Module, eval_fn: Callable, step: int) -> float:
 #                            (optimizer, scheduler, loss scale, Progress, config), rng-rank{r}.pt (every random
 #                            stream of rank r); plain tensors and containers: torch.load(weights_only=True)
 # out_dir/latest.json        {"dir": "ckpt/step-000120", "step": 120}, written once that directory is complete
-# out_dir/best.json          {"dir", "score", "step"}: that directory is kept while it is the best
+# out_dir/best.json          {"dir", "score", "step"}: for people; Progress.best_dir keeps that directory
 # out_dir/final/             the exported model: Hugging Face layout, or adapter.safetensors (lora_export="adapter")
 # The data position is a function of the step (global_batch_indices): nothing to save.
 
 def _ckpt_name(step: int) -> str:
     return f"ckpt/step-{step:06d}"
+
+
+def save_time_due(run: Run, minutes: float, since: float) -> bool:
+    """Have `minutes` (0: never) passed since time.monotonic() was `since`? Rank 0's clock answers for every rank:
+    all ranks must enter save_checkpoint together."""
+    if not minutes:
+        return False
+    due = time.monotonic() - since >= 60 * minutes
+    if run.world > 1:
+        flag = torch.tensor([int(due)], device=run.device)
+        dist.broadcast(flag, 0)
+        due = bool(flag.item())
+    return due
 
 
 def save_checkpoint(run: Run, model: nn.Module, progress: Progress, cfg: TrainConfig, new_best: bool) -> None:
@@ -543,8 +586,7 @@ def save_checkpoint(run: Run, model: nn.Module, progress: Progress, cfg: TrainCo
         write_json(run.out_dir / "latest.json", {"dir": name, "step": progress.step})
         if new_best:
             write_json(run.out_dir / "best.json", {"dir": name, "score": progress.best_score, "step": progress.step})
-        keep = {json.loads((run.out_dir / f).read_text())["dir"] for f in ("latest.json", "best.json")
-                if (run.out_dir / f).exists()}
+        keep = {name, progress.best_dir}  # best_dir, not best.json: a resumed run's Progress is exact and current
         for d in (run.out_dir / "ckpt").glob("step-*"):  # only the latest and the best are kept
             if str(d.relative_to(run.out_dir)) not in keep:
                 shutil.rmtree(d, ignore_errors=True)
@@ -560,15 +602,16 @@ def resume(run: Run, model: nn.Module, cfg: TrainConfig) -> Progress:
     if not (cfg.resume and latest.exists()):
         if cfg.resume and run.rank == 0:
             print(f"dpo.py: resume requested but {latest} does not exist; starting from step 0", file=sys.stderr)
+            trim_log(run.out_dir / "log.jsonl", 0)
         return Progress()
-    ckpt = run.out_dir / json.loads(latest.read_text())["dir"]
+    ckpt = run.out_dir / read_pointer(latest)["dir"]
     load_trainable(model, ckpt)
-    state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+    state = load_plain(ckpt / "trainer.pt")
     run.opt.load_state_dict(state["optimizer"])
     run.sched.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
     if (ckpt / f"rng-rank{run.rank}.pt").exists():  # absent when the run saved with fewer ranks
-        rng = torch.load(ckpt / f"rng-rank{run.rank}.pt", map_location="cpu", weights_only=True)
+        rng = load_plain(ckpt / f"rng-rank{run.rank}.pt")
         version, mt, gauss = rng["python"]
         random.setstate((version, tuple(mt), gauss))  # tuple(): earlier checkpoints stored a list
         np_name, np_keys, *np_rest = rng["numpy"]
@@ -578,40 +621,62 @@ def resume(run: Run, model: nn.Module, cfg: TrainConfig) -> Progress:
             torch.cuda.set_rng_state_all(rng["cuda"])
     if run.rank == 0:
         print(f"dpo.py: resumed from {ckpt} at step {state['step']}", file=sys.stderr)
+        trim_log(run.out_dir / "log.jsonl", state["step"])
     return Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress)})
+
+
+def read_pointer(path: Path) -> dict:
+    """latest.json: {"dir": ..., "step": ...}; a damaged one is named in one error, not in a JSON traceback."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        obj = None
+    if not (isinstance(obj, dict) and isinstance(obj.get("dir"), str)):
+        raise ValueError(f'{path}: corrupt, expected {{"dir": "ckpt/step-N", "step": N}}; point it at a complete '
+                         "ckpt/step-* directory or delete it to start over")
+    return obj
 
 
 def load_trainable(model: nn.Module, ckpt_dir: Path):
     """Copy trainable.safetensors into the model; the names and every shape must match exactly."""
-    saved, params = load_file(str(ckpt_dir / "trainable.safetensors")), _trainable(model)
+    path = ckpt_dir / "trainable.safetensors"
+    try:
+        saved = load_file(str(path))
+    except SafetensorError as e:  # empty, truncated or not safetensors at all
+        raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    params = _trainable(model)
     wrong = sorted(set(saved) ^ set(params)) or [n for n, p in params.items() if saved[n].shape != p.shape]
     if wrong:  # names on one side only, else names whose shapes differ
-        raise ValueError(f"{ckpt_dir}/trainable.safetensors does not fit the model at {wrong[:5]}")
+        raise ValueError(f"{path} does not fit the model at {wrong[:5]}")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(saved[n])
 
 
-def export_model(model: nn.Module, out: Path, lora_export: str = "merged"):
+def export_model(model: nn.Module, out: Path, lora_export: str = "merged", add_files: Callable | None = None):
     """Write the model for use outside training, atomically: Hugging Face layout (model.save_model folds LoRA
-    into the weights without touching the model) or the adapters alone."""
+    into the weights without touching the model) or the adapters alone. add_files(dir) may add files (a
+    tokenizer, a generation config) before the directory appears under its name."""
     with atomic_path(out) as tmp:
         tmp.mkdir()
         if has_lora(model) and lora_export == "adapter":
             save_lora(model, tmp / "adapter.safetensors")
         else:
             save_model(model, tmp)
+        if add_files is not None:
+            add_files(tmp)
 
 
 def train(model: nn.Module, cfg: TrainConfig, train_features: list[dict], collate: Callable,
           eval_fn: Callable[[nn.Module], float | dict] | None = None, ref_model: nn.Module | None = None,
-          export: bool = True) -> dict:
+          export: bool = True, export_files: Callable[[Path], None] | None = None) -> dict:
     """Train `model` in place on `train_features` (encoded dicts of lists) batched by `collate` into
     {"input_ids", "labels"} (B, T) for SFT, or {"chosen_input_ids", "chosen_labels", "rejected_input_ids",
     "rejected_labels"} for DPO, whose reference is `ref_model` (a frozen copy) or, when None, the policy with
     LoRA off. eval_fn(model) -> score (or a dict with "score"; higher is better) runs on rank 0 every
     cfg.eval_every steps and drives the best checkpoint and early stopping. Under torchrun it starts the process
-    group itself. Returns {"step", "best_score", "best_dir", "final_dir", "stopped_early"}."""
+    group itself. The exported model (out_dir/final) gets export_files(dir)'s files too. Returns {"step",
+    "best_score", "best_dir", "final_dir", "stopped_early"}."""
     run = set_up(model, cfg, len(train_features), ref_model)
     progress = resume(run, model, cfg)
     ref_cache = None  # DPO reference log-probs of every pair, computed once (the model's train mode is kept)
@@ -623,6 +688,7 @@ def train(model: nn.Module, cfg: TrainConfig, train_features: list[dict], collat
     bar = tqdm(total=run.total_steps, initial=progress.step, desc=cfg.mode, dynamic_ncols=True,
                disable=run.rank != 0 or not cfg.progress)
     sums, stopped_early = RunningSums(), False
+    last_save = time.monotonic()  # cfg.save_minutes counts from the start and from each checkpoint
     while progress.step < stop_at and not stopped_early:
         lr, grad_norm = optimizer_step(run, cfg, model, train_features, collate, progress.step, ref_model,
                                        ref_cache, sums)
@@ -637,8 +703,10 @@ def train(model: nn.Module, cfg: TrainConfig, train_features: list[dict], collat
         new_best = False
         if eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == run.total_steps):
             new_best, stopped_early = progress.record(evaluate(run, model, eval_fn, step), cfg.patience)
-        if new_best or (cfg.save_every and step % cfg.save_every == 0) or step == stop_at or stopped_early:
+        if (new_best or (cfg.save_every and step % cfg.save_every == 0) or step == stop_at or stopped_early
+                or save_time_due(run, cfg.save_minutes, last_save)):  # every rank agrees on each term
             save_checkpoint(run, model, progress, cfg, new_best)
+            last_save = time.monotonic()
     bar.close()
 
     final_dir = None  # export: the best weights when there was an evaluation, else the last ones
@@ -647,7 +715,7 @@ def train(model: nn.Module, cfg: TrainConfig, train_features: list[dict], collat
             load_trainable(model, run.out_dir / progress.best_dir)
         if run.rank == 0:
             final_dir = run.out_dir / "final"
-            export_model(model, final_dir, cfg.lora_export)
+            export_model(model, final_dir, cfg.lora_export, export_files)
         _barrier(run.world)
     return {"step": progress.step, "best_score": progress.best_score, "best_dir": progress.best_dir,
             "final_dir": final_dir, "stopped_early": stopped_early}

@@ -7,7 +7,8 @@ Read top to bottom:
   4. Llama       RMSNorm, RoPE (with Llama 3.1 frequency scaling), grouped-query attention, SwiGLU MLP
   5. LoRA        LoRALinear and the helpers that add / merge / disable / save adapters
   6. generate    batched greedy decoding: left padding, one prefill, then one-token steps on the cache
-  7. load/save   resolve_model_dir, load_model (rename table + every key and shape checked), save_model, atomic writes
+  7. load/save   resolve_model_dir, read_config, load_model (rename table + every key and shape checked),
+                 save_model, atomic writes
 
 Shape names: B batch, T new tokens in this call, S keys attended (cache length), C model width,
 H query heads, Hkv key/value heads (GQA: Hkv divides H), D head dim, V vocabulary.
@@ -45,6 +46,7 @@ GELU_APPROXIMATION = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fas
 @dataclass
 class GPT2Config:
     """GPT-2 family: gpt2 (small..xl), microsoft/DialoGPT-*, uer/gpt2-chinese-cluecorpussmall."""
+    SHAPE_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")  # config.json must give these
     vocab_size: int = 50257
     n_positions: int = 1024          # learned position table size: the longest sequence the model can see
     n_embd: int = 768
@@ -82,6 +84,7 @@ class GPT2Config:
 @dataclass
 class LlamaConfig:
     """Llama family: Llama 2, Llama 3 / 3.1 / 3.2 (llama3 RoPE scaling, GQA, tied or untied head), SmolLM2."""
+    SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -133,11 +136,24 @@ class LlamaConfig:
 
 
 def config_from_hf(hf: dict, where: str = "config.json"):
-    """GPT2Config or LlamaConfig, chosen by config.json's model_type."""
+    """GPT2Config or LlamaConfig, chosen by config.json's model_type. The family's SHAPE_KEYS must be there as
+    positive integers: they fix the weights' shapes, and a default in their place would build a model of another
+    size, whose mismatch would then be blamed on model.safetensors."""
     configs, model_type = {"gpt2": GPT2Config, "llama": LlamaConfig}, hf.get("model_type")
     if model_type not in configs:
         raise ValueError(f"{where}: model_type {model_type!r} is not supported (known: {sorted(configs)})")
-    return configs[model_type].from_hf(hf)
+    cls = configs[model_type]
+    if missing := [k for k in cls.SHAPE_KEYS if k not in hf]:
+        raise CheckpointError(f"{where}: lacks {', '.join(map(repr, missing))}, needed to build a {model_type} model")
+    if bad := [k for k in cls.SHAPE_KEYS if type(hf[k]) is not int or hf[k] <= 0]:   # (a bool is no int here)
+        raise CheckpointError(f"{where}: {bad[0]!r} must be a positive integer, got {hf[bad[0]]!r}")
+    return cls.from_hf(hf)
+
+
+def max_positions(cfg) -> int:
+    """The longest sequence the model may see: GPT-2's position table has n_positions rows (nothing beyond it),
+    Llama's RoPE was trained up to max_position_embeddings."""
+    return cfg.n_positions if isinstance(cfg, GPT2Config) else cfg.max_position_embeddings
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -709,12 +725,28 @@ def _canonical_key(model: nn.Module, key: str) -> str | None:
     return None if LLAMA_IGNORED.fullmatch(key) else key
 
 
+def read_json(path: Path) -> dict:
+    """The JSON object in `path`; an empty file, invalid JSON or another JSON value is a CheckpointError naming it."""
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise CheckpointError(f"{path}: empty file ({len(raw)} bytes; an interrupted download or write?)")
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:   # re-raised naming the file
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def checkpoint_files(model_dir: Path) -> list[Path]:
     """model.safetensors, or every shard named in model.safetensors.index.json."""
     if (single := model_dir / "model.safetensors").exists():
         return [single]
     if (index := model_dir / "model.safetensors.index.json").exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no \"weight_map\" object (key -> shard file)")
         return [model_dir / name for name in sorted(set(weight_map.values()))]
     raise FileNotFoundError(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json "
                             "(only safetensors checkpoints are read)")
@@ -727,7 +759,8 @@ def header_shapes(path: Path) -> dict[str, tuple]:
     try:
         f = safe_open(str(path), framework="pt")
     except SafetensorError as e:   # a header that does not cover the file: most often a truncated download
-        raise CheckpointError(f"{path}: not a complete safetensors file (truncated download?): {e}") from e
+        raise CheckpointError(f"{path}: not a complete safetensors file ({path.stat().st_size} bytes: a truncated "
+                              f"download, or not safetensors at all): {e}") from e
     with f:
         return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
 
@@ -811,10 +844,17 @@ def resolve_model_dir(name_or_path) -> Path:
     return path
 
 
+def read_config(name_or_path):
+    """GPT2Config or LlamaConfig from the config.json of a model directory or hub id, no weights read: what a
+    pipeline checks (positions, vocabulary) before it trains or saves anything."""
+    path = resolve_model_dir(name_or_path) / "config.json"
+    return config_from_hf(read_json(path), str(path))
+
+
 def load_model(name_or_path, dtype=torch.float32, device="cpu") -> nn.Module:
     """Build the model that `name_or_path`'s config.json describes and load its weights (eval mode)."""
     model_dir = resolve_model_dir(name_or_path)
-    cfg = config_from_hf(json.loads((model_dir / "config.json").read_text()), str(model_dir / "config.json"))
+    cfg = read_config(model_dir)
     with torch.device("meta"):          # parameters without storage: the checkpoint's tensors become them
         model = build_model(cfg)
     model.load_state_dict(read_checkpoint(model, model_dir, dtype, device), strict=True, assign=True)

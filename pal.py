@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
+import hashlib
 import json
 import math
 import os
@@ -74,9 +76,11 @@ SWITCHES = {"tasks": ("mix", "dg", "ps", "seq", "none"), "fmt": ("prompt", "plai
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def option(default, kind, help_text: str):
-    """A RunConfig field that is also a command-line option; kind: its type, or a tuple of allowed values."""
-    return dataclasses.field(default=default, metadata={"kind": kind, "help": help_text})
+def option(default, kind, help_text: str, low=None, high=None, above=None):
+    """A RunConfig field that is also a command-line option. kind: its type, or a tuple of allowed values;
+    low <= value <= high, value > above: the range check_options enforces before anything is saved."""
+    return dataclasses.field(default=default, metadata={"kind": kind, "help": help_text, "low": low, "high": high,
+                                                        "above": above})
 
 
 PRECISIONS = tuple(DTYPES)
@@ -96,38 +100,42 @@ class RunConfig:
     align: str | None = option(None, SWITCHES["align"], "second stage (overrides the variant)")
     strategy: str | None = option(None, SWITCHES["strategy"], "inference strategy (overrides the variant)")
     lang: str | None = option(None, ("en", "zh"), "language of prompts and metrics (default: from the data)")
-    limit: int | None = option(None, int, "examples per split (default: all)")
+    limit: int | None = option(None, int, "examples per split (default: all)", low=1)
     labels: str = option("lexical", ("lexical", "nli"), "persona labels of the selection task (nli needs --nli)")
     seed: int = option(0, int, "seed of the data order, dropout and random persona picks")
-    select_ratio: float = option(1.0, float, "share of Train examples that also get a selection feature")
-    select_none_ratio: float = option(1.0, float, "share of the unlabelled ones (target: no persona) that keep it")
-    max_len: int = option(512, int, "tokens per sequence; the oldest history turns are dropped beyond it")
+    select_ratio: float = option(1.0, float, "share of Train examples that also get a selection feature", low=0, high=1)
+    select_none_ratio: float = option(1.0, float, "share of the unlabelled ones (target: no persona) that keep it",
+                                      low=0, high=1)
+    max_len: int = option(512, int, "tokens per sequence; the oldest history turns are dropped beyond it", low=16)
     # model / precision
     dtype: str = option("fp32", PRECISIONS, "weights while training")
     precision: str = option("fp32", PRECISIONS, "training autocast")
-    lora_r: int = option(0, int, "LoRA rank; 0 = full fine-tuning")
-    lora_alpha: float = option(16.0, float, "LoRA alpha")
-    lora_dropout: float = option(0.05, float, "LoRA dropout")
+    lora_r: int = option(0, int, "LoRA rank; 0 = full fine-tuning", low=0)
+    lora_alpha: float = option(16.0, float, "LoRA alpha", above=0)
+    lora_dropout: float = option(0.05, float, "LoRA dropout", low=0, high=0.9)
     # SFT (paper: lr 2e-5, 100 warmup steps, 10 epochs)
-    sft_lr: float = option(2e-5, float, "SFT learning rate")
-    sft_epochs: float = option(10.0, float, "SFT epochs")
-    sft_warmup: int = option(100, int, "SFT warmup steps")
+    sft_lr: float = option(2e-5, float, "SFT learning rate", low=0)
+    sft_epochs: float = option(10.0, float, "SFT epochs", above=0)
+    sft_warmup: int = option(100, int, "SFT warmup steps", low=0)
     sft_reduction: str = option("sum", ("sum", "mean"), "SFT NLL summed per sequence (PAL) or per target token")
-    batch_size: int = option(8, int, "sequences (pairs) per process and micro-step")
-    grad_accum: int = option(1, int, "micro-steps per optimizer step")
+    batch_size: int = option(8, int, "sequences (pairs) per process and micro-step", low=1)
+    grad_accum: int = option(1, int, "micro-steps per optimizer step", low=1)
     # DPO (paper: beta 0.1, 100 warmup steps, up to 30000 steps with early stopping)
-    dpo_lr: float = option(5e-6, float, "DPO learning rate")
-    dpo_beta: float = option(0.1, float, "DPO beta")
-    dpo_steps: int = option(30000, int, "DPO optimizer steps")
-    dpo_epochs: float | None = option(None, float, "DPO passes over the pairs (overrides --dpo-steps)")
-    dpo_warmup: int = option(100, int, "DPO warmup steps")
-    eval_every: int = option(500, int, "DPO steps between validations")
-    patience: int = option(5, int, "validations without improvement before DPO stops")
-    eval_limit: int = option(200, int, "validation examples generated for each early-stopping score")
+    dpo_lr: float = option(5e-6, float, "DPO learning rate", low=0)
+    dpo_beta: float = option(0.1, float, "DPO beta", above=0)
+    dpo_steps: int = option(30000, int, "DPO optimizer steps", low=1)
+    dpo_epochs: float | None = option(None, float, "DPO passes over the pairs (overrides --dpo-steps)", above=0)
+    dpo_warmup: int = option(100, int, "DPO warmup steps", low=0)
+    eval_every: int = option(500, int, "DPO steps between validations", low=1)
+    patience: int = option(5, int, "validations without improvement before DPO stops", low=0)
+    eval_limit: int = option(200, int, "validation examples generated for each early-stopping score", low=0)
+    save_every: int = option(0, int, "optimizer steps between training checkpoints (0: off)", low=0)
+    save_minutes: float = option(10.0, float, "minutes between training checkpoints (0: off); a kill loses at most "
+                                              "this much training", low=0)
     # generation (greedy)
-    max_new_tokens: int = option(48, int, "new tokens per reply")
-    select_max_new_tokens: int = option(48, int, "new tokens of the selection step")
-    gen_batch: int = option(16, int, "prompts per generation batch")
+    max_new_tokens: int = option(48, int, "new tokens per reply", low=1)
+    select_max_new_tokens: int = option(48, int, "new tokens of the selection step", low=1)
+    gen_batch: int = option(16, int, "prompts per generation batch", low=1)
     gen_dtype: str | None = option(None, PRECISIONS, "weights for pairs/predict/chat (default: --dtype)")
     nli: str | None = option(None, str, "NLI checkpoint (directory or hub id) for C.score and DPO validation")
 
@@ -137,21 +145,178 @@ class RunConfig:
 
 
 def load_run_config(run_dir: Path, overrides: dict) -> RunConfig:
-    """run.json (if any) with the options given on this command line on top; writes the result back."""
+    """run.json (if any) with the options given on this command line on top, checked by check_options. Nothing
+    is written here: main saves run.json once every check has passed, so a refused call leaves it unchanged."""
     path = run_dir / "run.json"
-    base = json.loads(path.read_text()) if path.exists() else {}
+    base = modeling.read_json(path) if path.exists() else {}
     known = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = set(base) - known
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
     cfg = RunConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None and k in known}})
-    if cfg.variant not in VARIANTS:
-        raise ValueError(f"unknown variant {cfg.variant!r}; choose from {', '.join(VARIANTS)}")
-    for k, allowed in SWITCHES.items():
-        if getattr(cfg, k) is not None and getattr(cfg, k) not in allowed:
-            raise ValueError(f"--{k} {getattr(cfg, k)!r}: choose from {', '.join(allowed)}")
-    modeling.write_json(path, dataclasses.asdict(cfg))
+    check_options(cfg)
     return cfg
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_options(cfg: RunConfig):
+    """Each option against its declared choices and range (option()), then the ones that depend on each other;
+    the first problem raises, naming the option."""
+    for f in dataclasses.fields(RunConfig):
+        value, kind, m = getattr(cfg, f.name), f.metadata["kind"], f.metadata
+        if value is None:
+            continue
+        if isinstance(kind, tuple):
+            if value not in kind:
+                raise ValueError(f"{_flag(f.name)} {value!r}: choose from {', '.join(kind)}")
+            continue
+        if not isinstance(value, (int, float) if kind is float else kind) or isinstance(value, bool):
+            raise ValueError(f"{_flag(f.name)} {value!r}: expected {kind.__name__}")
+        if m["low"] is not None and value < m["low"] or m["high"] is not None and value > m["high"]:
+            bounds = f"at least {m['low']}" if m["high"] is None else f"between {m['low']} and {m['high']}"
+            raise ValueError(f"{_flag(f.name)} {value}: must be {bounds}")
+        if m["above"] is not None and value <= m["above"]:
+            raise ValueError(f"{_flag(f.name)} {value}: must be above {m['above']}")
+    for name in ("max_new_tokens", "select_max_new_tokens"):  # the prompt needs room in max_len
+        if getattr(cfg, name) >= cfg.max_len:
+            raise ValueError(f"{_flag(name)} {getattr(cfg, name)}: must be below --max-len {cfg.max_len}")
+
+
+def check_model_fits(cfg: RunConfig):
+    """--max-len within the model's positions (GPT-2 has no position beyond n_positions: a longer sequence would
+    fail mid-run), read from the model's config.json before anything is trained."""
+    positions = modeling.max_positions(modeling.read_config(cfg.model))
+    if cfg.max_len > positions:
+        raise ValueError(f"--max-len {cfg.max_len}: the model {cfg.model} has {positions} positions")
+
+
+# ---- the run directory: one writer at a time, and what each stage was built from ----------------------------
+
+class RunLock:
+    """An exclusive lock on RUN_DIR/.lock while this process works there: a second process on the same run is
+    refused (two writers would append every row twice). flock is released by the kernel when the process ends,
+    so a process killed with -9 leaves no stale lock behind."""
+
+    def __init__(self, run: Path):
+        run.mkdir(parents=True, exist_ok=True)
+        self.f = open(run / ".lock", "a+", encoding="utf-8")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.f.seek(0)
+            holder = self.f.read().strip() or "another process"
+            self.f.close()
+            raise RuntimeError(f"{run} is in use by {holder}: wait for it to finish, or use another --run-dir") \
+                from None
+        self.f.seek(0)
+        self.f.truncate()
+        self.f.write(f"pid {os.getpid()} ({' '.join(sys.argv[:2])})")
+        self.f.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def release(self):
+        self.f.close()  # closing the descriptor drops the flock
+
+
+# Which options shape each stage's output, besides those of the stage whose output it reads (STAGE_INPUT).
+# A stage records them when it starts (RUN_DIR/stages.json); a later call that changes one of them for a stage
+# that has started or finished is refused, so one run never mixes two settings. Options that change nothing
+# but speed or bookkeeping (gen_batch, save_every, save_minutes) are not listed.
+DATA_OPTIONS = ("model", "data_dir", "lang", "limit", "labels", "seed", "max_len")
+TRAIN_OPTIONS = ("dtype", "precision", "lora_r", "lora_alpha", "lora_dropout", "batch_size", "grad_accum")
+STAGE_OPTIONS = {
+    "sft": DATA_OPTIONS + TRAIN_OPTIONS + ("tasks", "fmt", "select_ratio", "select_none_ratio", "sft_lr",
+                                           "sft_epochs", "sft_warmup", "sft_reduction", "eval_limit"),
+    "pairs": ("gen_dtype", "max_new_tokens"),
+    "dpo": TRAIN_OPTIONS + ("align", "strategy", "dpo_lr", "dpo_beta", "dpo_steps", "dpo_epochs", "dpo_warmup",
+                            "eval_every", "patience", "eval_limit", "nli", "gen_dtype", "max_new_tokens",
+                            "select_max_new_tokens"),
+    "predict": ("strategy", "gen_dtype", "max_new_tokens", "select_max_new_tokens"),
+    "evaluate": ("nli",),
+}
+RESUME_ONLY = {"dpo": ("nli",)}  # DPO's validation scorer: checked while DPO runs, free to differ once it is done
+
+
+def stage_input(cfg: RunConfig, stage: str) -> str | None:
+    """The stage whose output `stage` reads (None: the base model and the data only)."""
+    align = cfg.switches()["align"]
+    return {"sft": None, "pairs": "sft", "dpo": "pairs" if align == "dpo" else "sft",
+            "predict": "sft" if align == "none" else "dpo", "evaluate": "predict"}[stage]
+
+
+def stage_options(cfg: RunConfig, stage: str) -> dict:
+    """The options `stage`'s output depends on, through the stages before it: {name: value}. Switches are
+    resolved from the variant; a local model or data directory is compared by its real path."""
+    value = {**dataclasses.asdict(cfg), **cfg.switches()}
+    for k in ("model", "data_dir"):
+        if value[k] and Path(value[k]).exists():
+            value[k] = os.path.realpath(value[k])
+    upstream = stage_input(cfg, stage)
+    inherited = stage_options(cfg, upstream) if upstream else {k: value[k] for k in DATA_OPTIONS}
+    if upstream == "dpo":  # DPO's validation scorer is not handed on: predict and evaluate may use another
+        inherited.pop("nli", None)
+    own = STAGE_OPTIONS[stage] if stage != "sft" or cfg.switches()["tasks"] != "none" else DATA_OPTIONS
+    return {**inherited, **{k: value[k] for k in own}}
+
+
+def file_digests(cfg: RunConfig) -> dict:
+    """sha256 of the data files the run reads and of the model's config.json: a file changed under a run is
+    caught like a changed option."""
+    files = list(data.split_files(cfg.data_dir, "original")[1].values()) if cfg.data_dir else []
+    local_model = Path(cfg.model or "") / "config.json"
+    files += [local_model] if cfg.model and local_model.is_file() else []
+    return {f"file {os.path.realpath(p)}": hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in files}
+
+
+STAGE_PATHS = {"sft": ["sft"], "pairs": ["pairs.jsonl", "pairs.jsonl.partial"], "dpo": ["dpo"],
+               "predict": ["generations.jsonl", "generations.jsonl.partial"], "evaluate": ["results.json", "results.md"]}
+
+
+def check_stages(run: Path, cfg: RunConfig, digests: dict, redo: bool) -> dict:
+    """Compare this call's options (and file digests) with what each started stage recorded; refuse a
+    difference, or with redo=True move that stage's and every later stage's outputs to RUN_DIR/superseded/.
+    Returns the records still valid."""
+    records = modeling.read_json(run / "stages.json") if (run / "stages.json").exists() else {}
+    for k, stage in enumerate(STAGES):
+        if stage not in records:
+            continue
+        then, now = records[stage]["options"], {**stage_options(cfg, stage), **digests}
+        state = "finished" if (run / OUTPUTS[stage]).exists() else "started"
+        ignored = RESUME_ONLY.get(stage, ()) if state == "finished" else ()
+        changed = [n for n in {**then, **now} if now.get(n) != then.get(n) and n not in ignored]
+        if not changed:
+            continue
+        what = "; ".join(f"{n if n.startswith('file') else _flag(n)}: {then.get(n)!r} then, {now.get(n)!r} now"
+                         for n in changed)
+        if not redo:
+            raise ValueError(f"{run}: stage {stage} ({state}) was built with other settings ({what}). Keep them, "
+                             f"use another --run-dir, or add --redo to start {stage} and the stages after it again")
+        old = run / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+        for later in list(STAGES)[k:]:
+            for rel in STAGE_PATHS[later]:
+                if (run / rel).exists():
+                    old.mkdir(parents=True, exist_ok=True)
+                    os.replace(run / rel, old / rel)
+            records.pop(later, None)
+        modeling.write_json(run / "stages.json", records)
+        say(f"--redo: {stage} and the stages after it start again; their old outputs are in {old}")
+        break
+    return records
+
+
+def record_stage(run: Path, records: dict, stage: str, cfg: RunConfig, digests: dict):
+    """Note in RUN_DIR/stages.json what `stage` is built from, before it writes anything."""
+    if stage not in records:
+        records[stage] = {"options": {**stage_options(cfg, stage), **digests}, "started": time.ctime()}
+        modeling.write_json(run / "stages.json", records)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -178,6 +343,8 @@ def load_data(data_dir: str | None, limit: int | None = None, labels: str = "lex
         raise ValueError("no data: give --data-dir (a PERSONA-CHAT directory; `python extras/download.py` fetches it)")
     splits, info = data.load_splits(data_dir, limit=limit)
     say(info.message)
+    for kind, stats in info.stats.items():  # what the parser met: counts, and the first few with file:line
+        say(f"{kind}: {stats.report()}")
     if labels == "nli":
         if nli_model is None:
             raise ValueError("--labels nli needs --nli (an NLI checkpoint for nli.load_nli)")
@@ -197,13 +364,40 @@ def load_nli(name_or_path: str | None):
 
 
 def load_tokenizer(name_or_path: str) -> data.Tokenizer:
-    """The tokenizer of the base model (trained weights are saved without one; the vocabulary never changes)."""
-    return data.load_tokenizer(modeling.resolve_model_dir(name_or_path))
+    """The tokenizer of the base model (the vocabulary never changes), refused when it has ids the model's
+    embedding lacks (they would index past it mid-run)."""
+    tok = data.load_tokenizer(modeling.resolve_model_dir(name_or_path))
+    data.check_tokenizer_fits(tok, modeling.read_config(name_or_path).vocab_size)
+    return tok
+
+
+def nonempty(rows: list, what: str) -> list:
+    """`rows`, or an error: zero examples would train nothing and score a table of zeros that looks like a result."""
+    if not rows:
+        raise ValueError(f"no {what}")
+    return rows
+
+
+def complete_export(out: Path, cfg: RunConfig, tok: data.Tokenizer):
+    """Make an exported model directory usable by other tools on its own: the base model's tokenizer files, and a
+    generation_config.json that decodes as this pipeline does (greedy, its stop tokens, --max-new-tokens)."""
+    base = modeling.resolve_model_dir(cfg.model)
+    weights = ("config.json", "generation_config.json")
+    for name in (n for n in modeling.HUB_FILES if "safetensors" not in n and n not in weights):
+        if (base / name).is_file():
+            shutil.copy(base / name, out / name)
+    gen = modeling.read_json(base / "generation_config.json") if (base / "generation_config.json").is_file() else {}
+    gen.update(do_sample=False, eos_token_id=list(tok.stop_ids), pad_token_id=tok.pad_id,
+               max_new_tokens=cfg.max_new_tokens)
+    modeling.write_json(out / "generation_config.json", gen)
 
 
 def load_stage_model(weights, dtype: str, lora: tuple[int, float, float] | None = None, trainable: bool = False):
     """A model directory (the base, or a stage's exported weights) in `dtype`, for generation or, with
     trainable=True, for training: fresh LoRA adapters (lora = (r, alpha, dropout)) or every weight."""
+    if isinstance(weights, Path) and not weights.exists():  # a stage's output, not a base model
+        raise FileNotFoundError(f"{weights} does not exist: run the stage that writes it first (`pal.py all` runs "
+                                "every stage in order)")
     m = modeling.load_model(weights, dtype=DTYPES[dtype], device=device())
     if trainable and lora:
         modeling.add_lora(m, r=lora[0], alpha=lora[1], dropout=lora[2])
@@ -304,9 +498,9 @@ def select_then_generate(model, tok, examples: list, lang: str, *, strategy: str
         ids = [data.encode_generation_prompt(tok, e, "select", lang, max_len=room)[0] for e in todo]
         picks = generate_texts(model, tok, ids, select_max_new_tokens, batch, f"{desc}: select")
         selected = [data.parse_selection(t, e.personas, lang) for t, e in zip(picks, todo)]
-    elif strategy == "random":
+    elif strategy == "random":  # drawn for every example, so a resumed run keeps the picks it made before
         rng = random.Random(seed)
-        selected = [rng.choice(e.personas) if e.personas else None for e in todo]
+        selected = [rng.choice(e.personas) if e.personas else None for e in examples][len(rows):]
     else:
         selected = [None] * len(todo)
         mode = "personas" if mode == "generate" else mode  # Not Select: the persona list, nothing highlighted
@@ -346,7 +540,8 @@ def sft_phases(tasks: str, fmt: str) -> list[tuple[str, list[str]]]:
 def train_config(cfg: RunConfig, mode: str, out_dir: Path, n_features: int) -> dpo.TrainConfig:
     """The run's options for one training stage, in dpo.train's terms."""
     common = dict(out_dir=str(out_dir), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                  precision=cfg.precision, seed=cfg.seed, resume=True)
+                  precision=cfg.precision, seed=cfg.seed, resume=True, save_every=cfg.save_every,
+                  save_minutes=cfg.save_minutes)
     if mode == "sft":
         return dpo.TrainConfig(mode="sft", epochs=cfg.sft_epochs, lr=cfg.sft_lr, warmup_steps=cfg.sft_warmup,
                                sft_reduction=cfg.sft_reduction, eval_every=0, **common)
@@ -381,7 +576,8 @@ def stage_sft(cfg: RunConfig, run: Path):
     for k, (name, modes) in enumerate(sft_phases(cfg.switches()["tasks"], cfg.switches()["fmt"])):
         phase_dir = run / "sft" / f"phase{k}-{name}"
         if not (phase_dir / "final").exists():
-            say(f"sft phase {k} ({name}): tasks {modes} on {len(splits['train'])} Train examples")
+            train = nonempty(splits["train"], f"Train examples in {cfg.data_dir}")
+            say(f"sft phase {k} ({name}): tasks {modes} on {len(train)} Train examples")
             model = trainable_model(cfg, weights)
             if modes == ["select", "generate"]:
                 feats, stats = data.mixed_task_features(tok, splits["train"], cfg.select_ratio, cfg.seed, lang,
@@ -389,6 +585,7 @@ def stage_sft(cfg: RunConfig, run: Path):
             else:
                 feats, stats = data.sft_features(tok, splits["train"], modes[0], lang, cfg.max_len)
             say(f"SFT features ({'+'.join(modes)}): {stats.summary()}")
+            nonempty(feats, f"SFT features fit --max-len {cfg.max_len} ({stats.summary()})")
             # validation, once per epoch: the summed NLL of the phase's last task on Valid#1 + Valid#2
             val = (splits["valid1"] + splits["valid2"])[: cfg.eval_limit]
             val_feats = data.sft_features(tok, val, modes[-1], lang, cfg.max_len)[0] if val else []
@@ -402,6 +599,7 @@ def stage_sft(cfg: RunConfig, run: Path):
     if is_rank0():
         with modeling.atomic_path(out) as tmp:
             shutil.copytree(weights, tmp)
+            complete_export(tmp, cfg, tok)
     return out
 
 
@@ -412,6 +610,7 @@ def stage_pairs(cfg: RunConfig, run: Path):
     PAL's preference pairs; the gold response is the chosen side."""
     out = run / "pairs.jsonl"
     splits, lang = run_data(cfg)
+    nonempty(splits["valid1"], f"Valid#1 examples in {cfg.data_dir}")
     tok = load_tokenizer(cfg.model)
     model = generation_model(cfg, sft_weights(cfg, run))
     writer = JsonlWriter(out)
@@ -458,17 +657,19 @@ def stage_dpo(cfg: RunConfig, run: Path):
         return validation_score(rows, lang, nli_model)
 
     if align == "dpo":
-        stats = data.EncodeStats()
-        feats = [data.dpo_feature(tok, example_from_row(r), r["rejected"], mode, lang, cfg.max_len, stats=stats)
-                 for r in read_jsonl(run / "pairs.jsonl")]
+        rows = nonempty(read_jsonl(run / "pairs.jsonl"), f"pairs in {run / 'pairs.jsonl'}")
+        feats, stats = data.dpo_features(tok, [example_from_row(r) for r in rows], [r["rejected"] for r in rows],
+                                         mode, lang, cfg.max_len)
         say(f"dpo: {len(feats)} pairs; {stats.summary()}")
+        nonempty(feats, f"pairs fit --max-len {cfg.max_len} ({stats.summary()})")
         collate = lambda fs: data.collate_dpo(fs, tok.pad_id)
         tcfg = train_config(cfg, "dpo", run / "dpo", len(feats))
     else:  # w/o PC: the same Valid#1 examples, gold responses only, plain SFT
         feats = data.sft_features(tok, splits["valid1"], mode, lang, cfg.max_len)[0]
         collate = lambda fs: data.collate_sft(fs, tok.pad_id)
         tcfg = dataclasses.replace(train_config(cfg, "dpo", run / "dpo", len(feats)), mode="sft", lr=cfg.sft_lr)
-    dpo.train(policy, tcfg, feats, collate, eval_fn=eval_fn if val else None, ref_model=ref)
+    dpo.train(policy, tcfg, feats, collate, eval_fn=eval_fn if val else None, ref_model=ref,
+              export_files=lambda d: complete_export(d, cfg, tok))
     return out
 
 
@@ -493,6 +694,7 @@ def stage_predict(cfg: RunConfig, run: Path):
     """Select then Generate on Test: generations.jsonl (personas, history, selected persona, response, gold)."""
     out = run / "generations.jsonl"
     splits, lang = run_data(cfg)
+    nonempty(splits["test"], f"Test examples in {cfg.data_dir}")
     tok = load_tokenizer(cfg.model)
     model = generation_model(cfg, final_weights(cfg, run))
     writer = JsonlWriter(out)
@@ -533,7 +735,7 @@ def validation_score(rows: list[dict], lang: str, nli_model=None) -> dict:
 def stage_evaluate(cfg: RunConfig, run: Path):
     """BLEU-1/2, ROUGE-L, Entropy, C.score (with --nli) and persona coverage -> results.json, results.md."""
     out = run / "results.json"
-    rows = read_jsonl(run / "generations.jsonl")
+    rows = nonempty(read_jsonl(run / "generations.jsonl"), f"generated rows in {run / 'generations.jsonl'}")
     lang = cfg.lang or ("zh" if any(data.CJK_CHAR.search(r["gold"]) for r in rows[:20]) else "en")
     res = score_generations(rows, lang, load_nli(cfg.nli))
     res.update(variant=cfg.variant, model=cfg.model, **cfg.switches(), lang=lang)
@@ -586,7 +788,7 @@ def stage_table(run_dirs: list[str], examples: int = 0):
         p = Path(d) / "results.json"
         if not p.exists():
             raise FileNotFoundError(f"{p} does not exist: run `python pal.py evaluate --run-dir {d}` first")
-        named.append((Path(d).name, json.loads(p.read_text())))
+        named.append((Path(d).name, modeling.read_json(p)))
     print(results_table(named))
     if examples:
         rows = {Path(d).name: read_jsonl(Path(d) / "generations.jsonl")[:examples] for d in run_dirs}
@@ -936,13 +1138,61 @@ OUTPUTS = {"sft": "sft/final", "pairs": "pairs.jsonl", "dpo": "dpo/final", "pred
            "evaluate": "results.json"}  # a stage whose output exists is complete: it is skipped
 def add_run_options(p: argparse.ArgumentParser):
     p.add_argument("--run-dir", required=True, help="directory of this run (created; holds run.json)")
+    p.add_argument("--redo", action="store_true", help="a stage was built with other options: move its outputs and "
+                   "the later stages' to RUN_DIR/superseded/ and start them again (default: refuse)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     for f in dataclasses.fields(RunConfig):
         kind, help_text = f.metadata["kind"], f"{f.metadata['help']} (default {f.default})"
-        flag = "--" + f.name.replace("_", "-")
         if isinstance(kind, tuple):
-            p.add_argument(flag, dest=f.name, choices=kind, default=None, help=help_text)
+            p.add_argument(_flag(f.name), dest=f.name, choices=kind, default=None, help=help_text)
         else:
-            p.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
+            p.add_argument(_flag(f.name), dest=f.name, type=kind, default=None, help=help_text)
+
+
+def stage_runs(cfg: RunConfig, stage: str) -> bool:
+    """False for a stage the variant does without (no SFT: zero-shot; no pairs or DPO without DPO alignment)."""
+    sw = cfg.switches()
+    return {"sft": sw["tasks"] != "none", "pairs": sw["align"] == "dpo", "dpo": sw["align"] != "none"}.get(stage, True)
+
+
+def run_stages(args) -> None:
+    """One command: check the options and the run directory, then run the stages asked for, in order."""
+    run = Path(args.run_dir)
+    if args.stage in ("evaluate", "chat") and not (run / "run.json").exists():
+        raise FileNotFoundError(f"{run / 'run.json'} does not exist: no run there (check --run-dir)")
+    cfg = load_run_config(run, {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)})
+    if not is_rank0():  # under torchrun rank 0 checks, records and writes; the other ranks only train beside it
+        for s in stage_list(args.stage, cfg):
+            if s in ("sft", "dpo") and not (run / OUTPUTS[s]).exists():
+                STAGES[s](cfg, run)
+        return
+    with RunLock(run):
+        if cfg.model is None:
+            raise ValueError("no model: give --model (a Hugging Face-layout directory or a hub id)")
+        if args.stage != "evaluate":
+            check_model_fits(cfg)
+        digests = file_digests(cfg)
+        records = check_stages(run, cfg, digests, args.redo)
+        if args.stage == "chat":
+            return stage_chat(cfg, run, args.persona)
+        modeling.write_json(run / "run.json", dataclasses.asdict(cfg))
+        for s in stage_list(args.stage, cfg):
+            if (run / OUTPUTS[s]).exists():
+                say(f"{s}: {run / OUTPUTS[s]} exists, skipping")
+                continue
+            record_stage(run, records, s, cfg, digests)
+            t0 = time.time()
+            STAGES[s](cfg, run)
+            say(f"{s}: done in {time.time() - t0:.0f} s")
+
+
+def stage_list(command: str, cfg: RunConfig) -> list[str]:
+    """The stages a command runs: one, or all five; those the variant does without are left out (and said so)."""
+    stages = list(STAGES) if command == "all" else [command]
+    for s in stages:
+        if not stage_runs(cfg, s):
+            say(f"{s}: not part of variant {cfg.variant} ({', '.join(f'{k}={v}' for k, v in cfg.switches().items())})")
+    return [s for s in stages if stage_runs(cfg, s)]
 
 
 def main(argv=None):
@@ -960,27 +1210,16 @@ def main(argv=None):
     table = sub.add_parser("table", help="several runs' results.json side by side (Markdown)")
     table.add_argument("run_dirs", nargs="+")
     table.add_argument("--examples", type=int, default=0, help="also show each run's first N replies")
+    table.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
-    if args.stage == "table":
-        return stage_table(args.run_dirs, args.examples)
-    run = Path(args.run_dir)
-    cfg = load_run_config(run, {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)})
-    if cfg.model is None:
-        raise ValueError("no model: give --model (a Hugging Face-layout directory or a hub id)")
-    if args.stage == "chat":
-        return stage_chat(cfg, run, args.persona)
-    for s in list(STAGES) if args.stage == "all" else [args.stage]:
-        if s == "pairs" and cfg.switches()["align"] != "dpo":
-            say(f"pairs: not needed by variant {cfg.variant} (align={cfg.switches()['align']}), skipping")
-            continue
-        if s not in ("sft", "dpo") and not is_rank0():
-            continue  # under torchrun only training uses every rank; generation and scoring run on rank 0
-        if (run / OUTPUTS[s]).exists():
-            say(f"{s}: {run / OUTPUTS[s]} exists, skipping")
-            continue
-        t0 = time.time()
-        STAGES[s](cfg, run)
-        say(f"{s}: done in {time.time() - t0:.0f} s")
+    try:
+        return stage_table(args.run_dirs, args.examples) if args.stage == "table" else run_stages(args)
+    except Exception as e:  # a bad option, file or checkpoint: one line that names it, and exit code 1
+        if args.debug:
+            raise
+        sys.exit(f"pal.py {args.stage}: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(f"pal.py {args.stage}: interrupted; the same command resumes")
 
 
 if __name__ == "__main__":

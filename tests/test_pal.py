@@ -132,7 +132,7 @@ class _Recorder:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, model, cfg, feats, collate, eval_fn=None, ref_model=None, export=True):
+    def __call__(self, model, cfg, feats, collate, eval_fn=None, ref_model=None, export=True, export_files=None):
         self.calls.append({"mode": cfg.mode, "feats": feats, "ref": ref_model, "out": cfg.out_dir})
         final = Path(cfg.out_dir) / "final"
         modeling.save_model(model, final)

@@ -1,0 +1,245 @@
+"""pal.py's run directory under hostile but fair use (issue 13): one writer at a time, a stage never mixes two
+settings, options are checked before anything is saved, user errors are one line, a resumed random-persona
+predict keeps its picks, and the exported checkpoints load in transformers and answer as `pal.py chat` does."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, shared_file
+
+import data
+import model as modeling
+import pal
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random GPT-2 in Hugging Face layout with GPT-2's real BPE files under their hub names (vocab.json,
+    merges.txt), so that transformers' AutoTokenizer can read the directory too."""
+    tok_dir = shared_file("tokenizers/gpt2/encoder.json").parent
+    d = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    modeling.save_model(modeling.build_model(modeling.GPT2Config(vocab_size=50257, n_positions=512, n_embd=32,
+                                                                 n_layer=2, n_head=2)), d)
+    os.symlink(tok_dir / "encoder.json", d / "vocab.json")
+    os.symlink(tok_dir / "vocab.bpe", d / "merges.txt")
+    return d
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+    return str(shared_file("data/personachat/valid_self_original.txt").parent)
+
+
+def _args(run, model_dir, data_dir, *extra):
+    return ["--run-dir", str(run), "--model", str(model_dir), "--data-dir", str(data_dir), "--limit", "4",
+            "--sft-epochs", "1", "--sft-warmup", "1", "--batch-size", "2", "--dpo-steps", "2", "--dpo-warmup", "1",
+            "--eval-every", "1", "--eval-limit", "2", "--max-new-tokens", "5", "--select-max-new-tokens", "5",
+            "--gen-batch", "4", "--max-len", "256", *extra]
+
+
+def _refused(capsys, argv, *expected):
+    """pal.main(argv) exits non-zero with one line on stderr that contains every `expected` string."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        pal.main(argv)
+    msg = str(e.value.code)
+    assert e.value.code not in (0, None) and all(x in msg for x in expected), msg
+    return msg
+
+
+# ---- one run directory, one writer ----------------------------------------------------------------------------
+
+def test_a_second_process_on_the_run_directory_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, capsys):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, pal; from pathlib import Path; "
+                               f"lock = pal.RunLock(Path({str(run)!r})); print('locked', flush=True); time.sleep(60)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        msg = _refused(capsys, ["pairs", "--run-dir", str(run), "--model", "gpt2"], "in use by pid", str(holder.pid))
+        assert "another --run-dir" in msg
+        assert not (run / "pairs.jsonl.partial").exists() and not (run / "run.json").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    pal.RunLock(run).release()  # the kernel dropped the dead holder's lock: nothing stale to clean up
+
+
+# ---- a run is what it says it is --------------------------------------------------------------------------------
+
+def test_changed_options_for_a_started_stage_are_refused_then_redone_on_request(tmp_path, tiny_model_dir,
+                                                                                 data_dir, capsys):
+    run = tmp_path / "run"
+    pal.main(["sft", *_args(run, tiny_model_dir, data_dir)])
+    saved = (run / "run.json").read_bytes()
+    # another base model after SFT: refused, naming the option and the stage; run.json unchanged
+    other = tmp_path / "other-model"
+    modeling.save_model(modeling.load_model(tiny_model_dir), other)
+    for f in ("vocab.json", "merges.txt"):
+        os.symlink(tiny_model_dir / f, other / f)
+    _refused(capsys, ["predict", "--run-dir", str(run), "--model", str(other)], "stage sft (finished)", "--model")
+    assert (run / "run.json").read_bytes() == saved
+    # a half-done SFT resumed with another learning rate: refused too
+    os.replace(run / "sft" / "final", tmp_path / "final-aside")
+    _refused(capsys, ["sft", "--run-dir", str(run), "--sft-lr", "0.1"], "stage sft (started)", "--sft-lr")
+    os.replace(tmp_path / "final-aside", run / "sft" / "final")
+    # --redo: the old SFT moves to superseded/ (nothing is deleted) and SFT runs again with the new options
+    pal.main(["sft", "--run-dir", str(run), "--sft-lr", "0.1", "--redo"])
+    (old,) = (run / "superseded").iterdir()
+    assert (old / "sft" / "final" / "model.safetensors").exists() and (run / "sft" / "final").exists()
+    assert json.loads((run / "stages.json").read_text())["sft"]["options"]["sft_lr"] == 0.1
+
+
+def test_a_resumed_predict_with_another_data_directory_is_refused(tmp_path, tiny_model_dir, data_dir, capsys):
+    run = tmp_path / "run"
+    args = _args(run, tiny_model_dir, data_dir, "--variant", "zero_shot")
+    pal.main(["predict", *args])
+    (run / "generations.jsonl").rename(run / "generations.jsonl.partial")  # as if killed before the end
+    _refused(capsys, ["predict", "--run-dir", str(run), "--data-dir", str(ROOT / "samples")],
+             "stage predict (started)", "--data-dir")
+
+
+def test_a_data_file_changed_under_a_run_is_caught(tmp_path, tiny_model_dir, capsys):
+    src = shared_file("data/personachat/valid_self_original.txt")
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / src.name).write_bytes(src.read_bytes())
+    run = tmp_path / "run"
+    pal.main(["predict", *_args(run, tiny_model_dir, d, "--variant", "zero_shot")])
+    with open(d / src.name, "a") as f:
+        f.write("1 your persona: i was added later .\n2 hi\thello\n")
+    _refused(capsys, ["evaluate", "--run-dir", str(run)], "stage predict (finished)", f"file {d / src.name}")
+
+
+# ---- options are checked before anything is saved ------------------------------------------------------------------
+
+@pytest.mark.parametrize("option,value,expect", [
+    ("--limit", "-1", "--limit -1: must be at least 1"), ("--limit", "0", "--limit 0: must be at least 1"),
+    ("--max-new-tokens", "0", "--max-new-tokens 0: must be at least 1"),
+    ("--max-new-tokens", "256", "--max-new-tokens 256: must be below --max-len 256"),
+    ("--sft-epochs", "0", "--sft-epochs 0.0: must be above 0"),
+    ("--select-ratio", "1.5", "--select-ratio 1.5: must be between 0 and 1"),
+    ("--max-len", "4096", "--max-len 4096: the model"),  # the tiny GPT-2 has 512 positions
+])
+def test_a_bad_option_leaves_run_json_unchanged(tmp_path, tiny_model_dir, data_dir, capsys, option, value, expect):
+    run = tmp_path / "run"
+    pal.main(["sft", *_args(run, tiny_model_dir, data_dir, "--variant", "zero_shot")])  # no SFT: run.json only
+    saved = (run / "run.json").read_bytes()
+    _refused(capsys, ["sft", "--run-dir", str(run), option, value], expect)
+    assert (run / "run.json").read_bytes() == saved
+
+
+def test_a_bad_choice_is_refused_by_the_command_line(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        pal.main(["sft", "--run-dir", str(tmp_path / "r"), "--dtype", "fp8"])
+    assert e.value.code == 2 and not (tmp_path / "r").exists()
+
+
+def test_zero_rows_are_an_error_not_a_table_of_zeros(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"model": "gpt2"}))
+    (run / "generations.jsonl").write_text("")
+    _refused(capsys, ["evaluate", "--run-dir", str(run)], "no generated rows", "generations.jsonl")
+    assert not (run / "results.json").exists()
+
+
+# ---- user errors: one line, no traceback; no run directory made by mistake ----------------------------------------
+
+@pytest.mark.parametrize("stage", ["evaluate", "chat"])
+def test_a_mistyped_run_directory_is_one_line_and_not_created(tmp_path, stage):
+    run = tmp_path / "typo"
+    p = subprocess.run([sys.executable, "pal.py", stage, "--run-dir", str(run)], cwd=ROOT, capture_output=True,
+                       text=True, stdin=subprocess.DEVNULL)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and not run.exists()
+    assert p.stderr.strip().count("\n") == 0 and f"{run / 'run.json'} does not exist" in p.stderr
+    p = subprocess.run([sys.executable, "pal.py", stage, "--run-dir", str(run), "--debug"], cwd=ROOT,
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert p.returncode == 1 and "Traceback" in p.stderr and "FileNotFoundError" in p.stderr
+
+
+# ---- resume: random persona picks ----------------------------------------------------------------------------------
+
+def test_random_strategy_resumes_with_the_same_picks(tmp_path, data_dir, monkeypatch):
+    """Killed after two rows, a random-persona predict goes on with the picks the whole run would have made."""
+    splits, lang = pal.load_data(data_dir, limit=6)
+    examples = splits["test"]
+    monkeypatch.setattr(pal, "generate_texts", lambda model, tok, ids, n, batch, desc="", on_batch=None: (
+        on_batch(range(len(ids)), ["ok"] * len(ids)) if on_batch else None, ["ok"] * len(ids))[1])
+    monkeypatch.setattr(data, "encode_generation_prompt", lambda *a, **kw: ([0], 0))
+    kw = dict(strategy="random", seed=3)
+    whole = pal.select_then_generate(None, None, examples, lang, **kw)
+    w = pal.JsonlWriter(tmp_path / "g.jsonl")
+    for row in whole[:2]:
+        w.write(row)
+    w.f.close()
+    resumed = pal.select_then_generate(None, None, examples, lang, writer=pal.JsonlWriter(tmp_path / "g.jsonl"), **kw)
+    assert [r["selected_persona"] for r in resumed] == [r["selected_persona"] for r in whole]
+    assert len({r["selected_persona"] for r in whole}) > 1
+
+
+# ---- exported checkpoints are complete for the ecosystem -----------------------------------------------------------
+
+def test_exported_checkpoints_load_in_transformers_and_reply_as_chat(tmp_path, tiny_model_dir, data_dir, capsys):
+    transformers = pytest.importorskip("transformers")
+    run = tmp_path / "run"
+    for stage in ("sft", "dpo"):  # wo_pc: DPO's place is an SFT on Valid#1's gold responses, with validation
+        pal.main([stage, *_args(run, tiny_model_dir, data_dir, "--variant", "wo_pc")])
+    cfg = pal.load_run_config(run, {})
+    personas, said = ["i love dogs .", "i work at a bank ."], "hello , how are you ?"
+    capsys.readouterr()
+    pal.stage_chat(cfg, run, personas, stream=io.StringIO(said + "\n\n"))
+    reply = capsys.readouterr().out.split("bot> ")[1].split("\n")[0]
+    ours = data.load_tokenizer(tiny_model_dir)
+    for stage in ("sft", "dpo"):
+        final = run / stage / "final"
+        tok = transformers.AutoTokenizer.from_pretrained(final)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(final).eval()
+        gen = json.loads((final / "generation_config.json").read_text())
+        assert gen["do_sample"] is False and gen["max_new_tokens"] == 5 and gen["eos_token_id"] == list(ours.stop_ids)
+        if stage != "dpo":
+            continue  # wo_pc: chat answers with the aligned model; select, then generate, as pal.py does
+        ex = data.Example(personas=personas, history=[said], response="", persona_label=None, dialogue_id=-1)
+
+        def hf_reply(ids):
+            out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+            return tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+
+        pick = hf_reply(data.encode_generation_prompt(ours, ex, "select", "en", max_len=251)[0])
+        chosen = data.parse_selection(pick, personas, "en")
+        ids = data.encode_generation_prompt(ours, ex, "generate", "en", persona=chosen, max_len=251)[0]
+        assert tok(tok.decode(ids))["input_ids"] == ids  # the exported tokenizer is GPT-2's
+        assert hf_reply(ids) == reply
+
+
+# ---- data and checkpoint problems reach the pipeline's output ---------------------------------------------------
+
+def test_the_pipeline_reports_data_problems_with_file_and_line(tmp_path, tiny_model_dir, capsys):
+    src = shared_file("data/personachat/valid_self_original.txt").read_bytes().split(b"\n")
+    d = tmp_path / "data"
+    d.mkdir()
+    bad = [b"1 hello there \xff friend\tthanks !", b"2 how are you ?"]  # a non-UTF-8 byte; a turn without a tab
+    (d / "valid_self_original.txt").write_bytes(b"\n".join(bad + src[:400]) + b"\n")
+    pal.main(["predict", *_args(tmp_path / "run", tiny_model_dir, d, "--variant", "zero_shot")])
+    err = capsys.readouterr().err
+    f = d / "valid_self_original.txt"
+    assert f"{f}:1: invalid UTF-8" in err and f"{f}:2: turn without a response" in err
+    assert f"{f}:1: dialogue without persona lines" in err and "no_persona_dialogues=1" in err
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, tiny_model_dir, data_dir, capsys):
+    small = tmp_path / "small-vocab"
+    modeling.save_model(modeling.build_model(modeling.GPT2Config(vocab_size=1000, n_positions=512, n_embd=32,
+                                                                 n_layer=1, n_head=2)), small)
+    for f in ("vocab.json", "merges.txt"):
+        os.symlink(tiny_model_dir / f, small / f)
+    _refused(capsys, ["predict", *_args(tmp_path / "run", small, data_dir, "--variant", "zero_shot")],
+             "50257 ids", "1000 rows")
