@@ -11,14 +11,15 @@
 
 Every stage writes into one run directory and skips work that is already complete; an interrupted stage
 resumes (training from its last checkpoint, generation after the last line written). The options given to the
-first stage are stored in R/run.json and reused by the later ones (an option given again overrides it).
+first stage are stored in R/run.json and reused by the later ones (an option given again overrides it). One
+process at a time works in R, and a stage that has started is never continued with other options (R/stages.json).
 
 Read top to bottom:
-  1. a run         RunConfig: every option of a run; the variants (baselines and ablations); run.json
+  1. a run         RunConfig: every option of a run and its allowed range; the variants (baselines, ablations)
   2. stages        sft -> pairs -> dpo -> predict -> evaluate, with Select then Generate; then chat and table
   3. metrics       BLEU-n, ROUGE-L, n-gram entropy, Distinct-n, lexical persona coverage (C.score: nli.py);
                    diagnostics of parroting and of the selection step
-  4. command line  the options, declared one by one
+  4. command line  the run directory's lock and stage records; the options, declared one by one; main
 """
 from __future__ import annotations
 
@@ -191,132 +192,6 @@ def check_model_fits(cfg: RunConfig):
     positions = modeling.max_positions(modeling.read_config(cfg.model))
     if cfg.max_len > positions:
         raise ValueError(f"--max-len {cfg.max_len}: the model {cfg.model} has {positions} positions")
-
-
-# ---- the run directory: one writer at a time, and what each stage was built from ----------------------------
-
-class RunLock:
-    """An exclusive lock on RUN_DIR/.lock while this process works there: a second process on the same run is
-    refused (two writers would append every row twice). flock is released by the kernel when the process ends,
-    so a process killed with -9 leaves no stale lock behind."""
-
-    def __init__(self, run: Path):
-        run.mkdir(parents=True, exist_ok=True)
-        self.f = open(run / ".lock", "a+", encoding="utf-8")
-        try:
-            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.f.seek(0)
-            holder = self.f.read().strip() or "another process"
-            self.f.close()
-            raise RuntimeError(f"{run} is in use by {holder}: wait for it to finish, or use another --run-dir") \
-                from None
-        self.f.seek(0)
-        self.f.truncate()
-        self.f.write(f"pid {os.getpid()} ({' '.join(sys.argv[:2])})")
-        self.f.flush()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-    def release(self):
-        self.f.close()  # closing the descriptor drops the flock
-
-
-# Which options shape each stage's output, besides those of the stage whose output it reads (STAGE_INPUT).
-# A stage records them when it starts (RUN_DIR/stages.json); a later call that changes one of them for a stage
-# that has started or finished is refused, so one run never mixes two settings. Options that change nothing
-# but speed or bookkeeping (gen_batch, save_every, save_minutes) are not listed.
-DATA_OPTIONS = ("model", "data_dir", "lang", "limit", "labels", "seed", "max_len")
-TRAIN_OPTIONS = ("dtype", "precision", "lora_r", "lora_alpha", "lora_dropout", "batch_size", "grad_accum")
-STAGE_OPTIONS = {
-    "sft": DATA_OPTIONS + TRAIN_OPTIONS + ("tasks", "fmt", "select_ratio", "select_none_ratio", "sft_lr",
-                                           "sft_epochs", "sft_warmup", "sft_reduction", "eval_limit"),
-    "pairs": ("gen_dtype", "max_new_tokens"),
-    "dpo": TRAIN_OPTIONS + ("align", "strategy", "dpo_lr", "dpo_beta", "dpo_steps", "dpo_epochs", "dpo_warmup",
-                            "eval_every", "patience", "eval_limit", "nli", "gen_dtype", "max_new_tokens",
-                            "select_max_new_tokens"),
-    "predict": ("strategy", "gen_dtype", "max_new_tokens", "select_max_new_tokens"),
-    "evaluate": ("nli",),
-}
-RESUME_ONLY = {"dpo": ("nli",)}  # DPO's validation scorer: checked while DPO runs, free to differ once it is done
-
-
-def stage_input(cfg: RunConfig, stage: str) -> str | None:
-    """The stage whose output `stage` reads (None: the base model and the data only)."""
-    align = cfg.switches()["align"]
-    return {"sft": None, "pairs": "sft", "dpo": "pairs" if align == "dpo" else "sft",
-            "predict": "sft" if align == "none" else "dpo", "evaluate": "predict"}[stage]
-
-
-def stage_options(cfg: RunConfig, stage: str) -> dict:
-    """The options `stage`'s output depends on, through the stages before it: {name: value}. Switches are
-    resolved from the variant; a local model or data directory is compared by its real path."""
-    value = {**dataclasses.asdict(cfg), **cfg.switches()}
-    for k in ("model", "data_dir"):
-        if value[k] and Path(value[k]).exists():
-            value[k] = os.path.realpath(value[k])
-    upstream = stage_input(cfg, stage)
-    inherited = stage_options(cfg, upstream) if upstream else {k: value[k] for k in DATA_OPTIONS}
-    if upstream == "dpo":  # DPO's validation scorer is not handed on: predict and evaluate may use another
-        inherited.pop("nli", None)
-    own = STAGE_OPTIONS[stage] if stage != "sft" or cfg.switches()["tasks"] != "none" else DATA_OPTIONS
-    return {**inherited, **{k: value[k] for k in own}}
-
-
-def file_digests(cfg: RunConfig) -> dict:
-    """sha256 of the data files the run reads and of the model's config.json: a file changed under a run is
-    caught like a changed option."""
-    files = list(data.split_files(cfg.data_dir, "original")[1].values()) if cfg.data_dir else []
-    local_model = Path(cfg.model or "") / "config.json"
-    files += [local_model] if cfg.model and local_model.is_file() else []
-    return {f"file {os.path.realpath(p)}": hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in files}
-
-
-STAGE_PATHS = {"sft": ["sft"], "pairs": ["pairs.jsonl", "pairs.jsonl.partial"], "dpo": ["dpo"],
-               "predict": ["generations.jsonl", "generations.jsonl.partial"], "evaluate": ["results.json", "results.md"]}
-
-
-def check_stages(run: Path, cfg: RunConfig, digests: dict, redo: bool) -> dict:
-    """Compare this call's options (and file digests) with what each started stage recorded; refuse a
-    difference, or with redo=True move that stage's and every later stage's outputs to RUN_DIR/superseded/.
-    Returns the records still valid."""
-    records = modeling.read_json(run / "stages.json") if (run / "stages.json").exists() else {}
-    for k, stage in enumerate(STAGES):
-        if stage not in records:
-            continue
-        then, now = records[stage]["options"], {**stage_options(cfg, stage), **digests}
-        state = "finished" if (run / OUTPUTS[stage]).exists() else "started"
-        ignored = RESUME_ONLY.get(stage, ()) if state == "finished" else ()
-        changed = [n for n in {**then, **now} if now.get(n) != then.get(n) and n not in ignored]
-        if not changed:
-            continue
-        what = "; ".join(f"{n if n.startswith('file') else _flag(n)}: {then.get(n)!r} then, {now.get(n)!r} now"
-                         for n in changed)
-        if not redo:
-            raise ValueError(f"{run}: stage {stage} ({state}) was built with other settings ({what}). Keep them, "
-                             f"use another --run-dir, or add --redo to start {stage} and the stages after it again")
-        old = run / "superseded" / time.strftime("%Y%m%d-%H%M%S")
-        for later in list(STAGES)[k:]:
-            for rel in STAGE_PATHS[later]:
-                if (run / rel).exists():
-                    old.mkdir(parents=True, exist_ok=True)
-                    os.replace(run / rel, old / rel)
-            records.pop(later, None)
-        modeling.write_json(run / "stages.json", records)
-        say(f"--redo: {stage} and the stages after it start again; their old outputs are in {old}")
-        break
-    return records
-
-
-def record_stage(run: Path, records: dict, stage: str, cfg: RunConfig, digests: dict):
-    """Note in RUN_DIR/stages.json what `stage` is built from, before it writes anything."""
-    if stage not in records:
-        records[stage] = {"options": {**stage_options(cfg, stage), **digests}, "started": time.ctime()}
-        modeling.write_json(run / "stages.json", records)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1136,6 +1011,134 @@ STAGES = {"sft": stage_sft, "pairs": stage_pairs, "dpo": stage_dpo, "predict": s
           "evaluate": stage_evaluate}
 OUTPUTS = {"sft": "sft/final", "pairs": "pairs.jsonl", "dpo": "dpo/final", "predict": "generations.jsonl",
            "evaluate": "results.json"}  # a stage whose output exists is complete: it is skipped
+
+
+# ---- the run directory: one writer at a time, and what each stage was built from ----------------------------
+
+class RunLock:
+    """An exclusive lock on RUN_DIR/.lock while this process works there: a second process on the same run is
+    refused (two writers would append every row twice). flock is released by the kernel when the process ends,
+    so a process killed with -9 leaves no stale lock behind."""
+
+    def __init__(self, run: Path):
+        run.mkdir(parents=True, exist_ok=True)
+        self.f = open(run / ".lock", "a+", encoding="utf-8")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.f.seek(0)
+            holder = self.f.read().strip() or "another process"
+            self.f.close()
+            raise RuntimeError(f"{run} is in use by {holder}: wait for it to finish, or use another --run-dir") \
+                from None
+        self.f.seek(0)
+        self.f.truncate()
+        self.f.write(f"pid {os.getpid()} ({' '.join(sys.argv[:2])})")
+        self.f.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def release(self):
+        self.f.close()  # closing the descriptor drops the flock
+
+
+# Which options shape each stage's output, besides those of the stage whose output it reads (stage_input).
+# A stage records them when it starts (RUN_DIR/stages.json); a later call that changes one of them for a stage
+# that has started or finished is refused, so one run never mixes two settings. Options that change nothing
+# but speed or bookkeeping (gen_batch, save_every, save_minutes) are not listed.
+DATA_OPTIONS = ("model", "data_dir", "lang", "limit", "labels", "seed", "max_len")
+TRAIN_OPTIONS = ("dtype", "precision", "lora_r", "lora_alpha", "lora_dropout", "batch_size", "grad_accum")
+STAGE_OPTIONS = {
+    "sft": DATA_OPTIONS + TRAIN_OPTIONS + ("tasks", "fmt", "select_ratio", "select_none_ratio", "sft_lr",
+                                           "sft_epochs", "sft_warmup", "sft_reduction", "eval_limit"),
+    "pairs": ("gen_dtype", "max_new_tokens"),
+    "dpo": TRAIN_OPTIONS + ("align", "strategy", "dpo_lr", "dpo_beta", "dpo_steps", "dpo_epochs", "dpo_warmup",
+                            "eval_every", "patience", "eval_limit", "nli", "gen_dtype", "max_new_tokens",
+                            "select_max_new_tokens"),
+    "predict": ("strategy", "gen_dtype", "max_new_tokens", "select_max_new_tokens"),
+    "evaluate": ("nli",),
+}
+RESUME_ONLY = {"dpo": ("nli",)}  # DPO's validation scorer: checked while DPO runs, free to differ once it is done
+
+
+def stage_input(cfg: RunConfig, stage: str) -> str | None:
+    """The stage whose output `stage` reads (None: the base model and the data only)."""
+    align = cfg.switches()["align"]
+    return {"sft": None, "pairs": "sft", "dpo": "pairs" if align == "dpo" else "sft",
+            "predict": "sft" if align == "none" else "dpo", "evaluate": "predict"}[stage]
+
+
+def stage_options(cfg: RunConfig, stage: str) -> dict:
+    """The options `stage`'s output depends on, through the stages before it: {name: value}. Switches are
+    resolved from the variant; a local model or data directory is compared by its real path."""
+    value = {**dataclasses.asdict(cfg), **cfg.switches()}
+    for k in ("model", "data_dir"):
+        if value[k] and Path(value[k]).exists():
+            value[k] = os.path.realpath(value[k])
+    upstream = stage_input(cfg, stage)
+    inherited = stage_options(cfg, upstream) if upstream else {k: value[k] for k in DATA_OPTIONS}
+    if upstream == "dpo":  # DPO's validation scorer is not handed on: predict and evaluate may use another
+        inherited.pop("nli", None)
+    own = STAGE_OPTIONS[stage] if stage != "sft" or cfg.switches()["tasks"] != "none" else DATA_OPTIONS
+    return {**inherited, **{k: value[k] for k in own}}
+
+
+def file_digests(cfg: RunConfig) -> dict:
+    """sha256 of the data files the run reads and of the model's config.json: a file changed under a run is
+    caught like a changed option."""
+    files = list(data.split_files(cfg.data_dir, "original")[1].values()) if cfg.data_dir else []
+    local_model = Path(cfg.model or "") / "config.json"
+    files += [local_model] if cfg.model and local_model.is_file() else []
+    return {f"file {os.path.realpath(p)}": hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in files}
+
+
+STAGE_PATHS = {"sft": ["sft"], "pairs": ["pairs.jsonl", "pairs.jsonl.partial"], "dpo": ["dpo"],
+               "predict": ["generations.jsonl", "generations.jsonl.partial"], "evaluate": ["results.json", "results.md"]}
+
+
+def check_stages(run: Path, cfg: RunConfig, digests: dict, redo: bool) -> dict:
+    """Compare this call's options (and file digests) with what each started stage recorded; refuse a
+    difference, or with redo=True move that stage's and every later stage's outputs to RUN_DIR/superseded/.
+    Returns the records still valid."""
+    records = modeling.read_json(run / "stages.json") if (run / "stages.json").exists() else {}
+    for k, stage in enumerate(STAGES):
+        if stage not in records:
+            continue
+        then, now = records[stage]["options"], {**stage_options(cfg, stage), **digests}
+        state = "finished" if (run / OUTPUTS[stage]).exists() else "started"
+        ignored = RESUME_ONLY.get(stage, ()) if state == "finished" else ()
+        changed = [n for n in {**then, **now} if now.get(n) != then.get(n) and n not in ignored]
+        if not changed:
+            continue
+        what = "; ".join(f"{n if n.startswith('file') else _flag(n)}: {then.get(n)!r} then, {now.get(n)!r} now"
+                         for n in changed)
+        if not redo:
+            raise ValueError(f"{run}: stage {stage} ({state}) was built with other settings ({what}). Keep them, "
+                             f"use another --run-dir, or add --redo to start {stage} and the stages after it again")
+        old = run / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+        for later in list(STAGES)[k:]:
+            for rel in STAGE_PATHS[later]:
+                if (run / rel).exists():
+                    old.mkdir(parents=True, exist_ok=True)
+                    os.replace(run / rel, old / rel)
+            records.pop(later, None)
+        modeling.write_json(run / "stages.json", records)
+        say(f"--redo: {stage} and the stages after it start again; their old outputs are in {old}")
+        break
+    return records
+
+
+def record_stage(run: Path, records: dict, stage: str, cfg: RunConfig, digests: dict):
+    """Note in RUN_DIR/stages.json what `stage` is built from, before it writes anything."""
+    if stage not in records:
+        records[stage] = {"options": {**stage_options(cfg, stage), **digests}, "started": time.ctime()}
+        modeling.write_json(run / "stages.json", records)
+
+
 def add_run_options(p: argparse.ArgumentParser):
     p.add_argument("--run-dir", required=True, help="directory of this run (created; holds run.json)")
     p.add_argument("--redo", action="store_true", help="a stage was built with other options: move its outputs and "

@@ -4,6 +4,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -40,6 +41,13 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield  # a whole module skipped at import (pytest.importorskip at module level)
     _in_ci_a_skip_fails(outcome.get_result())
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on, for a test's own torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def shared_file(rel: str) -> Path:

@@ -4,13 +4,14 @@ with our logits, adapters-only export and resume; on the real SmolLM2-135M-Instr
 separates the pairs."""
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+
+from conftest import free_port
 
 import data
 import dpo
@@ -96,12 +97,6 @@ def test_model_logps_lean_path_equals_full_logits(family):
         torch.testing.assert_close(g1[k], p.grad, atol=1e-6, rtol=1e-4, msg=k)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -116,7 +111,7 @@ def _ddp_worker(rank, world, port, out_dir):
 
 def test_ddp_two_processes_equal_one(tmp_path):
     """2 gloo processes x 2 sequences x 2 accumulation steps == 1 process x 4 x 2, after 3 optimizer steps."""
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
     cfg = dpo.TrainConfig(mode="sft", out_dir=str(tmp_path / "one"), batch_size=4, grad_accum=2, max_steps=3,
                           lr=1e-3, warmup_steps=1, sft_reduction="mean", progress=False)
     start = {k: v.clone() for k, v in tiny_llama().state_dict().items()}

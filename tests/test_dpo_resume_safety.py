@@ -5,7 +5,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+
+from conftest import free_port
 
 import data
 import dpo
@@ -107,7 +108,7 @@ def logged_steps(out_dir):
 
 def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path, capsys):
     out = tmp_path / "killed"
-    child = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]; import test_train_resume_safety "
+    child = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]; import test_dpo_resume_safety "
              f"as t; t.one_epoch_sft({str(out)!r}, eval_seconds=0.2, threads={torch.get_num_threads()})")
     proc = subprocess.Popen([sys.executable, "-c", child], cwd=ROOT, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
@@ -214,12 +215,6 @@ def test_save_minutes_writes_a_checkpoint_when_due(tmp_path, minutes, expected):
     assert seen[:4] == expected  # an evaluation at step s sees the checkpoints of steps < s
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _save_minutes_worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -238,7 +233,7 @@ def _save_minutes_worker(rank, world, port, out_dir):
 
 
 def test_save_minutes_under_ddp_rank_0_decides(tmp_path):
-    mp.spawn(_save_minutes_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_save_minutes_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     assert json.loads((tmp_path / "seen.json").read_text()) == [None, 1, 2, 3]
     assert sorted(p.name for p in (tmp_path / "ckpt" / "step-000004").iterdir()) == [
         "rng-rank0.pt", "rng-rank1.pt", "trainable.safetensors", "trainer.pt"]
