@@ -12,13 +12,12 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import random
-import re
 import shutil
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from data import IGNORE
-from model import atomic_path, lora_disabled, save_lora, save_model, write_json
+from model import atomic_path, load_plain, lora_disabled, save_lora, save_model, write_json
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,19 +215,6 @@ def _fingerprint(model: nn.Module, features: list[dict], precision: str) -> str:
     return h.hexdigest() + precision
 
 
-def load_plain(path: Path):
-    """torch.load of plain tensors and containers only (weights_only=True): a pickle that names any other global,
-    i.e. that would run code while loading, is refused, and so is a corrupt file; the error names the file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # what weights_only raises on a global it does not allow
-        why = re.search(r"Unsupported (global: GLOBAL [\w.]+|operand \w+)", str(e))  # e.g. GLOBAL os.system
-        raise ValueError(f"{path}: refusing to unpickle arbitrary objects ({why[0] if why else 'not plain data'}); "
-                         "delete it unless you trust its source") from None
-    except (EOFError, RuntimeError) as e:  # empty; not a readable zip archive
-        raise ValueError(f"{path}: corrupt or truncated torch file ({e})") from None
-
-
 def cached_reference_logps(policy: nn.Module, ref: nn.Module | None, features: list[dict], collate: Callable,
                            cache_path: str | os.PathLike, batch_size: int = 8, autocast=contextlib.nullcontext,
                            device="cpu", rank: int = 0, world: int = 1, precision: str = "fp32") -> torch.Tensor:
@@ -273,6 +259,7 @@ class TrainConfig:
     out_dir: str = "runs/train"
     batch_size: int = 8  # per process and micro-step; global batch = batch_size * grad_accum * world_size
     grad_accum: int = 1
+    group_by_length: bool = False  # batches of similar lengths (less padding); off: runs keep their data order
     epochs: float = 1.0  # used when max_steps is None
     max_steps: int | None = None  # length of the run (and of the lr schedule)
     stop_at: int | None = None  # leave the loop after this step, as if killed (the schedule still spans the run)
@@ -298,6 +285,7 @@ class TrainConfig:
     log_every: int = 1
     resume: bool = False
     device: str = "auto"  # "auto": cuda:LOCAL_RANK when available, else cpu
+    dist_timeout_min: float | None = None  # torchrun: minutes a rank may wait for the others (None: see set_up)
     progress: bool = True  # a tqdm bar on rank 0
 
     def __post_init__(self):
@@ -312,18 +300,39 @@ class TrainConfig:
         for k in ("save_every", "save_minutes"):
             if not getattr(self, k) >= 0:  # written so that NaN fails too
                 raise ValueError(f"TrainConfig.{k} must be >= 0 (0: off), got {getattr(self, k)!r}")
+        if self.dist_timeout_min is not None and not self.dist_timeout_min > 0:
+            raise ValueError(f"TrainConfig.dist_timeout_min must be > 0 (or None), got {self.dist_timeout_min!r}")
 
 
-def global_batch_indices(n: int, global_batch: int, seed: int, step: int) -> list[int]:
+def global_batch_indices(n: int, global_batch: int, seed: int, step: int, lengths: torch.Tensor | None = None,
+                         group: int = 32) -> list[int]:
     """Indices of the examples of optimizer step `step` (0-based). Each epoch is a permutation drawn from
     (seed, epoch) alone, cut into full global batches (the remainder is dropped: every rank gets as many
-    examples). The data position is thus a function of the step: resuming needs nothing but the step number."""
+    examples). The data position is thus a function of the step: resuming needs nothing but the step number.
+
+    With `lengths` (n,) the batches are grouped by length, still from (seed, epoch) alone: the permutation is cut
+    into runs of `group` global batches, each run sorted by length and cut into batches, and the epoch's batches
+    are shuffled. A batch pads to its longest row: random GPT-2 batches of 16 pad ~3.8k real tokens to ~5.9k;
+    runs of 32 such batches leave ~1% padding, while which examples share a batch stays random within a run."""
     per_epoch = n // global_batch
     if per_epoch == 0:
         raise ValueError(f"dpo.py: {n} training examples are fewer than one global batch ({global_batch})")
     epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g)[:per_epoch * global_batch]  # (per_epoch * global_batch,)
+    if lengths is not None:
+        k = int(torch.randperm(per_epoch, generator=g)[k])  # the epoch's batches in random order
+        first = k // group * group  # batch k's run of `group` batches (fewer at the end), sorted by length
+        run = perm[first * global_batch:(first + group) * global_batch]
+        perm, k = run[torch.argsort(lengths[run], stable=True)], k - first
     return perm[k * global_batch:(k + 1) * global_batch].tolist()
+
+
+def row_lengths(features: list[dict], dpo: bool) -> torch.Tensor:
+    """(N,) long: the width each example takes in a batch: its sequence, or a DPO pair's longer half
+    (concatenated_forward pads both halves to one width)."""
+    keys = ("chosen_input_ids", "rejected_input_ids") if dpo else ("input_ids",)
+    return torch.tensor([max(len(f[k]) for k in keys) for f in features], dtype=torch.long)
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -359,8 +368,11 @@ class Run:
 
 def set_up(model: nn.Module, cfg: TrainConfig, n_examples: int, ref_model: nn.Module | None) -> Run:
     """Device and process group (torchrun: nccl on GPU, gloo on CPU), precision, optimizer, lr schedule, DDP."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # a caller's group is kept
+        # The other ranks wait in a collective while rank 0 alone evaluates (generating on Valid) or exports, and
+        # NCCL's watchdog kills a run whose collective waits 10 minutes: allow 2 hours unless told otherwise.
+        minutes = cfg.dist_timeout_min or float(os.environ.get("PAL_DIST_TIMEOUT_MIN", "120"))  # None: $VAR or 120
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=minutes))
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     cuda = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     device = torch.device(cuda if cfg.device == "auto" else cfg.device)
@@ -372,6 +384,11 @@ def set_up(model: nn.Module, cfg: TrainConfig, n_examples: int, ref_model: nn.Mo
     dpo = cfg.mode == "dpo"
     if dpo and ref_model is None and not has_lora(model):
         raise ValueError("dpo.py: DPO with full fine-tuning needs ref_model (a frozen copy of the start weights)")
+    fp16_params = [n for n, p in _trainable(model).items() if p.dtype == torch.float16]
+    if cfg.precision == "fp16" and fp16_params:  # GradScaler raises "Attempting to unscale FP16 gradients"
+        raise ValueError(f"dpo.py: precision='fp16' (loss scaling) needs fp32 trainable weights, but "
+                         f"{len(fp16_params)} are fp16 (e.g. {fp16_params[0]}): keep the weights in fp32 (dtype fp32; "
+                         "autocast still computes in fp16), or train LoRA adapters kept in fp32 on the fp16 base")
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("dpo.py: precision='fp16' needs a GPU; use 'bf16' on CPU")
     if (cfg.precision == "bf16" and device.type == "cpu" and rank == 0  # without them oneDNN converts bf16 GEMMs
@@ -430,26 +447,30 @@ class Progress:
 
 @dataclass
 class RunningSums:
-    """Sums since the last log line. The loss is normalized by `units`: sequences, pairs, or target tokens."""
-    loss: float = 0.0
+    """Sums since the last log line. The loss is normalized by `units`: sequences, pairs, or target tokens.
+    Values the device computes stay there (detached float64, 0-d; 0.0 until the first micro-step): reading one makes
+    the CPU wait until the GPU has run all it was given, so only log_record reads them."""
+    loss: torch.Tensor | float = 0.0
     units: float = 0.0
-    correct: float = 0.0  # DPO: pairs whose chosen reward beats the rejected one
-    margin: float = 0.0  # DPO: chosen reward - rejected reward
-    chosen: float = 0.0
-    rejected: float = 0.0
-    tokens: int = 0  # input tokens over all ranks, for the throughput
+    correct: torch.Tensor | float = 0.0  # DPO: pairs whose chosen reward beats the rejected one
+    margin: torch.Tensor | float = 0.0  # DPO: chosen reward - rejected reward
+    chosen: torch.Tensor | float = 0.0
+    rejected: torch.Tensor | float = 0.0
+    real_tokens: int = 0  # this rank's input tokens, from the features' lengths
+    padded_tokens: int = 0  # the same with the padding the model ran over
     since: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 def optimizer_step(run: Run, cfg: TrainConfig, model: nn.Module, features: list[dict], collate: Callable,
-                   step: int, ref_model: nn.Module | None, ref_cache: torch.Tensor | None,
-                   sums: RunningSums) -> tuple[float, float | None]:
-    """This rank's micro-batches of global batch `step`, gradients accumulated, then one update. -> (lr, grad norm)"""
-    idx = global_batch_indices(len(features), run.global_batch, cfg.seed, step)
+                   idx: list[int], ref_model: nn.Module | None, ref_cache: torch.Tensor | None,
+                   sums: RunningSums) -> tuple[float, torch.Tensor | None]:
+    """This rank's micro-batches of the global batch `idx`, gradients accumulated, then one update.
+    -> (lr, grad norm: a 0-d tensor, read when logged). Nothing is read off the device here."""
     # the loss of one step is normalized over the whole global batch, so that 1 process x 8 sequences and
     # 2 processes x 4 sequences take the same step: per sequence (pair), or per target token
     per_token = not run.dpo and cfg.sft_reduction == "mean"
     norm = sum(sum(y != IGNORE for y in features[i]["labels"][1:]) if per_token else 1 for i in idx)
+    keys = ("chosen_input_ids", "rejected_input_ids") if run.dpo else ("input_ids",)
     for micro in range(cfg.grad_accum):
         lo = (micro * run.world + run.rank) * cfg.batch_size
         rows = idx[lo:lo + cfg.batch_size]
@@ -459,28 +480,28 @@ def optimizer_step(run: Run, cfg: TrainConfig, model: nn.Module, features: list[
             with run.autocast():
                 if run.dpo:
                     pc, pr = concatenated_forward(run.net, batch)
-                    rc, rr = (ref_cache[rows].to(run.device).unbind(1) if ref_cache is not None
+                    # non_blocking: a blocking copy to the GPU would first wait for everything queued there
+                    rc, rr = (ref_cache[rows].to(run.device, non_blocking=True).unbind(1) if ref_cache is not None
                               else reference_logps(ref_model, model, batch))
                     losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, cfg.beta)
                     loss_sum = losses.sum()
-                    sums.correct += (chosen_r > rejected_r).sum().item()
-                    sums.margin += (chosen_r - rejected_r).sum().item()
-                    sums.chosen += chosen_r.sum().item()
-                    sums.rejected += rejected_r.sum().item()
-                    ntok = batch["chosen_input_ids"].numel() + batch["rejected_input_ids"].numel()
+                    sums.correct += (chosen_r > rejected_r).sum().double()
+                    sums.margin += (chosen_r - rejected_r).sum().double()
+                    sums.chosen += chosen_r.sum().double()
+                    sums.rejected += rejected_r.sum().double()
                 else:
                     logps, _ = run.net(batch["input_ids"], batch["labels"])
                     loss_sum = -logps.sum()
-                    ntok = batch["input_ids"].numel()
             # DDP averages gradients over ranks, hence * world: the step's loss is sum / norm overall
             run.scaler.scale(loss_sum * run.world / norm).backward()
-        sums.loss += loss_sum.item()
-        sums.tokens += ntok * run.world  # every rank sees a batch of the same shape budget
+        sums.loss += loss_sum.detach().double()
+        sums.real_tokens += sum(len(features[i][k]) for i in rows for k in keys)
+        sums.padded_tokens += len(rows) * len(keys) * max(batch[k].shape[1] for k in keys)  # DPO halves: one width
     sums.units += norm
     grad_norm = None
     if cfg.grad_clip:
         run.scaler.unscale_(run.opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.opt.param_groups[0]["params"], cfg.grad_clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.opt.param_groups[0]["params"], cfg.grad_clip)
     run.scaler.step(run.opt)
     run.scaler.update()
     run.opt.zero_grad(set_to_none=True)
@@ -489,19 +510,23 @@ def optimizer_step(run: Run, cfg: TrainConfig, model: nn.Module, features: list[
     return lr, grad_norm
 
 
-def log_record(run: Run, step: int, lr: float, grad_norm: float | None, sums: RunningSums) -> dict:
-    """One log line: the running sums of every rank, averaged over the units they were normalized by."""
+def log_record(run: Run, step: int, lr: float, grad_norm: torch.Tensor | None, sums: RunningSums) -> dict:
+    """One log line: the running sums of every rank, averaged over the units they were normalized by; the share of
+    real (not padding) tokens in what the model ran. The one place the loop reads values off the device."""
+    names = ("loss", "correct", "margin", "chosen", "rejected", "real_tokens", "padded_tokens")
+    t = torch.stack([torch.as_tensor(getattr(sums, k), dtype=torch.float64, device=run.device) for k in names])
     if run.world > 1:  # units is the same on every rank: only the other sums are added up
-        names = ("loss", "correct", "margin", "chosen", "rejected")
-        t = torch.tensor([getattr(sums, k) for k in names], dtype=torch.float64, device=run.device)
         dist.all_reduce(t)
-        sums = dataclasses.replace(sums, **dict(zip(names, t.tolist())))
+    s = dict(zip(names, t.tolist()))
+    grad_norm = None if grad_norm is None else grad_norm.item()  # the same on every rank (after DDP's all-reduce)
+    seconds = max(time.perf_counter() - sums.since, 1e-9)  # after the reads: the GPU has done the work it was given
     n = max(sums.units, 1)
-    rec = {"step": step, "epoch": step / max(run.steps_per_epoch, 1), "lr": lr, "loss": sums.loss / n,
-           "grad_norm": grad_norm, "tokens_per_s": sums.tokens / max(time.perf_counter() - sums.since, 1e-9)}
+    rec = {"step": step, "epoch": step / max(run.steps_per_epoch, 1), "lr": lr, "loss": s["loss"] / n,
+           "grad_norm": grad_norm, "tokens_per_s": s["padded_tokens"] / seconds,
+           "real_token_share": s["real_tokens"] / max(s["padded_tokens"], 1)}
     if run.dpo:
-        rec.update(reward_accuracy=sums.correct / n, reward_margin=sums.margin / n,
-                   chosen_reward=sums.chosen / n, rejected_reward=sums.rejected / n)
+        rec.update(reward_accuracy=s["correct"] / n, reward_margin=s["margin"] / n,
+                   chosen_reward=s["chosen"] / n, rejected_reward=s["rejected"] / n)
     return rec
 
 
@@ -684,14 +709,15 @@ def train(model: nn.Module, cfg: TrainConfig, train_features: list[dict], collat
         ref_cache = cached_reference_logps(model, ref_model, train_features, collate, run.out_dir / "ref_logps.pt",
                                            cfg.batch_size, run.autocast, run.device, run.rank, run.world,
                                            cfg.precision)
+    lengths = row_lengths(train_features, run.dpo) if cfg.group_by_length else None  # (N,) for batching
     stop_at = min(run.total_steps, cfg.stop_at) if cfg.stop_at is not None else run.total_steps
     bar = tqdm(total=run.total_steps, initial=progress.step, desc=cfg.mode, dynamic_ncols=True,
                disable=run.rank != 0 or not cfg.progress)
     sums, stopped_early = RunningSums(), False
     last_save = time.monotonic()  # cfg.save_minutes counts from the start and from each checkpoint
     while progress.step < stop_at and not stopped_early:
-        lr, grad_norm = optimizer_step(run, cfg, model, train_features, collate, progress.step, ref_model,
-                                       ref_cache, sums)
+        idx = global_batch_indices(len(train_features), run.global_batch, cfg.seed, progress.step, lengths)
+        lr, grad_norm = optimizer_step(run, cfg, model, train_features, collate, idx, ref_model, ref_cache, sums)
         progress.step += 1
         step = progress.step
         if step % cfg.log_every == 0 or step == stop_at:
@@ -703,8 +729,10 @@ def train(model: nn.Module, cfg: TrainConfig, train_features: list[dict], collat
         new_best = False
         if eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == run.total_steps):
             new_best, stopped_early = progress.record(evaluate(run, model, eval_fn, step), cfg.patience)
+        # every rank agrees on each term; the clock is asked at log lines only (under torchrun its answer is a
+        # broadcast that the CPU waits for, as it waits for the log line's sums)
         if (new_best or (cfg.save_every and step % cfg.save_every == 0) or step == stop_at or stopped_early
-                or save_time_due(run, cfg.save_minutes, last_save)):  # every rank agrees on each term
+                or (step % cfg.log_every == 0 and save_time_due(run, cfg.save_minutes, last_save))):
             save_checkpoint(run, model, progress, cfg, new_best)
             last_save = time.monotonic()
     bar.close()

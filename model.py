@@ -5,10 +5,10 @@ Read top to bottom:
   2. pieces      attention mask, attention (GQA), the preallocated KV cache, fp32 norms, init
   3. GPT-2       learned positions, pre-LayerNorm blocks, tanh-GELU MLP, tied head: model(ids[B,T]) -> logits[B,T,V]
   4. Llama       RMSNorm, RoPE (with Llama 3.1 frequency scaling), grouped-query attention, SwiGLU MLP
-  5. LoRA        LoRALinear and the helpers that add / merge / disable / save adapters
+  5. LoRA        LoRALinear (adapters in fp32 on any base) and the helpers that add / merge / disable / save them
   6. generate    batched greedy decoding: left padding, one prefill, then one-token steps on the cache
-  7. load/save   resolve_model_dir, read_config, load_model (rename table + every key and shape checked),
-                 save_model, atomic writes
+  7. load/save   resolve_model_dir, read_config, load_model (rename table + every key and shape checked; safetensors,
+                 or pytorch_model.bin loaded with weights_only), save_model, atomic writes
 
 Shape names: B batch, T new tokens in this call, S keys attended (cache length), C model width,
 H query heads, Hkv key/value heads (GQA: Hkv divides H), D head dim, V vocabulary.
@@ -19,16 +19,18 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from huggingface_hub import snapshot_download
-from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub import get_token, snapshot_download
+from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -318,10 +320,14 @@ class GPT2(nn.Module):
         tokens itself with `output_weight`. attention_mask (B, T): 1 = token, 0 = padding; right-padded training
         batches need none (a real token never sees the padding after it); left-padded ones pass position_ids
         counted from each row's first real token. Llama.forward takes and returns the same."""
+        # A learned table has nothing beyond its last row. Positions never exceed their slot in the sequence (the
+        # default ones equal it; left-padded rows count from their first real token), so the number of slots bounds
+        # them, on Python ints: reading pos.max() back from the GPU would stall it at every decode step.
+        if (n_slots := (cache.length if cache is not None else 0) + input_ids.shape[1]) > self.config.n_positions:
+            raise ValueError(f"GPT-2 has positions 0..{self.config.n_positions - 1} only, got a sequence of "
+                             f"{n_slots} tokens")
         pos, mask, is_causal = positions_and_mask(input_ids, attention_mask, position_ids, cache,
                                                   self.wte.weight.dtype)          # pos (B, T)
-        if int(pos.max()) >= self.config.n_positions:                     # a learned table, nothing beyond it
-            raise ValueError(f"GPT-2 has positions 0..{self.config.n_positions - 1} only, got {int(pos.max())}")
         x = self.drop(self.wte(input_ids) + self.wpe(pos))                # (B, T, C)
         for i, block in enumerate(self.h):
             x = block(x, mask, is_causal, cache, i)
@@ -480,12 +486,16 @@ def build_model(cfg) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 5. LoRA: W x + (alpha / r) * B A x, with A (r, in) random and B (out, r) zero, so training starts from the base model.
+# 5. LoRA: W x + (alpha / r) * B A x, with A (r, in) random and B (out, r) zero, so training starts from the base model;
+#    A and B in fp32.
 
 
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update. Merging (W += scale * B A) is explicit: merge() /
-    unmerge(); nothing merges behind your back on .eval()."""
+    unmerge(); nothing merges behind your back on .eval().
+
+    A and B are fp32 whatever the base's dtype (as PEFT keeps them): in bf16, B would lose the small steps of
+    fine-tuning (AdamW at lr 1e-6 moves an entry of 0.05 by about 1e-6; bf16's spacing there is 2.4e-4)."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0):
         super().__init__()
@@ -493,38 +503,48 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRA rank must be positive, got {r}")
         self.base = base
         self.r, self.alpha, self.scale = r, alpha, alpha / r
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=w.dtype))
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))   # same init as nn.Linear's weight
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged, self.disabled = False, False   # disabled (set by lora_disabled): act as the base alone
         base.requires_grad_(False)
 
     def delta_weight(self) -> torch.Tensor:
-        """scale * B A, (out, in), computed in fp32 and returned in the base weight's dtype."""
-        return (self.scale * (self.lora_B.float() @ self.lora_A.float())).to(self.base.weight.dtype)
+        """scale * B A, (out, in), in fp32 (even inside a caller's autocast)."""
+        with torch.autocast(self.lora_A.device.type, enabled=False):
+            return self.scale * (self.lora_B @ self.lora_A)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + scale * B A in W's dtype: summed in fp32 and rounded once. (Adding the delta already rounded to bf16
+        would round twice, and move some weights by one bf16 step more than the adapters say.)"""
+        w = self.base.weight
+        return (w.float() + self.delta_weight()).to(w.dtype)
 
     @torch.no_grad()
     def merge(self):
         if not self.merged:
-            self.base.weight += self.delta_weight()
+            self.base.weight.copy_(self.merged_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            self.base.weight -= self.delta_weight()
+            w = self.base.weight
+            w.copy_(w.float() - self.delta_weight())   # fp32 too; in bf16, W is back only to within its rounding
             self.merged = False
 
     def forward(self, x):
         if self.disabled and self.merged:
             raise RuntimeError("lora_disabled() on a merged LoRA layer: unmerge_lora(model) first")
-        y = self.base(x)
+        y = self.base(x)                                               # (..., out), in the base's dtype
         if self.disabled or self.merged:
             return y
-        low = F.linear(self.dropout(x), self.lora_A)             # (..., in) -> (..., r)
-        return y + self.scale * F.linear(low, self.lora_B)       # (..., r) -> (..., out)
+        # The adapter in fp32, added in the base's dtype. Under autocast its matmuls run in the autocast dtype like
+        # every other; the gradients still land on the fp32 A and B, which are what the optimizer updates.
+        low = F.linear(self.dropout(x.float()), self.lora_A)                # (..., in) -> (..., r)
+        return y + (self.scale * F.linear(low, self.lora_B)).to(y.dtype)    # (..., r) -> (..., out)
 
     def extra_repr(self):
         return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
@@ -739,23 +759,69 @@ def read_json(path: Path) -> dict:
     return obj
 
 
+# A checkpoint's weights: one file, or shards named by an index. Safetensors first; pytorch_model.bin is read only
+# for the older repos that ship nothing else (microsoft/DialoGPT-*, uer/gpt2-chinese-cluecorpussmall).
+CHECKPOINT_NAMES = [("model.safetensors", "model.safetensors.index.json"),
+                    ("pytorch_model.bin", "pytorch_model.bin.index.json")]
+
+
 def checkpoint_files(model_dir: Path) -> list[Path]:
-    """model.safetensors, or every shard named in model.safetensors.index.json."""
-    if (single := model_dir / "model.safetensors").exists():
-        return [single]
-    if (index := model_dir / "model.safetensors.index.json").exists():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no \"weight_map\" object (key -> shard file)")
-        return [model_dir / name for name in sorted(set(weight_map.values()))]
-    raise FileNotFoundError(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json "
-                            "(only safetensors checkpoints are read)")
+    """The first of CHECKPOINT_NAMES present: the single file, or every shard its index's weight_map names."""
+    for single, index in CHECKPOINT_NAMES:
+        if (model_dir / single).exists():
+            return [model_dir / single]
+        if (model_dir / index).exists():
+            weight_map = read_json(model_dir / index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{model_dir / index}: no \"weight_map\" object (key -> shard file)")
+            shards = [model_dir / name for name in sorted(set(weight_map.values()))]
+            if missing := [s.name for s in shards if not s.exists()]:
+                raise FileNotFoundError(f"{model_dir}: shard(s) {missing} listed in {index} are missing")
+            return shards
+    raise FileNotFoundError(f"{model_dir}: no checkpoint (looked for " +
+                            ", ".join(name for pair in CHECKPOINT_NAMES for name in pair) + ")")
+
+
+def load_plain(path: Path, mmap: bool = False):
+    """torch.load of tensors and plain containers only (weights_only=True): a pickle that names any other global,
+    i.e. that would run code while loading, is refused, and so is a corrupt file; the error names the file. The
+    one reader of torch files here (pytorch_model.bin; dpo.py's trainer state, random streams, reference cache)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:   # what weights_only raises on a global it does not allow
+        why = re.search(r"Unsupported (global: GLOBAL [\w.]+|operand \w+)", str(e))  # e.g. GLOBAL os.system
+        raise CheckpointError(f"{path}: refusing to unpickle arbitrary objects ({why[0] if why else 'not plain data'}"
+                              "); loading would run code: delete it unless you trust its source") from None
+    except (EOFError, RuntimeError) as e:  # empty; a zip archive cut short
+        raise CheckpointError(f"{path}: corrupt or truncated torch file (an interrupted download?): {e}") from None
+
+
+def load_pytorch_bin(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a pytorch_model.bin (load_plain). mmap for zip-format files, which torch >= 1.6 writes: each
+    tensor's pages are read when it is used; the legacy format of older files cannot be mapped and is read whole."""
+    sd = load_plain(path, mmap=zipfile.is_zipfile(path))
+    if not (isinstance(sd, dict) and all(isinstance(t, torch.Tensor) for t in sd.values())):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+    return sd
+
+
+def checkpoint_reader(path: Path):
+    """({key: shape}, read) for one checkpoint file, read(key) -> that tensor. Safetensors: shapes from the header
+    alone, and each tensor read through its own short-lived mapping; pytorch_model.bin: the mapped dict."""
+    if path.suffix == ".bin":
+        tensors = load_pytorch_bin(path)
+        return {key: tuple(t.shape) for key, t in tensors.items()}, tensors.__getitem__
+
+    def read(key):
+        # Opened for this one tensor, the copy-on-write mapping lets its pages go once the tensor is converted;
+        # a tensor already in the wanted dtype on the CPU stays those pages (read lazily, never copied).
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(key)
+    return header_shapes(path), read
 
 
 def header_shapes(path: Path) -> dict[str, tuple]:
     """{key: shape} of one safetensors file, read from its header alone; a truncated download said plainly."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: shard listed in model.safetensors.index.json is missing")
     try:
         f = safe_open(str(path), framework="pt")
     except SafetensorError as e:   # a header that does not cover the file: most often a truncated download
@@ -767,7 +833,8 @@ def header_shapes(path: Path) -> dict[str, tuple]:
 
 def read_checkpoint(model: nn.Module, model_dir: Path, dtype=torch.float32, device="cpu") -> dict[str, torch.Tensor]:
     """Our state dict from the checkpoint in `model_dir`, renamed and transformed. Every key and shape is checked
-    from the header before its tensor is read; tensors are read one at a time, so the weights are never held twice.
+    before its tensor is read (from the header, or the mapped pytorch_model.bin); tensors are converted one at a
+    time, so the weights are never held twice.
     """
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # model may live on `meta`
     ours_of = {hf_name(model, name): name for name in expected}                  # checkpoint key -> our name
@@ -775,7 +842,8 @@ def read_checkpoint(model: nn.Module, model_dir: Path, dtype=torch.float32, devi
     embed_shape = expected["wte.weight" if model.family == "gpt2" else "embed.weight"]
     sd: dict[str, torch.Tensor] = {}
     for path in checkpoint_files(model_dir):
-        for key, shape in header_shapes(path).items():
+        shapes, read = checkpoint_reader(path)
+        for key, shape in shapes.items():
             canon = _canonical_key(model, key)
             if canon is None:
                 continue
@@ -794,10 +862,7 @@ def read_checkpoint(model: nn.Module, model_dir: Path, dtype=torch.float32, devi
             if shape != want:
                 raise CheckpointError(f"{path}: key {key!r} has shape {shape} but parameter {ours!r} needs "
                                       f"{want} (checkpoint layout)")
-            # Opened for this one tensor, the copy-on-write mapping lets its pages go once the tensor is converted;
-            # a tensor already in `dtype` on the CPU stays those pages (read lazily, never copied).
-            with safe_open(str(path), framework="pt") as f:
-                t = f.get_tensor(key)
+            t = read(key)
             sd[ours] = (t.t() if transposed else t).to(device=device, dtype=dtype).contiguous()
     if missing := [n for n in expected if n not in sd]:
         lines = [f"  {hf_name(model, n)!r} (parameter {n!r}, shape {expected[n]})" for n in missing[:10]]
@@ -815,12 +880,14 @@ def hf_cache_dir() -> Path:
 HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
              "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
              "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja"]
+HUB_BIN_FILES = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]  # if no safetensors
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def resolve_model_dir(name_or_path) -> Path:
-    """A directory holding config.json + safetensors for `name_or_path`: an existing local directory as is, or a
-    hub repo id ("owner/name") through one snapshot_download (the local cache only when HF_HUB_OFFLINE is set)."""
+    """A directory holding config.json + the weights for `name_or_path`: an existing local directory as is, or a
+    hub repo id ("owner/name") through snapshot_download (the local cache only when HF_HUB_OFFLINE is set): HUB_FILES,
+    then HUB_BIN_FILES only when no safetensors came, so a repo that has both is never downloaded twice."""
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -832,10 +899,21 @@ def resolve_model_dir(name_or_path) -> Path:
                                 "or a hub repo id like 'owner/name')")
     # HF_HUB_OFFLINE and the cache directory are read now: huggingface_hub reads them once, at import.
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    login = (f"accept its licence on https://huggingface.co/{name} and log in: `hf auth login`, or set HF_TOKEN to "
+             "an access token")
     try:
         path = Path(snapshot_download(name, cache_dir=hf_cache_dir(), allow_patterns=HUB_FILES,
                                       local_files_only=offline))
+        if not any(path.glob("*.safetensors")):
+            path = Path(snapshot_download(name, cache_dir=hf_cache_dir(), allow_patterns=HUB_BIN_FILES,
+                                          local_files_only=offline))
+    except GatedRepoError as e:   # (a subclass of RepositoryNotFoundError, so caught first)
+        raise PermissionError(f"hub repo {name!r} is gated: {login}") from e
     except (LocalEntryNotFoundError, HfHubHTTPError) as e:   # not cached / no such repo / hub unreachable
+        if (isinstance(e, RepositoryNotFoundError) and getattr(e.response, "status_code", None) == 401
+                and get_token() is None):   # tokenless, the hub answers 401 for gated, private and missing repos
+            raise PermissionError(f"hub repo {name!r} refused a download without a token: it is gated or private, "
+                                  f"or does not exist. If it is gated, {login}") from e
         why = "HF_HUB_OFFLINE is set" if offline else f"{type(e).__name__}: " + str(e).partition("\n")[0]
         raise FileNotFoundError(f"unknown model {name!r}: not a local directory, and not in the Hugging Face "
                                 f"cache {hf_cache_dir()} ({why})") from e
@@ -863,7 +941,8 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu") -> nn.Module:
 
 
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Our weights under the checkpoint's names and layout; LoRA layers contribute W + scale * B A (not mutated)."""
+    """Our weights under the checkpoint's names and layout; LoRA layers contribute their merged_weight() (summed in
+    fp32, rounded once), the model not mutated."""
     lora = lora_layers(model)
     out = {}
     for name, t in model.state_dict().items():
@@ -873,7 +952,7 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if owner.endswith(".base") and owner[:-5] in lora:      # "x.base.weight" -> "x.weight"
             layer = lora[owner[:-5]]
             if leaf == "weight" and not layer.merged:
-                t = t + layer.delta_weight()
+                t = layer.merged_weight()
             name = f"{owner[:-5]}.{leaf}"
         out[hf_name(model, name)] = (t.t() if is_transposed(model, name) else t).detach().contiguous().cpu()
     return out

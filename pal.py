@@ -24,7 +24,9 @@ Read top to bottom:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import datetime
 import fcntl
 import hashlib
 import json
@@ -127,9 +129,10 @@ class RunConfig:
     dpo_steps: int = option(30000, int, "DPO optimizer steps", low=1)
     dpo_epochs: float | None = option(None, float, "DPO passes over the pairs (overrides --dpo-steps)", above=0)
     dpo_warmup: int = option(100, int, "DPO warmup steps", low=0)
-    eval_every: int = option(500, int, "DPO steps between validations", low=1)
+    eval_every: int = option(5000, int, "DPO examples (over all ranks) between validations", low=1)
     patience: int = option(5, int, "validations without improvement before DPO stops", low=0)
     eval_limit: int = option(200, int, "validation examples generated for each early-stopping score", low=0)
+    log_every: int = option(10, int, "optimizer steps between log lines (each one reads the GPU back)", low=1)
     save_every: int = option(0, int, "optimizer steps between training checkpoints (0: off)", low=0)
     save_minutes: float = option(10.0, float, "minutes between training checkpoints (0: off); a kill loses at most "
                                               "this much training", low=0)
@@ -184,6 +187,9 @@ def check_options(cfg: RunConfig):
     for name in ("max_new_tokens", "select_max_new_tokens"):  # the prompt needs room in max_len
         if getattr(cfg, name) >= cfg.max_len:
             raise ValueError(f"{_flag(name)} {getattr(cfg, name)}: must be below --max-len {cfg.max_len}")
+    if cfg.precision == "fp16" and cfg.dtype == "fp16" and not cfg.lora_r:  # loss scaling needs fp32 masters
+        raise ValueError("--precision fp16 with --dtype fp16: fp16 loss scaling needs fp32 trainable weights; use "
+                         "--dtype fp32 (autocast computes in fp16) or LoRA (--lora-r, adapters stay fp32)")
 
 
 def check_model_fits(cfg: RunConfig):
@@ -199,7 +205,8 @@ def check_model_fits(cfg: RunConfig):
 # ----------------------------------------------------------------------------------------------------------
 
 def say(msg: str):
-    print(f"[pal] {msg}", file=sys.stderr, flush=True)
+    if is_rank0():  # under torchrun one voice is enough
+        print(f"[pal] {msg}", file=sys.stderr, flush=True)
 
 
 def is_rank0() -> bool:
@@ -373,9 +380,9 @@ def select_then_generate(model, tok, examples: list, lang: str, *, strategy: str
         ids = [data.encode_generation_prompt(tok, e, "select", lang, max_len=room)[0] for e in todo]
         picks = generate_texts(model, tok, ids, select_max_new_tokens, batch, f"{desc}: select")
         selected = [data.parse_selection(t, e.personas, lang) for t, e in zip(picks, todo)]
-    elif strategy == "random":  # drawn for every example, so a resumed run keeps the picks it made before
-        rng = random.Random(seed)
-        selected = [rng.choice(e.personas) if e.personas else None for e in examples][len(rows):]
+    elif strategy == "random":  # one draw per example, seeded by the example: a resumed or sharded run picks alike
+        selected = [random.Random(f"{seed}:{e.dialogue_id}:{len(e.history)}").choice(e.personas) if e.personas
+                    else None for e in todo]
     else:
         selected = [None] * len(todo)
         mode = "personas" if mode == "generate" else mode  # Not Select: the persona list, nothing highlighted
@@ -412,19 +419,27 @@ def sft_phases(tasks: str, fmt: str) -> list[tuple[str, list[str]]]:
             "seq": [("ps", ["select"]), ("dg", ["generate"])]}[tasks]
 
 
+def global_batch(cfg: RunConfig) -> int:
+    """Sequences (pairs) per optimizer step over all torchrun ranks: what turns lengths and intervals given in
+    examples or epochs into optimizer steps, so that 4 GPUs evaluate as often (in examples seen) as one."""
+    return cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", 1))
+
+
 def train_config(cfg: RunConfig, mode: str, out_dir: Path, n_features: int) -> dpo.TrainConfig:
-    """The run's options for one training stage, in dpo.train's terms."""
+    """The run's options for one training stage, in dpo.train's terms (optimizer steps)."""
     common = dict(out_dir=str(out_dir), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                   precision=cfg.precision, seed=cfg.seed, resume=True, save_every=cfg.save_every,
-                  save_minutes=cfg.save_minutes)
+                  save_minutes=cfg.save_minutes, log_every=cfg.log_every,
+                  group_by_length=True)  # batches of similar lengths: far less padding, the same exact resume
     if mode == "sft":
         return dpo.TrainConfig(mode="sft", epochs=cfg.sft_epochs, lr=cfg.sft_lr, warmup_steps=cfg.sft_warmup,
                                sft_reduction=cfg.sft_reduction, eval_every=0, **common)
     steps = cfg.dpo_steps
     if cfg.dpo_epochs is not None:
-        steps = max(1, math.ceil(cfg.dpo_epochs * n_features / (cfg.batch_size * cfg.grad_accum)))
+        steps = max(1, math.ceil(cfg.dpo_epochs * n_features / global_batch(cfg)))
+    every = max(1, round(cfg.eval_every / global_batch(cfg)))  # --eval-every counts examples
     return dpo.TrainConfig(mode="dpo", max_steps=steps, lr=cfg.dpo_lr, warmup_steps=cfg.dpo_warmup, beta=cfg.dpo_beta,
-                           eval_every=min(cfg.eval_every, steps), patience=cfg.patience, **common)
+                           eval_every=min(every, steps), patience=cfg.patience, **common)
 
 
 def validation_nll(model, feats: list[dict], collate, batch_size: int) -> dict:
@@ -466,7 +481,7 @@ def stage_sft(cfg: RunConfig, run: Path):
             val_feats = data.sft_features(tok, val, modes[-1], lang, cfg.max_len)[0] if val else []
             tcfg = train_config(cfg, "sft", phase_dir, len(feats))
             if val_feats:
-                tcfg.eval_every = max(1, math.ceil(len(feats) / (cfg.batch_size * cfg.grad_accum)))
+                tcfg.eval_every = max(1, math.ceil(len(feats) / global_batch(cfg)))
             eval_fn = (lambda m: validation_nll(m, val_feats, collate, cfg.batch_size)) if val_feats else None
             dpo.train(model, tcfg, feats, collate, eval_fn=eval_fn)
             del model
@@ -488,23 +503,47 @@ def stage_pairs(cfg: RunConfig, run: Path):
     nonempty(splits["valid1"], f"Valid#1 examples in {cfg.data_dir}")
     tok = load_tokenizer(cfg.model)
     model = generation_model(cfg, sft_weights(cfg, run))
-    writer = JsonlWriter(out)
-    start = len(writer.done_rows)
-    examples = splits["valid1"][start:]
-    if start:
-        say(f"pairs: resuming after {start} of {len(splits['valid1'])} examples")
     room = cfg.max_len - cfg.max_new_tokens
-    ids = [data.encode_generation_prompt(tok, e, "history", lang, max_len=room)[0] for e in examples]
 
-    def write(idx, texts):
-        for i, t in zip(idx, texts):
-            e = examples[i]
-            writer.write({"dialogue_id": e.dialogue_id, "personas": e.personas, "history": e.history,
-                          "persona_label": e.persona_label, "chosen": e.response, "rejected": t})
+    def produce(examples: list, writer: JsonlWriter):
+        todo = examples[len(writer.done_rows):]
+        if writer.done_rows:
+            say(f"pairs: resuming after {len(writer.done_rows)} of {len(examples)} examples")
+        ids = [data.encode_generation_prompt(tok, e, "history", lang, max_len=room)[0] for e in todo]
 
-    generate_texts(model, tok, ids, cfg.max_new_tokens, cfg.gen_batch, "pairs", on_batch=write)
-    writer.finish()
+        def write(idx, texts):
+            for i, t in zip(idx, texts):
+                e = todo[i]
+                writer.write({"dialogue_id": e.dialogue_id, "personas": e.personas, "history": e.history,
+                              "persona_label": e.persona_label, "chosen": e.response, "rejected": t})
+
+        generate_texts(model, tok, ids, cfg.max_new_tokens, cfg.gen_batch, "pairs", on_batch=write)
+
+    generate_rows(out, splits["valid1"], produce)
     return out
+
+
+def generate_rows(out: Path, examples: list, produce):
+    """Write one row per example into `out` (JSON lines, in the examples' order) with produce(examples, writer),
+    which resumes after writer.done_rows. Under torchrun the ranks share the work: rank r takes every world-th
+    example into a file of its own (resumable alone), and rank 0 interleaves the shards back into `out`."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    shard = out.with_name(f"{out.name}.rank{rank}-of-{world}") if world > 1 else out
+    if not shard.exists():
+        writer = JsonlWriter(shard)
+        produce(examples[rank::world], writer)
+        writer.finish()
+    if world == 1:
+        return
+    torch.distributed.barrier()
+    if rank == 0:
+        parts = [read_jsonl(out.with_name(f"{out.name}.rank{r}-of-{world}")) for r in range(world)]
+        rows = [parts[i % world][i // world] for i in range(len(examples))]  # example i went to rank i % world
+        with modeling.atomic_path(out) as tmp:
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        for r in range(world):
+            out.with_name(f"{out.name}.rank{r}-of-{world}").unlink()
 
 
 # ---- 3. dpo ---------------------------------------------------------------------------------------------------
@@ -525,7 +564,7 @@ def stage_dpo(cfg: RunConfig, run: Path):
     if align == "dpo" and not cfg.lora_r:  # full fine-tuning: the reference is a frozen copy of the SFT model
         ref = load_stage_model(sft_weights(cfg, run), cfg.dtype)  # in the policy's dtype, not gen_dtype
     val = splits["valid2"][: cfg.eval_limit]
-    nli_model = load_nli(cfg.nli)
+    nli_model = load_nli(cfg.nli) if is_rank0() else None  # validation runs on rank 0 only
 
     def eval_fn(m):
         rows = select_then_generate(m, tok, val, lang, desc="validate", **decoding(cfg))
@@ -572,11 +611,13 @@ def stage_predict(cfg: RunConfig, run: Path):
     nonempty(splits["test"], f"Test examples in {cfg.data_dir}")
     tok = load_tokenizer(cfg.model)
     model = generation_model(cfg, final_weights(cfg, run))
-    writer = JsonlWriter(out)
-    if writer.done_rows:
-        say(f"predict: resuming after {len(writer.done_rows)} of {len(splits['test'])} examples")
-    select_then_generate(model, tok, splits["test"], lang, writer=writer, **decoding(cfg))
-    writer.finish()
+
+    def produce(examples: list, writer: JsonlWriter):
+        if writer.done_rows:
+            say(f"predict: resuming after {len(writer.done_rows)} of {len(examples)} examples")
+        select_then_generate(model, tok, examples, lang, writer=writer, **decoding(cfg))
+
+    generate_rows(out, splits["test"], produce)
     return out
 
 
@@ -1049,7 +1090,7 @@ class RunLock:
 # Which options shape each stage's output, besides those of the stage whose output it reads (stage_input).
 # A stage records them when it starts (RUN_DIR/stages.json); a later call that changes one of them for a stage
 # that has started or finished is refused, so one run never mixes two settings. Options that change nothing
-# but speed or bookkeeping (gen_batch, save_every, save_minutes) are not listed.
+# but speed or bookkeeping (gen_batch, log_every, save_every, save_minutes) are not listed.
 DATA_OPTIONS = ("model", "data_dir", "lang", "limit", "labels", "seed", "max_len")
 TRAIN_OPTIONS = ("dtype", "precision", "lora_r", "lora_alpha", "lora_dropout", "batch_size", "grad_accum")
 STAGE_OPTIONS = {
@@ -1096,8 +1137,8 @@ def file_digests(cfg: RunConfig) -> dict:
     return {f"file {os.path.realpath(p)}": hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in files}
 
 
-STAGE_PATHS = {"sft": ["sft"], "pairs": ["pairs.jsonl", "pairs.jsonl.partial"], "dpo": ["dpo"],
-               "predict": ["generations.jsonl", "generations.jsonl.partial"], "evaluate": ["results.json", "results.md"]}
+STAGE_PATHS = {"sft": "sft", "pairs": "pairs.jsonl*", "dpo": "dpo", "predict": "generations.jsonl*",
+               "evaluate": "results.*"}  # each stage's outputs, finished or not (glob patterns in RUN_DIR)
 
 
 def check_stages(run: Path, cfg: RunConfig, digests: dict, redo: bool) -> dict:
@@ -1121,10 +1162,9 @@ def check_stages(run: Path, cfg: RunConfig, digests: dict, redo: bool) -> dict:
                              f"use another --run-dir, or add --redo to start {stage} and the stages after it again")
         old = run / "superseded" / time.strftime("%Y%m%d-%H%M%S")
         for later in list(STAGES)[k:]:
-            for rel in STAGE_PATHS[later]:
-                if (run / rel).exists():
-                    old.mkdir(parents=True, exist_ok=True)
-                    os.replace(run / rel, old / rel)
+            for path in run.glob(STAGE_PATHS[later]):
+                old.mkdir(parents=True, exist_ok=True)
+                os.replace(path, old / path.name)
             records.pop(later, None)
         modeling.write_json(run / "stages.json", records)
         say(f"--redo: {stage} and the stages after it start again; their old outputs are in {old}")
@@ -1159,34 +1199,59 @@ def stage_runs(cfg: RunConfig, stage: str) -> bool:
 
 
 def run_stages(args) -> None:
-    """One command: check the options and the run directory, then run the stages asked for, in order."""
+    """One command: check the options and the run directory, then run the stages asked for, in order. Under
+    torchrun every rank trains, rank 0 alone checks, records, generates and scores, and the others wait for it
+    at a barrier before each stage (DPO reads the pairs rank 0 wrote)."""
     run = Path(args.run_dir)
     if args.stage in ("evaluate", "chat") and not (run / "run.json").exists():
         raise FileNotFoundError(f"{run / 'run.json'} does not exist: no run there (check --run-dir)")
     cfg = load_run_config(run, {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)})
-    if not is_rank0():  # under torchrun rank 0 checks, records and writes; the other ranks only train beside it
-        for s in stage_list(args.stage, cfg):
-            if s in ("sft", "dpo") and not (run / OUTPUTS[s]).exists():
-                STAGES[s](cfg, run)
-        return
-    with RunLock(run):
-        if cfg.model is None:
-            raise ValueError("no model: give --model (a Hugging Face-layout directory or a hub id)")
-        if args.stage != "evaluate":
-            check_model_fits(cfg)
-        digests = file_digests(cfg)
-        records = check_stages(run, cfg, digests, args.redo)
+    barrier = start_ranks()
+    with RunLock(run) if is_rank0() else contextlib.nullcontext():
+        records, digests = prepare_run(args, run, cfg) if is_rank0() else ({}, {})
         if args.stage == "chat":
             return stage_chat(cfg, run, args.persona)
-        modeling.write_json(run / "run.json", dataclasses.asdict(cfg))
         for s in stage_list(args.stage, cfg):
+            barrier()  # every rank sees the same outputs: none is being written now
             if (run / OUTPUTS[s]).exists():
                 say(f"{s}: {run / OUTPUTS[s]} exists, skipping")
                 continue
-            record_stage(run, records, s, cfg, digests)
+            if is_rank0():
+                record_stage(run, records, s, cfg, digests)
             t0 = time.time()
-            STAGES[s](cfg, run)
+            if s != "evaluate" or is_rank0():  # training and generation use every rank
+                STAGES[s](cfg, run)
             say(f"{s}: done in {time.time() - t0:.0f} s")
+        barrier()
+
+
+def prepare_run(args, run: Path, cfg: RunConfig) -> tuple[dict, dict]:
+    """Rank 0's checks before any stage: the model fits the options, no started stage changes its settings
+    (or --redo); then run.json is saved. -> (stage records, file digests)."""
+    if cfg.model is None:
+        raise ValueError("no model: give --model (a Hugging Face-layout directory or a hub id)")
+    if args.stage != "evaluate":
+        check_model_fits(cfg)
+    digests = file_digests(cfg)
+    records = check_stages(run, cfg, digests, args.redo and args.stage != "chat")
+    if args.stage != "chat":
+        modeling.write_json(run / "run.json", dataclasses.asdict(cfg))
+    return records, digests
+
+
+def start_ranks():
+    """Under torchrun (it sets WORLD_SIZE, also for one process): the process group (nccl on GPUs, gloo on CPUs),
+    with a timeout that outlasts the longest stage rank 0 runs alone (generation; PAL_DIST_TIMEOUT_MIN, default
+    240 minutes). Returns a barrier over all ranks (a no-op without torchrun)."""
+    if "WORLD_SIZE" not in os.environ:
+        return lambda: None
+    if not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        minutes = float(os.environ.get("PAL_DIST_TIMEOUT_MIN", 240))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                             timeout=datetime.timedelta(minutes=minutes))
+    return torch.distributed.barrier
 
 
 def stage_list(command: str, cfg: RunConfig) -> list[str]:

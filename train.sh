@@ -66,8 +66,8 @@ case "$preset" in
     # sized for ~15 minutes on 2 CPU cores: one pass of each training stage, prompts cut to 256 tokens
     opts=(--dtype fp32 --precision fp32 --lora-r 16 --lora-alpha 32 --lora-dropout 0.05
           --sft-lr 3e-4 --sft-epochs 1 --sft-warmup 2 --select-ratio 0.5 --batch-size 8 --max-len 256
-          --dpo-lr 5e-5 --dpo-epochs 1 --dpo-warmup 1 --eval-every 4 --patience 2 --eval-limit 32
-          --max-new-tokens 24 --select-max-new-tokens 24 --gen-batch 16 --save-minutes 1)
+          --dpo-lr 5e-5 --dpo-epochs 1 --dpo-warmup 1 --eval-every 32 --patience 2 --eval-limit 32
+          --max-new-tokens 24 --select-max-new-tokens 24 --gen-batch 16 --save-minutes 1 --log-every 1)
     if [ -z "$data_dir" ]; then
       if [ -d data/personachat ]; then data_dir=data/personachat
       elif [ -d ../shared/data/personachat ]; then data_dir=../shared/data/personachat  # the team's machines
@@ -88,21 +88,21 @@ case "$preset" in
       DPO beta 0.1, 100 warmup steps, up to 30000 steps with early stopping; fp16 greedy decoding"
     opts=(--dtype fp32 --precision fp16 --gen-dtype fp16 --sft-lr 2e-5 --sft-epochs 10 --sft-warmup 100
           --batch-size 16 --max-len 512 --dpo-lr 5e-6 --dpo-beta 0.1 --dpo-steps 30000 --dpo-warmup 100
-          --eval-every 500 --patience 5 --eval-limit 300 --max-new-tokens 48 --gen-batch 64) ;;
+          --eval-every 5000 --patience 5 --eval-limit 300 --max-new-tokens 48 --gen-batch 64) ;;
   llama)
     model=meta-llama/Llama-3.1-8B-Instruct
     what="$model with LoRA (r 16) on 4 GPUs (torchrun --nproc_per_node 4), bf16"
     launch=(torchrun --standalone --nproc_per_node "${NPROC:-4}")
     opts=(--dtype bf16 --precision bf16 --lora-r 16 --lora-alpha 32 --lora-dropout 0.05 --sft-lr 1e-4
           --sft-epochs 3 --sft-warmup 100 --batch-size 4 --grad-accum 2 --max-len 1024 --dpo-lr 5e-6
-          --dpo-steps 30000 --dpo-warmup 100 --eval-every 200 --patience 5 --eval-limit 200
+          --dpo-steps 30000 --dpo-warmup 100 --eval-every 5000 --patience 5 --eval-limit 200
           --max-new-tokens 48 --gen-batch 32) ;;
   gpt2-zh)
     model=uer/gpt2-chinese-cluecorpussmall
     what="$model on Baidu-Persona-Chat (Chinese), full fine-tuning on one GPU, paper settings as for gpt2"
     opts=(--lang zh --dtype fp32 --precision fp16 --gen-dtype fp16 --sft-lr 2e-5 --sft-epochs 10
           --sft-warmup 100 --batch-size 16 --max-len 512 --dpo-lr 5e-6 --dpo-steps 30000 --dpo-warmup 100
-          --eval-every 500 --patience 5 --eval-limit 300 --max-new-tokens 48 --gen-batch 64) ;;
+          --eval-every 5000 --patience 5 --eval-limit 300 --max-new-tokens 48 --gen-batch 64) ;;
   *)
     echo "usage: bash train.sh {smol|smol-study|gpt2|dialogpt|llama|gpt2-zh|setup} [--limit N] [--data-dir DIR] [--run-dir DIR] [--nli DIR] [pal.py options]" >&2
     exit 2 ;;

@@ -43,6 +43,16 @@ def pytest_make_collect_report(collector):
     _in_ci_a_skip_fails(outcome.get_result())
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one thread avoids OpenMP spin-waiting when other test processes share the cores."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def free_port() -> int:
     """A TCP port nobody listens on, for a test's own torch.distributed rendezvous."""
     with socket.socket() as s:

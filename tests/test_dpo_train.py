@@ -120,7 +120,7 @@ def test_ddp_two_processes_equal_one(tmp_path):
     assert set(a) == set(b)
     moved = 0
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)  # float noise through AdamW: ~1e-6
         moved += int(not torch.allclose(a[k], start[k]))
     assert moved == len(a)  # every parameter trained (the comparison is not between two untouched models)
     # the logged losses agree too (same global batches, globally normalized)

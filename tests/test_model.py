@@ -22,17 +22,9 @@ transformers = pytest.importorskip("transformers")
 import model as M  # noqa: E402
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SEED = int(os.environ.get("PAL_TEST_SEED", random.SystemRandom().randrange(2**31)))
 print(f"[test_model] seed {SEED} (rerun with PAL_TEST_SEED={SEED})")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread avoids OpenMP spin-waiting when other test processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def seeded(offset=0):

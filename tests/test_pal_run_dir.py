@@ -243,3 +243,38 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, tiny_
         os.symlink(tiny_model_dir / f, small / f)
     _refused(capsys, ["predict", *_args(tmp_path / "run", small, data_dir, "--variant", "zero_shot")],
              "50257 ids", "1000 rows")
+
+
+# ---- torchrun ------------------------------------------------------------------------------------------------------
+
+def test_torchrun_two_ranks_run_the_whole_pipeline_in_step(tmp_path, tiny_model_dir, data_dir):
+    """`torchrun --nproc_per_node 2 pal.py all` on CPU (gloo): rank 1 waits for the pairs rank 0 writes before
+    DPO, every file is written once (run.json, pairs, generations), and each training step is logged once."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "pal.py", "all", *_args(run, tiny_model_dir, data_dir, "--batch-size", "1")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(pal.read_jsonl(run / "pairs.jsonl")) == 4 and len(pal.read_jsonl(run / "generations.jsonl")) == 4
+    assert json.loads((run / "results.json").read_text())["n"] == 4
+    for stage in ("sft/phase0-mix", "dpo"):
+        steps = [r["step"] for r in pal.read_jsonl(run / stage / "log.jsonl") if "eval" not in r]
+        assert steps == sorted(set(steps)) and steps, (stage, steps)
+    assert set(json.loads((run / "stages.json").read_text())) == {"sft", "pairs", "dpo", "predict", "evaluate"}
+    assert p.stderr.count("[pal] sft: done") == 1  # one voice: rank 0's
+
+
+def test_evaluation_intervals_and_dpo_epochs_count_examples_over_all_ranks(monkeypatch):
+    cfg = pal.RunConfig(batch_size=4, grad_accum=2, eval_every=64, dpo_epochs=1.0)
+    one = pal.train_config(cfg, "dpo", Path("x"), n_features=256)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    four = pal.train_config(cfg, "dpo", Path("x"), n_features=256)
+    assert (one.max_steps, one.eval_every) == (32, 8)  # 256 pairs / 8 per step; every 64 examples = 8 steps
+    assert (four.max_steps, four.eval_every) == (8, 2)  # 32 pairs per step over 4 ranks: the same examples seen
+
+
+def test_fp16_weights_with_fp16_loss_scaling_are_refused_before_saving(tmp_path, capsys):
+    _refused(capsys, ["sft", "--run-dir", str(tmp_path / "r"), "--model", "gpt2", "--dtype", "fp16", "--precision",
+                      "fp16"], "--precision fp16 with --dtype fp16")
+    assert not (tmp_path / "r").exists()
