@@ -548,14 +548,14 @@ def trim_log(path: Path, step: int):
 
 
 def evaluate(run: Run, model: nn.Module, eval_fn: Callable, step: int) -> float:
-    """eval_fn(model) on rank 0 with dropout off, logged; its score, broadcast to every rank."""
-    score = torch.zeros(1, dtype=torch.float64, device=run.device)
+    """eval_fn(model) with dropout off on every rank, so that it may split its work across them (pal.py's
+    validation generates a share of the examples on each); rank 0's result is logged and its score broadcast."""
+    was_training = model.training
+    with torch.no_grad():
+        r = eval_fn(model.eval())
+    model.train(was_training)
+    score = torch.tensor([float(r["score"] if isinstance(r, dict) else r)], dtype=torch.float64, device=run.device)
     if run.rank == 0:
-        was_training = model.training
-        with torch.no_grad():
-            r = eval_fn(model.eval())
-        model.train(was_training)
-        score[0] = float(r["score"] if isinstance(r, dict) else r)
         write_log(run, {"step": step, "eval": r if isinstance(r, dict) else {"score": score.item()}})
     if run.world > 1:
         dist.broadcast(score, 0)
@@ -680,13 +680,14 @@ def load_trainable(model: nn.Module, ckpt_dir: Path):
 
 def export_model(model: nn.Module, out: Path, lora_export: str = "merged", add_files: Callable | None = None):
     """Write the model for use outside training, atomically: Hugging Face layout (model.save_model folds LoRA
-    into the weights without touching the model) or the adapters alone. add_files(dir) may add files (a
-    tokenizer, a generation config) before the directory appears under its name."""
+    into the weights without touching the model), and with LoRA the fp32 adapters beside it (the base + these
+    is the trained model exactly; a merge into bf16 weights rounds a small delta away), or the adapters alone.
+    add_files(dir) may add files (a tokenizer, a generation config) before the directory appears under its name."""
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        if has_lora(model) and lora_export == "adapter":
+        if has_lora(model):
             save_lora(model, tmp / "adapter.safetensors")
-        else:
+        if not (has_lora(model) and lora_export == "adapter"):
             save_model(model, tmp)
         if add_files is not None:
             add_files(tmp)

@@ -217,6 +217,28 @@ def device() -> str:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
 
+def ranks() -> tuple[int, int]:
+    """(this rank, number of ranks): (0, 1) without torchrun."""
+    if not torch.distributed.is_initialized():
+        return 0, 1
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def interleave(parts: list[list], n: int) -> list:
+    """The n rows of examples[r::world] parts (r = 0..world-1) back in the examples' order."""
+    return [parts[i % len(parts)][i // len(parts)] for i in range(n)]
+
+
+def gather_rows(mine: list[dict], n: int) -> list[dict]:
+    """Every rank's rows for its examples[rank::world] -> all n rows in order (on every rank)."""
+    rank, world = ranks()
+    if world == 1:
+        return mine
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, mine)
+    return interleave(parts, n)
+
+
 def load_data(data_dir: str | None, limit: int | None = None, labels: str = "lexical", nli_model=None,
               lang: str | None = None) -> tuple[dict, str]:
     """(splits, lang): the four splits of the paper's Table 1 with persona labels, lexical (data.py) or, with
@@ -294,7 +316,29 @@ def trainable_model(cfg: RunConfig, weights):
 
 
 def generation_model(cfg: RunConfig, weights):
-    return load_stage_model(weights, cfg.gen_dtype or cfg.dtype)
+    """The model a stage generates with. A LoRA stage's output is rebuilt as it was validated: its base weights
+    plus the fp32 adapters, unmerged (see note_adapter_base); anything else is loaded as it is."""
+    noted = Path(weights) / ADAPTER_BASE if isinstance(weights, Path) else None
+    if noted is None or not noted.exists():
+        return load_stage_model(weights, cfg.gen_dtype or cfg.dtype)
+    info = modeling.read_json(noted)
+    m = load_stage_model(info["base"], cfg.gen_dtype or cfg.dtype)
+    modeling.add_lora(m, r=info["r"], alpha=info["alpha"])
+    modeling.load_lora(m, noted.parent / "adapter.safetensors")
+    return m.eval()
+
+
+ADAPTER_BASE = "adapter_base.json"
+
+
+def note_adapter_base(out: Path, base, cfg: RunConfig):
+    """Beside a LoRA stage's adapters, the weights they were trained on (a local directory by its absolute path).
+    model.safetensors stays the merged model for other tools, but merging rounds W + BA to
+    the base dtype once, and in bf16 a DPO delta at lr 1e-6 rounds away: predict would not use the model that won
+    validation. Generation rebuilds that model instead: base + fp32 adapters (generation_model)."""
+    if (out / "adapter.safetensors").exists():
+        where = str(Path(base).resolve()) if Path(base).exists() else str(base)
+        modeling.write_json(out / ADAPTER_BASE, {"base": where, "r": cfg.lora_r, "alpha": cfg.lora_alpha})
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -443,14 +487,21 @@ def train_config(cfg: RunConfig, mode: str, out_dir: Path, n_features: int) -> d
 
 
 def validation_nll(model, feats: list[dict], collate, batch_size: int) -> dict:
-    """Summed NLL per sequence on held-out features; score = its negative (higher is better)."""
-    total, dev = 0.0, next(model.parameters()).device
+    """Summed NLL per sequence on held-out features; score = its negative (higher is better). Under torchrun each
+    rank scores every world-th feature and the sums are added up."""
+    rank, world = ranks()
+    dev = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=dev)
     with torch.no_grad():
-        for lo in range(0, len(feats), batch_size):
-            b = collate(feats[lo:lo + batch_size])
+        mine = feats[rank::world]
+        for lo in range(0, len(mine), batch_size):
+            b = collate(mine[lo:lo + batch_size])
             logps, _ = dpo.model_logps(model, b["input_ids"].to(dev), b["labels"].to(dev))
-            total -= logps.sum().item()
-    return {"score": -total / max(len(feats), 1), "val_nll": total / max(len(feats), 1)}
+            total -= logps.sum().double()
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    nll = total.item() / max(len(feats), 1)
+    return {"score": -nll, "val_nll": nll}
 
 
 def stage_sft(cfg: RunConfig, run: Path):
@@ -483,7 +534,8 @@ def stage_sft(cfg: RunConfig, run: Path):
             if val_feats:
                 tcfg.eval_every = max(1, math.ceil(len(feats) / global_batch(cfg)))
             eval_fn = (lambda m: validation_nll(m, val_feats, collate, cfg.batch_size)) if val_feats else None
-            dpo.train(model, tcfg, feats, collate, eval_fn=eval_fn)
+            dpo.train(model, tcfg, feats, collate, eval_fn=eval_fn,
+                      export_files=lambda d: note_adapter_base(d, weights, cfg))
             del model
         weights = phase_dir / "final"
     if is_rank0():
@@ -527,8 +579,7 @@ def generate_rows(out: Path, examples: list, produce):
     """Write one row per example into `out` (JSON lines, in the examples' order) with produce(examples, writer),
     which resumes after writer.done_rows. Under torchrun the ranks share the work: rank r takes every world-th
     example into a file of its own (resumable alone), and rank 0 interleaves the shards back into `out`."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    rank = torch.distributed.get_rank() if world > 1 else 0
+    rank, world = ranks()
     shard = out.with_name(f"{out.name}.rank{rank}-of-{world}") if world > 1 else out
     if not shard.exists():
         writer = JsonlWriter(shard)
@@ -539,7 +590,7 @@ def generate_rows(out: Path, examples: list, produce):
     torch.distributed.barrier()
     if rank == 0:
         parts = [read_jsonl(out.with_name(f"{out.name}.rank{r}-of-{world}")) for r in range(world)]
-        rows = [parts[i % world][i // world] for i in range(len(examples))]  # example i went to rank i % world
+        rows = interleave(parts, len(examples))
         with modeling.atomic_path(out) as tmp:
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         for r in range(world):
@@ -564,11 +615,13 @@ def stage_dpo(cfg: RunConfig, run: Path):
     if align == "dpo" and not cfg.lora_r:  # full fine-tuning: the reference is a frozen copy of the SFT model
         ref = load_stage_model(sft_weights(cfg, run), cfg.dtype)  # in the policy's dtype, not gen_dtype
     val = splits["valid2"][: cfg.eval_limit]
-    nli_model = load_nli(cfg.nli) if is_rank0() else None  # validation runs on rank 0 only
+    nli_model = load_nli(cfg.nli) if is_rank0() else None  # rank 0 scores the validation rows
 
-    def eval_fn(m):
-        rows = select_then_generate(m, tok, val, lang, desc="validate", **decoding(cfg))
-        return validation_score(rows, lang, nli_model)
+    def eval_fn(m):  # every rank generates its share of Valid#2; rank 0 scores them all
+        rank, world = ranks()
+        mine = select_then_generate(m, tok, val[rank::world], lang, desc="validate", **decoding(cfg))
+        rows = gather_rows(mine, len(val))
+        return validation_score(rows, lang, nli_model) if rank == 0 else {"score": 0.0}  # rank 0's counts
 
     if align == "dpo":
         rows = nonempty(read_jsonl(run / "pairs.jsonl"), f"pairs in {run / 'pairs.jsonl'}")
@@ -582,8 +635,12 @@ def stage_dpo(cfg: RunConfig, run: Path):
         feats = data.sft_features(tok, splits["valid1"], mode, lang, cfg.max_len)[0]
         collate = lambda fs: data.collate_sft(fs, tok.pad_id)
         tcfg = dataclasses.replace(train_config(cfg, "dpo", run / "dpo", len(feats)), mode="sft", lr=cfg.sft_lr)
+    def export_files(d: Path):
+        complete_export(d, cfg, tok)
+        note_adapter_base(d, sft_weights(cfg, run), cfg)
+
     dpo.train(policy, tcfg, feats, collate, eval_fn=eval_fn if val else None, ref_model=ref,
-              export_files=lambda d: complete_export(d, cfg, tok))
+              export_files=export_files)
     return out
 
 

@@ -278,3 +278,27 @@ def test_fp16_weights_with_fp16_loss_scaling_are_refused_before_saving(tmp_path,
     _refused(capsys, ["sft", "--run-dir", str(tmp_path / "r"), "--model", "gpt2", "--dtype", "fp16", "--precision",
                       "fp16"], "--precision fp16 with --dtype fp16")
     assert not (tmp_path / "r").exists()
+
+
+def test_predict_generates_with_exactly_the_validated_lora_model(tmp_path):
+    """A bf16 base with LoRA: merging rounds W + BA to bf16 once, which drops a small delta; predict rebuilds the
+    model that was validated (base + fp32 adapters, unmerged) and gets its logits bit for bit."""
+    import dpo
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    modeling.save_model(modeling.build_model(modeling.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)), base)
+    cfg = pal.RunConfig(model=str(base), dtype="bf16", lora_r=4, lora_alpha=8)
+    m = pal.trainable_model(cfg, str(base))
+    with torch.no_grad():  # a small trained delta, as DPO at lr ~1e-6 leaves
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=1e-3)
+    out = tmp_path / "final"
+    dpo.export_model(m, out, add_files=lambda d: pal.note_adapter_base(d, base, cfg))
+    ids = torch.tensor([list(range(3, 30))])
+    with torch.no_grad():
+        validated = m.eval()(ids)
+        assert torch.equal(pal.generation_model(cfg, out)(ids), validated)
+        assert not torch.equal(modeling.load_model(out, dtype=torch.bfloat16)(ids), validated)
