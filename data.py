@@ -19,7 +19,7 @@ import random
 import re
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from itertools import accumulate
 from pathlib import Path
@@ -696,9 +696,10 @@ class Dialogues(list):
 
 
 class DataFormatError(ValueError):
-    """A file that cannot be read: the message names file:line and shows the line (lineno None: the whole file)."""
+    """A file that cannot be read: the message names file:line and shows the line (lineno None: the whole file;
+    a string such as "row 3": the 0-based row 3 of a file holding one JSON array)."""
 
-    def __init__(self, path, lineno: int | None, line: str, reason: str):
+    def __init__(self, path, lineno: int | str | None, line: str, reason: str):
         super().__init__(f"{path}:{lineno}: {reason}: {line[:300]!r}" if lineno is not None else f"{path}: {reason}")
         self.path, self.lineno, self.line, self.reason = str(path), lineno, line, reason
 
@@ -867,19 +868,21 @@ def _rows_to_dialogues(rows: list[tuple[list[str], list[str], Turn]], stats: Par
 
 
 def _parse_label(value, n_personas: int, where: tuple) -> int | None:
-    """Baidu labels: an index, a list holding one index, a 0/1 vector over the personas, or -1/[]/null.
+    """Baidu labels: an index, a list of indices (the authors' layout: [2], [0, 2]; the first one is the label,
+    as their code takes label[0]), a 0/1 vector over the personas, or -1/[-1]/[]/null (no persona).
     where = (path, lineno, line) of the label, for the DataFormatError of a label that cannot be read."""
-    if value is None or value == [] or value == -1:
+    if value is None or value == [] or value == -1 or value == [-1]:
         return None
-    ints = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     if isinstance(value, int) and not isinstance(value, bool):
-        if not 0 <= value < n_personas:
-            raise DataFormatError(*where, f"label {value} outside 0..{n_personas - 1}")
-        return value
+        value = [value]
+    ints = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     if ints and len(value) == n_personas and n_personas > 1 and set(value) <= {0, 1}:
         return value.index(1) if 1 in value else None  # one-hot / multi-hot: the first persona used
-    if ints and len(value) == 1:
-        return _parse_label(value[0], n_personas, where)
+    if ints:  # indices: each must name a persona, the first is the label
+        for v in value:
+            if not 0 <= v < n_personas:
+                raise DataFormatError(*where, f"label {v} outside 0..{n_personas - 1}")
+        return value[0]
     raise DataFormatError(*where, f"cannot read persona label {value!r}")
 
 
@@ -889,8 +892,32 @@ def split_sentences(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
+def _baidu_records(path: Path, stats: ParseStats, strict_utf8: bool) -> list[tuple[int | str, str, object]]:
+    """(line number or "row i", its text, its JSON value) for each row of a Baidu file: one JSON array per line,
+    or the whole file one JSON array of rows (the PAL authors' train_ch.txt layout: a list whose items are all
+    lists; a JSON-lines file with one row holds a response string, so it is never taken for this)."""
+    lines = _read_lines(path, stats, strict_utf8)
+    try:
+        whole = json.loads("\n".join(line for _, line in lines))
+    except json.JSONDecodeError:
+        whole = None  # several values, one per line: JSON lines
+    if isinstance(whole, list) and all(isinstance(row, list) for row in whole):
+        return [(f"row {i}", json.dumps(row, ensure_ascii=False), row) for i, row in enumerate(whole)]
+    records = []
+    for lineno, line in lines:
+        if not line.strip():
+            stats.blank_lines += 1
+            continue
+        try:
+            records.append((lineno, line, json.loads(line)))
+        except json.JSONDecodeError as e:  # re-raised naming file:line
+            raise DataFormatError(path, lineno, line, f"not JSON ({e.msg})") from None
+    return records
+
+
 def read_baidu_jsonl(path, strict_utf8: bool = False, first_id: int = 0) -> Dialogues:
-    """Baidu-Persona-Chat: one JSON array per line, `[personas, history, response]` + optional `label`.
+    """Baidu-Persona-Chat: rows `[personas, history, response]` + optional `label`, one JSON array per line, or
+    all in one JSON array (_baidu_records).
 
     personas is a list of sentences (a single string is split at sentence ends), history a list of
     utterances oldest first, response a string. The file's label, when given, becomes the example's gold
@@ -899,14 +926,7 @@ def read_baidu_jsonl(path, strict_utf8: bool = False, first_id: int = 0) -> Dial
     path = Path(path)
     stats = ParseStats(files=[str(path)])
     rows = []
-    for lineno, line in _read_lines(path, stats, strict_utf8):
-        if not line.strip():
-            stats.blank_lines += 1
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:  # re-raised naming file:line
-            raise DataFormatError(path, lineno, line, f"not JSON ({e.msg})") from None
+    for lineno, line, obj in _baidu_records(path, stats, strict_utf8):
         if not isinstance(obj, list) or len(obj) not in (3, 4):
             raise DataFormatError(path, lineno, line, "expected [personas, history, response(, label)]")
         personas, history, response = obj[0], obj[1], obj[2]
@@ -930,13 +950,19 @@ def read_baidu_jsonl(path, strict_utf8: bool = False, first_id: int = 0) -> Dial
     return _checked(_rows_to_dialogues(rows, stats, first_id), path)
 
 
-def read_dialogues(path, **kw) -> Dialogues:
-    """Pick the parser from the file's name/contents: `.jsonl`/`.json` or a first line starting with "[" ->
-    Baidu JSON lines, otherwise ParlAI text."""
+def file_format(path) -> str:
+    """ "baidu" for `.jsonl`/`.json` or a file whose text starts with "[" (JSON lines or one JSON array), else
+    "personachat" (ParlAI text)."""
     path = Path(path)
     with open(path, "rb") as f:
         head = f.read(4096)
-    if path.suffix in (".jsonl", ".json") or head.lstrip().startswith(b"["):
+    return "baidu" if path.suffix in (".jsonl", ".json") or head.lstrip().startswith(b"[") else "personachat"
+
+
+def read_dialogues(path, **kw) -> Dialogues:
+    """Pick the parser from file_format: Baidu JSON (lines or one array), otherwise ParlAI text."""
+    path = Path(path)
+    if file_format(path) == "baidu":
         return read_baidu_jsonl(path, **kw)
     return read_personachat(path, **kw)
 
@@ -1057,10 +1083,13 @@ def label_distribution(examples: Sequence[Example]) -> dict:
 #
 # The paper: Train = official train (65,719 examples / 8,939 dialogues), Valid#1 ≈ 6,500 examples (where the
 # DPO pairs come from), Valid#2 ≈ 1,301 (validation), Test = official test (7,512 / 968). The official valid
-# set (7,801 / 1,000) is cut once, in file order, at the dialogue boundary closest to VALID1_TARGET examples,
-# so no dialogue is in both parts and the cut is the same on every machine.
+# set (7,801 / 1,000) is cut once, in file order, at the dialogue boundary closest to VALID1_TARGETS examples,
+# so no dialogue is in both parts and the cut is the same on every machine. Baidu-Persona-Chat (Chinese): the
+# paper's Valid#1 has 14,000 examples and Valid#2 3,027. The target is chosen by the valid file's format.
+# The paper trains and validates on revised personas and tests on the original ones (PERSONA_VARIANTS).
 
-VALID1_TARGET = 6500
+VALID1_TARGETS = {"personachat": 6500, "baidu": 14_000}  # by file_format
+VALID1_TARGET = VALID1_TARGETS["personachat"]
 SPLITS = ("train", "valid1", "valid2", "test")
 SPLIT_TITLES = {"train": "Train", "valid1": "Valid#1", "valid2": "Valid#2", "test": "Test"}
 
@@ -1105,21 +1134,27 @@ def carve_splits(examples: Sequence[Example], limit: int | None = None,
     return out
 
 
+# Per persona setup, the ParlAI variant each split kind reads: "revised" is the paper's setup.
+PERSONA_VARIANTS = {"original": {"train": "original", "valid": "original", "test": "original"},
+                    "revised": {"train": "revised", "valid": "revised", "test": "original"}}
+
 # File names per split kind, first match wins: ParlAI (PERSONA-CHAT/ConvAI2, original or revised personas),
 # Baidu-Persona-Chat JSON lines (also what extras/zh_samples.py writes).
 SPLIT_FILES = {kind: (f"{kind}_self_{{v}}.txt", f"{kind}.jsonl", f"{kind}.json") for kind in ("train", "valid", "test")}
 SPLIT_FILES["valid"] += ("dev.jsonl", "dev.json")
 
 
-def split_files(data_dir, variant: str) -> tuple[Path, dict[str, Path]]:
-    """(directory, {"train"/"valid"/"test": the first SPLIT_FILES name present}) in data_dir or data_dir/personachat."""
+def split_files(data_dir, variant: str | dict[str, str]) -> tuple[Path, dict[str, Path]]:
+    """(directory, {"train"/"valid"/"test": the first SPLIT_FILES name present}) in data_dir or data_dir/personachat.
+    variant: the ParlAI persona variant of every file ("original", "revised"), or one per kind (PERSONA_VARIANTS)."""
+    variants = variant if isinstance(variant, dict) else {kind: variant for kind in SPLIT_FILES}
     for d in (Path(data_dir), Path(data_dir) / "personachat"):
-        found = {kind: [d / n.format(v=variant) for n in names] for kind, names in SPLIT_FILES.items()}
+        found = {kind: [d / n.format(v=variants[kind]) for n in names] for kind, names in SPLIT_FILES.items()}
         present = {kind: next(p for p in paths if p.is_file()) for kind, paths in found.items()
                    if any(p.is_file() for p in paths)}
         if present:
             return d, present
-    raise FileNotFoundError(f"no split file ({', '.join(SPLIT_FILES['valid']).format(v=variant)} or the train/"
+    raise FileNotFoundError(f"no split file ({', '.join(SPLIT_FILES['valid']).format(v=variants['valid'])} or the train/"
                             f"test equivalents) in {data_dir} or {Path(data_dir) / 'personachat'}; for "
                             f"PERSONA-CHAT run `python extras/download.py --data-dir {data_dir}`")
 
@@ -1132,12 +1167,30 @@ class SplitInfo:
     sources: dict[str, list[Example]] = field(default_factory=dict)  # all examples of each file kind
 
 
+def _persona_files(data_dir, personas: str) -> tuple[Path, dict[str, Path]]:
+    """split_files for a PERSONA_VARIANTS setup, where each of the three ParlAI files must be present."""
+    if personas not in PERSONA_VARIANTS:
+        raise ValueError(f"unknown personas {personas!r} (use one of {', '.join(PERSONA_VARIANTS)})")
+    variants = PERSONA_VARIANTS[personas]
+    d, present = split_files(data_dir, variants)
+    for kind, v in variants.items():
+        wanted = d / SPLIT_FILES[kind][0].format(v=v)
+        if present.get(kind) != wanted:
+            raise FileNotFoundError(f"{wanted} is missing (personas={personas!r} reads train/valid "
+                                    f"{variants['train']}, test {variants['test']})")
+    return d, present
+
+
 def load_splits(data_dir, variant: str = "original", limit: int | None = None,
-                labeler: str | Callable | None = "lexical") -> tuple[dict[str, list[Example]], SplitInfo]:
+                labeler: str | Callable | None = "lexical",
+                personas: str | None = None) -> tuple[dict[str, list[Example]], SplitInfo]:
     """The paper's four splits from a data directory (SPLIT_FILES): the official files when train, valid and test
-    are present (valid cut by split_valid), else carved from what is there (carve_splits; info.message says
-    so). `limit`: the first `limit` examples of each split."""
-    d, present = split_files(data_dir, variant)
+    are present (valid cut by split_valid at the VALID1_TARGETS size of its format), else carved from what is
+    there (carve_splits; info.message says so). `limit`: the first `limit` examples of each split.
+    variant: the ParlAI persona variant of every file. personas: instead, a PERSONA_VARIANTS setup ("revised":
+    the paper's), whose three files must all be present (FileNotFoundError naming the one missing)."""
+    d, present = _persona_files(data_dir, personas) if personas is not None else split_files(data_dir, variant)
+    files = ", ".join(f"{k} {v}" for k, v in PERSONA_VARIANTS[personas].items()) if personas else variant
     loaded, stats, next_id = {}, {}, 0
     for k, p in present.items():
         dialogues = read_dialogues(p, first_id=next_id)  # dialogue ids unique across files
@@ -1145,11 +1198,11 @@ def load_splits(data_dir, variant: str = "original", limit: int | None = None,
         stats[k] = dialogues.stats
         loaded[k] = make_examples(dialogues, labeler)
     if set(present) == {"train", "valid", "test"}:
-        v1, v2 = split_valid(loaded["valid"])
+        v1, v2 = split_valid(loaded["valid"], VALID1_TARGETS[file_format(present["valid"])])
         splits = {"train": loaded["train"], "valid1": v1, "valid2": v2, "test": loaded["test"]}
         if limit is not None:
             splits = {k: v[:limit] for k, v in splits.items()}
-        msg = f"official splits from {d} ({variant}); valid cut into Valid#1/Valid#2 at a dialogue boundary"
+        msg = f"official splits from {d} ({files}); valid cut into Valid#1/Valid#2 at a dialogue boundary"
         return splits, SplitInfo(False, msg, stats, loaded)
     pool = [e for k in ("train", "valid", "test") if k in loaded for e in loaded[k]]
     splits = carve_splits(pool, limit)
@@ -1159,6 +1212,16 @@ def load_splits(data_dir, variant: str = "original", limit: int | None = None,
            f"{names} (" + ", ".join(f"{SPLIT_TITLES[k]} {len(v)}" for k, v in splits.items()) +
            " examples); these are NOT the paper's splits")
     return splits, SplitInfo(True, msg, stats, loaded)
+
+
+def last_turns(examples: Sequence[Example], k: int | None) -> list[Example]:
+    """The examples with their history cut to its last k utterances (k None: unchanged; 0: no history)."""
+    if k is None:
+        return list(examples)
+    if k < 0:
+        raise ValueError(f"history turns must be >= 0, got {k}")
+    return [replace(e, history=e.history[len(e.history) - k:] if k < len(e.history) else list(e.history))
+            for e in examples]
 
 
 def table1(splits: dict[str, list[Example]]) -> str:

@@ -361,45 +361,67 @@ def load_nli(name_or_path, dtype=torch.float32, device="cpu", label_names: list[
 # 5. What PAL asks of NLI: C.score, and persona labels by entailment
 
 def _pairs(responses: list[str], personas_per_response: list[list[str]]) -> list[tuple[int, int, str, str]]:
-    """(response index, persona index, premise = the response, hypothesis = the persona sentence) for every
-    persona sentence of every response: "u entails p_j", as Madotto et al. and Dialogue NLI pair them."""
+    """(response index, persona index, response, persona sentence) for every persona sentence of every
+    response. Which of the two texts is the premise is each caller's choice, written at its call."""
     for i, personas in enumerate(personas_per_response):
         _require(not isinstance(personas, str),
                  f"personas_per_response[{i}] must be a list of persona sentences, got a str", TypeError)
     return [(i, j, r, p) for i, (r, ps) in enumerate(zip(responses, personas_per_response)) for j, p in enumerate(ps)]
 
 
-def _entailment_probs(nli_predict, pairs: list[tuple[int, int, str, str]], **kw) -> torch.Tensor:
-    """nli_predict on the pairs' (premise, hypothesis) texts -> probs (N, 3) (contradiction, neutral, entailment)."""
-    probs = torch.as_tensor(nli_predict([p[2] for p in pairs], [p[3] for p in pairs], **kw), dtype=torch.float32)
-    _require(probs.shape == (len(pairs), 3),
-             f"the NLI classifier returned shape {tuple(probs.shape)}, expected ({len(pairs)}, 3)")
+def _entailment_probs(nli_predict, premises: list[str], hypotheses: list[str], **kw) -> torch.Tensor:
+    """nli_predict(premises, hypotheses) -> probs (N, 3) (contradiction, neutral, entailment), shape checked."""
+    probs = torch.as_tensor(nli_predict(premises, hypotheses, **kw), dtype=torch.float32)
+    _require(probs.shape == (len(premises), 3),
+             f"the NLI classifier returned shape {tuple(probs.shape)}, expected ({len(premises)}, 3)")
     return probs
 
 
-def c_score(responses: list[str], personas_per_response: list[list[str]], nli, batch_size: int = 64,
-            return_per_response: bool = False):
-    """C.score of Madotto et al. (2019), "Personalizing Dialogue Agents via Meta-Learning":
-
-        NLI(u, p_j) = +1 if u entails p_j, 0 if neutral, -1 if u contradicts p_j   (argmax of the classifier)
-        C(u) = sum_j NLI(u, p_j)   over the persona sentences p_1..p_m given with response u (range -m..m)
-        C.score = mean of C(u) over the responses
-
-    Premise = the response u, hypothesis = the persona sentence p_j, as in the paper and Dialogue NLI. `nli`
-    has predict(premises, hypotheses, batch_size=...) -> probs (N, 3), e.g. load_nli(...).
-    """
-    _require(nli is not None, "c_score needs an NLI classifier; without one report C.score as unavailable "
+def persona_nli_values(responses: list[str], personas_per_response: list[list[str]], nli,
+                       batch_size: int = 64) -> list[list[int]]:
+    """values[i][j] = NLI(p_j, u_i): +1 if persona sentence p_j entails response u_i, 0 if neutral, -1 if it
+    contradicts (argmax of the classifier). Premise = the persona sentence, hypothesis = the response, as in
+    the PAL authors' evaluation (InputExample(guid, persona, response)). One predict() call for all pairs."""
+    _require(nli is not None, "C.score needs an NLI classifier; without one report C.score as unavailable "
              "(metrics.persona_coverage is the model-free persona score)")
     _require(len(responses) == len(personas_per_response),
              f"{len(responses)} responses but {len(personas_per_response)} persona lists")
     pairs = _pairs(responses, personas_per_response)
-    per_response = [0.0] * len(responses)
-    if pairs:  # one call for all pairs: the classifier batches (and sorts by length) itself
-        predicted = _entailment_probs(nli.predict, pairs, batch_size=batch_size).argmax(dim=-1).tolist()
+    values: list[list[int]] = [[] for _ in responses]
+    if pairs:  # the classifier batches (and sorts by length) itself
+        premises, hypotheses = [p for _, _, _, p in pairs], [r for _, _, r, _ in pairs]
+        predicted = _entailment_probs(nli.predict, premises, hypotheses, batch_size=batch_size).argmax(-1).tolist()
         for (i, _, _, _), y in zip(pairs, predicted):
-            per_response[i] += C_SCORE_VALUE[y]
-    score = math.fsum(per_response) / len(responses) if responses else 0.0
-    return (score, per_response) if return_per_response else score
+            values[i].append(C_SCORE_VALUE[y])
+    return values
+
+
+def c_scores(responses: list[str], personas_per_response: list[list[str]], nli, batch_size: int = 64) -> dict:
+    """Both C.scores from one NLI pass, with v_ij = NLI(p_j, u_i) of persona_nli_values:
+
+        c_score     = mean_i max_j v_ij   the PAL paper's numbers (its authors' code takes the max per response)
+        c_score_sum = mean_i sum_j v_ij   Madotto et al. (2019)'s definition (range -m..m for m persona sentences)
+
+    A response given no persona sentence counts 0 in both. No responses: both 0.0.
+    Returns {"c_score", "c_score_sum", "per_response_max", "per_response_sum"}."""
+    values = persona_nli_values(responses, personas_per_response, nli, batch_size)
+    per_max = [float(max(v)) if v else 0.0 for v in values]
+    per_sum = [float(sum(v)) for v in values]
+    n = max(len(values), 1)
+    return {"c_score": math.fsum(per_max) / n, "c_score_sum": math.fsum(per_sum) / n,
+            "per_response_max": per_max, "per_response_sum": per_sum}
+
+
+def c_score(responses: list[str], personas_per_response: list[list[str]], nli, batch_size: int = 64,
+            return_per_response: bool = False, aggregate: str = "max"):
+    """C.score (see c_scores): aggregate="max" (default) as the PAL paper's numbers were computed, "sum" as
+    Madotto et al. (2019) define it. `nli` has predict(premises, hypotheses, batch_size=...) -> probs (N, 3),
+    e.g. load_nli(...). Returns the score, or (score, per-response values) with return_per_response."""
+    _require(aggregate in ("max", "sum"), f"aggregate must be 'max' or 'sum', got {aggregate!r}")
+    out = c_scores(responses, personas_per_response, nli, batch_size)
+    score, per = (out["c_score"], out["per_response_max"]) if aggregate == "max" else \
+        (out["c_score_sum"], out["per_response_sum"])
+    return (score, per) if return_per_response else score
 
 
 def nli_persona_labels(examples: list[Example], nli_predict, threshold: float = 0.5,
@@ -409,8 +431,9 @@ def nli_persona_labels(examples: list[Example], nli_predict, threshold: float = 
     hypotheses) -> probs (N, 3), e.g. NLIClassifier.predict, gets batch_size pairs at a time. Apply the labels
     with data.relabel(examples, labels)."""
     pairs = _pairs([e.response for e in examples], [e.personas for e in examples])
-    entail = [e for s in range(0, len(pairs), batch_size)
-              for e in _entailment_probs(nli_predict, pairs[s:s + batch_size])[:, 2].tolist()]
+    premises, hypotheses = [r for _, _, r, _ in pairs], [p for _, _, _, p in pairs]  # response entails persona?
+    entail = [e for s in range(0, len(pairs), batch_size) for e in
+              _entailment_probs(nli_predict, premises[s:s + batch_size], hypotheses[s:s + batch_size])[:, 2].tolist()]
     labels: list[int | None] = [None] * len(examples)
     best = [threshold] * len(examples)
     for (k, i, _, _), e in zip(pairs, entail):

@@ -35,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import string
 import sys
 import time
 from collections import Counter
@@ -104,6 +105,10 @@ class RunConfig:
     strategy: str | None = option(None, SWITCHES["strategy"], "inference strategy (overrides the variant)")
     lang: str | None = option(None, ("en", "zh"), "language of prompts and metrics (default: from the data)")
     limit: int | None = option(None, int, "examples per split (default: all)", low=1)
+    personas: str | None = option(None, ("original", "revised"), "PERSONA-CHAT persona files: revised = Train and "
+                                  "Valid revised, Test original, as the paper (default: the files present)")
+    history_turns: int | None = option(None, int, "history utterances in a prompt, the latest (default: all)",
+                                       low=0)
     labels: str = option("lexical", ("lexical", "nli"), "persona labels of the selection task (nli needs --nli)")
     seed: int = option(0, int, "seed of the data order, dropout and random persona picks")
     select_ratio: float = option(1.0, float, "share of Train examples that also get a selection feature", low=0, high=1)
@@ -142,6 +147,8 @@ class RunConfig:
     gen_batch: int = option(16, int, "prompts per generation batch", low=1)
     gen_dtype: str | None = option(None, PRECISIONS, "weights for pairs/predict/chat (default: --dtype)")
     nli: str | None = option(None, str, "NLI checkpoint (directory or hub id) for C.score and DPO validation")
+    metrics_compat: str = option("default", ("default", "authors"), "evaluate's metrics: correct (default) or as "
+                                 "the paper's authors computed them (pycocoevalcap, arguments swapped)")
 
     def switches(self) -> dict:
         base = VARIANTS[self.variant]
@@ -240,12 +247,15 @@ def gather_rows(mine: list[dict], n: int) -> list[dict]:
 
 
 def load_data(data_dir: str | None, limit: int | None = None, labels: str = "lexical", nli_model=None,
-              lang: str | None = None) -> tuple[dict, str]:
+              lang: str | None = None, personas: str | None = None,
+              history_turns: int | None = None) -> tuple[dict, str]:
     """(splits, lang): the four splits of the paper's Table 1 with persona labels, lexical (data.py) or, with
-    labels="nli", the NLI classifier's entailment labels (nli.nli_persona_labels)."""
+    labels="nli", the NLI classifier's entailment labels (nli.nli_persona_labels). personas="revised": Train and
+    Valid from the revised persona files, Test original (the paper). history_turns=K: the last K utterances only."""
     if data_dir is None:
         raise ValueError("no data: give --data-dir (a PERSONA-CHAT directory; `python extras/download.py` fetches it)")
-    splits, info = data.load_splits(data_dir, limit=limit)
+    splits, info = data.load_splits(data_dir, limit=limit, personas=personas)
+    splits = {k: data.last_turns(v, history_turns) for k, v in splits.items()}
     say(info.message)
     for kind, stats in info.stats.items():  # what the parser met: counts, and the first few with file:line
         say(f"{kind}: {stats.report()}")
@@ -260,7 +270,7 @@ def load_data(data_dir: str | None, limit: int | None = None, labels: str = "lex
 
 def run_data(cfg: RunConfig) -> tuple[dict, str]:
     nli_model = load_nli(cfg.nli) if cfg.labels == "nli" else None  # the classifier is loaded only to label
-    return load_data(cfg.data_dir, cfg.limit, cfg.labels, nli_model, cfg.lang)
+    return load_data(cfg.data_dir, cfg.limit, cfg.labels, nli_model, cfg.lang, cfg.personas, cfg.history_turns)
 
 
 def load_nli(name_or_path: str | None):
@@ -678,9 +688,12 @@ def stage_predict(cfg: RunConfig, run: Path):
     return out
 
 
-def score_generations(rows: list[dict], lang: str, nli_model=None) -> dict:
+def score_generations(rows: list[dict], lang: str, nli_model=None, compat: str = "default") -> dict:
     """All metrics of a list of generation rows (response, gold, personas). BLEU/ROUGE-L x100 as in the
-    paper's tables; entropy in nats. C.score only with an NLI classifier: otherwise None, never invented."""
+    paper's tables; entropy in nats. C.score only with an NLI classifier: otherwise None, never invented.
+    compat="authors": BLEU, ROUGE-L, Distinct and entropy as the paper's authors computed them (authors_metrics)."""
+    if compat == "authors" and lang != "en":
+        raise ValueError("--metrics-compat authors: English only (the authors segment Chinese with jieba)")
     hyps, refs, personas = [r["response"] for r in rows], [r["gold"] for r in rows], [r["personas"] for r in rows]
     bleu = corpus_bleu(hyps, refs, max_n=4, lang=lang)
     res = {"n": len(rows), "bleu1": 100 * bleu[0], "bleu2": 100 * bleu[1], "bleu4": 100 * bleu[3],
@@ -690,7 +703,12 @@ def score_generations(rows: list[dict], lang: str, nli_model=None) -> dict:
     res["entropy"] = res["entropy4"]  # the paper's "Entropy" column: 4-gram entropy
     res["persona_coverage"] = 100 * persona_coverage(hyps, personas, lang=lang)
     res.update(diagnostics(rows, lang))  # copy rate, length, Distinct-1/2, selection; and the same for gold
-    res["c_score"] = nli.c_score(hyps, personas, nli_model) if nli_model is not None else None
+    # C.score: mean over replies of the max over their persona sentences (the paper's numbers), and of the sum
+    # (Madotto et al. 2019); premise = persona sentence, hypothesis = reply, as the authors' evaluation code
+    scores = nli.c_scores(hyps, personas, nli_model) if nli_model is not None else {}
+    res.update(c_score=scores.get("c_score"), c_score_sum=scores.get("c_score_sum"))
+    if compat == "authors":
+        res.update(authors_metrics(hyps, refs), metrics_compat="authors")
     return res
 
 
@@ -710,7 +728,7 @@ def stage_evaluate(cfg: RunConfig, run: Path):
     out = run / "results.json"
     rows = nonempty(read_jsonl(run / "generations.jsonl"), f"generated rows in {run / 'generations.jsonl'}")
     lang = cfg.lang or ("zh" if any(data.CJK_CHAR.search(r["gold"]) for r in rows[:20]) else "en")
-    res = score_generations(rows, lang, load_nli(cfg.nli))
+    res = score_generations(rows, lang, load_nli(cfg.nli), cfg.metrics_compat)
     res.update(variant=cfg.variant, model=cfg.model, **cfg.switches(), lang=lang)
     modeling.write_json(out, res)
     md = results_table([(run.name, res)])
@@ -1037,6 +1055,50 @@ def persona_coverage(responses, personas_per_response, lang: str = "en") -> floa
     return total / len(responses) if len(responses) else 0.0
 
 
+# ---- The paper authors' evaluation, to hold a run against the published numbers (--metrics-compat authors) ----
+# Their decode.py scores with pycocoevalcap, passing the gold response where the hypothesis goes and the reply
+# as the reference (BLEU and ROUGE-L), on whitespace tokens with case kept, ROUGE-L with beta 1.2; Distinct-n
+# divides distinct n-grams by all *tokens*. Reproduced here as they ran it; the default metrics above do not.
+
+def coco_bleu(hyps: list[list[str]], refs: list[list[str]], max_n: int = 4) -> list[float]:
+    """BLEU-1..max_n as pycocoevalcap's BleuScorer computes it (one reference each): the corpus statistics of
+    bleu_statistics, precisions smoothed as (matches + 1e-15) / (totals + 1e-9), and the brevity penalty from
+    the same smoothed length ratio."""
+    matches, totals, c, r = bleu_statistics(hyps, refs, max_n, "sacrebleu")  # no floor for short hypotheses
+    ratio = (c + 1e-15) / (r + 1e-9)
+    bp = math.exp(1 - 1 / ratio) if ratio < 1 else 1.0
+    out, product = [], 1.0
+    for k in range(max_n):
+        product *= (matches[k] + 1e-15) / (totals[k] + 1e-9)
+        out.append(bp * product ** (1 / (k + 1)))
+    return out
+
+
+def _authors_spaced(text: str) -> str:
+    """Their Distinct / Entropy preprocessing: every ASCII punctuation mark spaced out, runs of spaces joined."""
+    for mark in string.punctuation:
+        text = text.replace(mark, f" {mark} ")
+    return re.sub(" +", " ", text).strip()
+
+
+def authors_metrics(replies: list[str], golds: list[str]) -> dict:
+    """BLEU-1/2/4, ROUGE-L, Distinct-1/2 and entropy-1..4 of the replies, computed as the authors' decode.py
+    computes them (x100 like score_generations). English only: for Chinese they segment words with jieba."""
+    bleu = coco_bleu([g.split() for g in golds], [h.split() for h in replies])  # gold in the hypothesis' place
+    rouge = rouge_l_scores([g.split(" ") for g in golds], [h.split(" ") for h in replies], beta=1.2)
+    spaced = [_authors_spaced(h) for h in replies]
+    distinct_tokens = [t.split(" ") for t in spaced]
+    n_tokens = max(sum(map(len, distinct_tokens)), 1)
+    res = {"bleu1": 100 * bleu[0], "bleu2": 100 * bleu[1], "bleu4": 100 * bleu[3],
+           "rouge_l": 100 * math.fsum(rouge) / max(len(rouge), 1)}
+    for n in (1, 2):
+        res[f"distinct{n}"] = len(_corpus_ngram_counts(distinct_tokens, n, "en")) / n_tokens
+    for n in (1, 2, 3, 4):
+        res[f"entropy{n}"] = ngram_entropy([t.split() for t in spaced], n)
+    res["entropy"] = res["entropy4"]
+    return res
+
+
 # ---- Diagnostics: is the persona used, or parroted? (issue 14) ----
 # Each is computed on the model's replies and on the gold responses of the same rows, the yardstick.
 
@@ -1148,7 +1210,7 @@ class RunLock:
 # A stage records them when it starts (RUN_DIR/stages.json); a later call that changes one of them for a stage
 # that has started or finished is refused, so one run never mixes two settings. Options that change nothing
 # but speed or bookkeeping (gen_batch, log_every, save_every, save_minutes) are not listed.
-DATA_OPTIONS = ("model", "data_dir", "lang", "limit", "labels", "seed", "max_len")
+DATA_OPTIONS = ("model", "data_dir", "personas", "history_turns", "lang", "limit", "labels", "seed", "max_len")
 TRAIN_OPTIONS = ("dtype", "precision", "lora_r", "lora_alpha", "lora_dropout", "batch_size", "grad_accum")
 STAGE_OPTIONS = {
     "sft": DATA_OPTIONS + TRAIN_OPTIONS + ("tasks", "fmt", "select_ratio", "select_none_ratio", "sft_lr",
@@ -1158,7 +1220,7 @@ STAGE_OPTIONS = {
                             "eval_every", "patience", "eval_limit", "nli", "gen_dtype", "max_new_tokens",
                             "select_max_new_tokens"),
     "predict": ("strategy", "gen_dtype", "max_new_tokens", "select_max_new_tokens"),
-    "evaluate": ("nli",),
+    "evaluate": ("nli", "metrics_compat"),
 }
 RESUME_ONLY = {"dpo": ("nli",)}  # DPO's validation scorer: checked while DPO runs, free to differ once it is done
 
@@ -1188,7 +1250,8 @@ def stage_options(cfg: RunConfig, stage: str) -> dict:
 def file_digests(cfg: RunConfig) -> dict:
     """sha256 of the data files the run reads and of the model's config.json: a file changed under a run is
     caught like a changed option."""
-    files = list(data.split_files(cfg.data_dir, "original")[1].values()) if cfg.data_dir else []
+    variant = data.PERSONA_VARIANTS[cfg.personas] if cfg.personas else "original"
+    files = list(data.split_files(cfg.data_dir, variant)[1].values()) if cfg.data_dir else []
     local_model = Path(cfg.model or "") / "config.json"
     files += [local_model] if cfg.model and local_model.is_file() else []
     return {f"file {os.path.realpath(p)}": hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in files}

@@ -112,6 +112,10 @@ if [ -z "$data_dir" ]; then
   echo "train.sh: preset $preset needs --data-dir (PERSONA-CHAT: python3 extras/download.py --data-dir data)" >&2
   exit 2
 fi
+if [ -z "$nli" ] && [ "$preset" != smol ] && [ "$preset" != smol-study ]; then
+  echo "train.sh: WARNING: no --nli DIR_OR_HUB_ID: C.score will be n/a and DPO early stopping uses the lexical" >&2
+  echo "          score instead of C.score, unlike the paper (README: Data -> an NLI model for C.score)" >&2
+fi
 run_dir=${run_dir:-runs/$preset}
 common=(--model "$model" --data-dir "$data_dir" "${opts[@]}")
 [ -n "$limit" ] && common+=(--limit "$limit")

@@ -223,19 +223,19 @@ def test_c_score_hand_built():
     personas_a = ["i have two dogs .", "i like to ski .", "i am a nurse ."]
     personas_b = ["i hate the snow .", "i am vegan ."]
     table = {
-        ("my dogs are great", personas_a[0]): E, ("my dogs are great", personas_a[1]): NEU,
-        ("my dogs are great", personas_a[2]): E,                         # C = 1 + 0 + 1 = 2
-        ("i love steak", personas_b[0]): NEU, ("i love steak", personas_b[1]): C,   # C = 0 - 1 = -1
-        ("hello", personas_b[0]): C, ("hello", personas_b[1]): [0.34, 0.33, 0.33],  # C = -1 - 1 = -2
+        (personas_a[0], "my dogs are great"): E, (personas_a[1], "my dogs are great"): NEU,
+        (personas_a[2], "my dogs are great"): E,                         # C = 1 + 0 + 1 = 2
+        (personas_b[0], "i love steak"): NEU, (personas_b[1], "i love steak"): C,   # C = 0 - 1 = -1
+        (personas_b[0], "hello"): C, (personas_b[1], "hello"): [0.34, 0.33, 0.33],  # C = -1 - 1 = -2
     }
     fake = FakeNLI(table)
     score, per = N.c_score(["my dogs are great", "i love steak", "hello"], [personas_a, personas_b, personas_b],
-                           fake, return_per_response=True)
+                           fake, return_per_response=True, aggregate="sum")
     assert per == [2.0, -1.0, -2.0]
     assert score == pytest.approx((2 - 1 - 2) / 3)
-    # premise = the response, hypothesis = the persona sentence (Madotto et al.: "u entails p_j")
+    # premise = the persona sentence, hypothesis = the response (the PAL authors' evaluation)
     premises, hypotheses = fake.calls[0]
-    assert premises[0] == "my dogs are great" and hypotheses[0] == personas_a[0]
+    assert premises[0] == personas_a[0] and hypotheses[0] == "my dogs are great"
     assert N.c_score(["x"], [[]], fake) == 0.0  # no persona sentence: C(u) = 0
     with pytest.raises(ValueError):
         N.c_score(["x"], [], fake)
@@ -263,13 +263,15 @@ def test_c_score_with_real_classifier_matches_hf_argmax(roberta_text_dir, text_c
     resp, pers = responses[:6], [personas[i:i + 4] for i in range(0, 24, 4)]
     tok = transformers.RobertaTokenizerFast.from_pretrained(str(d))
     value = {0: 1, 1: -1, 2: 0}  # this checkpoint: 0 entailment, 1 contradiction, 2 neutral
-    want = []
+    want_max, want_sum = [], []
     for r, ps in zip(resp, pers):
-        enc = tok([r] * len(ps), ps, padding=True, return_tensors="pt")
+        enc = tok(ps, [r] * len(ps), padding=True, return_tensors="pt")  # premise = persona, hypothesis = response
         labels = _hf_logits(hf, enc["input_ids"], enc["attention_mask"]).argmax(-1).tolist()
-        want.append(sum(value[y] for y in labels))
-    score, per = N.c_score(resp, pers, text_clf, return_per_response=True)
-    assert per == want and score == pytest.approx(sum(want) / len(want))
+        want_max.append(max(value[y] for y in labels))
+        want_sum.append(sum(value[y] for y in labels))
+    out = N.c_scores(resp, pers, text_clf)
+    assert out["per_response_max"] == want_max and out["c_score"] == pytest.approx(sum(want_max) / len(want_max))
+    assert out["per_response_sum"] == want_sum and out["c_score_sum"] == pytest.approx(sum(want_sum) / len(want_sum))
 
 
 # ---------------------------------------------------------------------------------------------- persona labels

@@ -16,7 +16,7 @@ import model as modeling
 import pal
 
 METRIC_KEYS = {"bleu1", "bleu2", "rouge_l", "entropy", "entropy1", "entropy2", "entropy3", "entropy4",
-               "distinct1", "distinct2", "persona_coverage", "c_score", "n"}
+               "distinct1", "distinct2", "persona_coverage", "c_score", "c_score_sum", "n"}
 
 
 @pytest.fixture(scope="module")

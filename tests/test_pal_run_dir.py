@@ -302,3 +302,27 @@ def test_predict_generates_with_exactly_the_validated_lora_model(tmp_path):
         validated = m.eval()(ids)
         assert torch.equal(pal.generation_model(cfg, out)(ids), validated)
         assert not torch.equal(modeling.load_model(out, dtype=torch.bfloat16)(ids), validated)
+
+
+# ---- the data the paper used ---------------------------------------------------------------------------------------
+
+def test_revised_personas_and_history_turns_reach_the_pipeline(tmp_path, tiny_model_dir, capsys):
+    lines = shared_file("data/personachat/valid_self_original.txt").read_text().split("\n")[:300]
+    d = tmp_path / "data"
+    d.mkdir()
+    for split in ("train", "valid", "test"):
+        (d / f"{split}_self_original.txt").write_text("\n".join(lines) + "\n")
+        revised = [x.replace("your persona: ", "your persona: revised ") for x in lines]
+        (d / f"{split}_self_revised.txt").write_text("\n".join(revised) + "\n")
+    splits, _ = pal.load_data(str(d), limit=8, personas="revised", history_turns=2)
+    assert all(p.startswith("revised ") for e in splits["train"] + splits["valid1"] for p in e.personas)
+    assert not any(p.startswith("revised ") for e in splits["test"] for p in e.personas)  # Test stays original
+    assert max(len(e.history) for k in splits for e in splits[k]) == 2
+    run = tmp_path / "run"  # the options land in run.json and in what the stages record
+    pal.main(["predict", *_args(run, tiny_model_dir, d, "--variant", "zero_shot", "--personas", "revised",
+                                "--history-turns", "2")])
+    rows = pal.read_jsonl(run / "generations.jsonl")
+    assert all(len(r["history"]) <= 2 for r in rows) and not rows[0]["personas"][0].startswith("revised ")
+    recorded = json.loads((run / "stages.json").read_text())["predict"]["options"]
+    assert recorded["personas"] == "revised" and recorded["history_turns"] == 2
+    assert any(k.endswith("train_self_revised.txt") for k in recorded)
