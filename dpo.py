@@ -282,6 +282,7 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end and on a new best)
     save_minutes: float = 0.0  # also a checkpoint when this many minutes passed since the last one (0: off)
     lora_export: str = "merged"  # final LoRA weights: "merged" (HF layout) | "adapter" (adapter.safetensors)
+    export_best: bool = True  # export the best evaluated weights; False: the last ones (evaluations only logged)
     log_every: int = 1
     resume: bool = False
     device: str = "auto"  # "auto": cuda:LOCAL_RANK when available, else cpu
@@ -740,7 +741,7 @@ def train(model: nn.Module, cfg: TrainConfig, train_features: list[dict], collat
 
     final_dir = None  # export: the best weights when there was an evaluation, else the last ones
     if export and (progress.step >= run.total_steps or stopped_early):
-        if progress.best_dir is not None:
+        if cfg.export_best and progress.best_dir is not None:
             load_trainable(model, run.out_dir / progress.best_dir)
         if run.rank == 0:
             final_dir = run.out_dir / "final"

@@ -121,13 +121,19 @@ class RunConfig:
     lora_r: int = option(0, int, "LoRA rank; 0 = full fine-tuning", low=0)
     lora_alpha: float = option(16.0, float, "LoRA alpha", above=0)
     lora_dropout: float = option(0.05, float, "LoRA dropout", low=0, high=0.9)
+    lora_targets: str = option("q,k,v,o,mlp", str, "layers LoRA wraps, comma-separated from q k v o mlp")
+    dpo_lora_r: int | None = option(None, int, "LoRA rank of the DPO stage alone (default: --lora-r); the authors' "
+                                    "GPT-2: full SFT, then DPO with LoRA", low=0)
     # SFT (paper: lr 2e-5, 100 warmup steps, 10 epochs)
     sft_lr: float = option(2e-5, float, "SFT learning rate", low=0)
     sft_epochs: float = option(10.0, float, "SFT epochs", above=0)
     sft_warmup: int = option(100, int, "SFT warmup steps", low=0)
     sft_reduction: str = option("sum", ("sum", "mean"), "SFT NLL summed per sequence (PAL) or per target token")
+    sft_keep: str = option("last", ("last", "best"), "SFT result: the last epoch (the paper) or the best validated")
     batch_size: int = option(8, int, "sequences (pairs) per process and micro-step", low=1)
     grad_accum: int = option(1, int, "micro-steps per optimizer step", low=1)
+    dpo_grad_accum: int | None = option(None, int, "micro-steps per DPO optimizer step (default: --grad-accum)",
+                                        low=1)
     # DPO (paper: beta 0.1, 100 warmup steps, up to 30000 steps with early stopping)
     dpo_lr: float = option(5e-6, float, "DPO learning rate", low=0)
     dpo_beta: float = option(0.1, float, "DPO beta", above=0)
@@ -194,6 +200,8 @@ def check_options(cfg: RunConfig):
     for name in ("max_new_tokens", "select_max_new_tokens"):  # the prompt needs room in max_len
         if getattr(cfg, name) >= cfg.max_len:
             raise ValueError(f"{_flag(name)} {getattr(cfg, name)}: must be below --max-len {cfg.max_len}")
+    if unknown := set(cfg.lora_targets.split(",")) - {"q", "k", "v", "o", "mlp"}:
+        raise ValueError(f"--lora-targets {cfg.lora_targets}: unknown {sorted(unknown)}; choose from q,k,v,o,mlp")
     if cfg.precision == "fp16" and cfg.dtype == "fp16" and not cfg.lora_r:  # loss scaling needs fp32 masters
         raise ValueError("--precision fp16 with --dtype fp16: fp16 loss scaling needs fp32 trainable weights; use "
                          "--dtype fp32 (autocast computes in fp16) or LoRA (--lora-r, adapters stay fp32)")
@@ -306,22 +314,28 @@ def complete_export(out: Path, cfg: RunConfig, tok: data.Tokenizer):
     modeling.write_json(out / "generation_config.json", gen)
 
 
-def load_stage_model(weights, dtype: str, lora: tuple[int, float, float] | None = None, trainable: bool = False):
+def load_stage_model(weights, dtype: str, lora: tuple | None = None, trainable: bool = False):
     """A model directory (the base, or a stage's exported weights) in `dtype`, for generation or, with
-    trainable=True, for training: fresh LoRA adapters (lora = (r, alpha, dropout)) or every weight."""
+    trainable=True, for training: fresh LoRA adapters (lora = (r, alpha, dropout, "q,v,...")) or every weight."""
     if isinstance(weights, Path) and not weights.exists():  # a stage's output, not a base model
         raise FileNotFoundError(f"{weights} does not exist: run the stage that writes it first (`pal.py all` runs "
                                 "every stage in order)")
     m = modeling.load_model(weights, dtype=DTYPES[dtype], device=device())
     if trainable and lora:
-        modeling.add_lora(m, r=lora[0], alpha=lora[1], dropout=lora[2])
+        modeling.add_lora(m, r=lora[0], alpha=lora[1], dropout=lora[2], targets=lora[3].split(","))
     elif trainable:
         m.requires_grad_(True)
     return m
 
 
-def trainable_model(cfg: RunConfig, weights):
-    return load_stage_model(weights, cfg.dtype, (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) if cfg.lora_r
+def lora_rank(cfg: RunConfig, stage: str) -> int:
+    """The LoRA rank of a training stage (0: every weight trains)."""
+    return cfg.dpo_lora_r if stage == "dpo" and cfg.dpo_lora_r is not None else cfg.lora_r
+
+
+def trainable_model(cfg: RunConfig, weights, stage: str = "sft"):
+    r = lora_rank(cfg, stage)
+    return load_stage_model(weights, cfg.dtype, (r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) if r
                             else None, trainable=True)
 
 
@@ -333,7 +347,7 @@ def generation_model(cfg: RunConfig, weights):
         return load_stage_model(weights, cfg.gen_dtype or cfg.dtype)
     info = modeling.read_json(noted)
     m = load_stage_model(info["base"], cfg.gen_dtype or cfg.dtype)
-    modeling.add_lora(m, r=info["r"], alpha=info["alpha"])
+    modeling.add_lora(m, r=info["r"], alpha=info["alpha"], targets=info["targets"].split(","))
     modeling.load_lora(m, noted.parent / "adapter.safetensors")
     return m.eval()
 
@@ -341,14 +355,15 @@ def generation_model(cfg: RunConfig, weights):
 ADAPTER_BASE = "adapter_base.json"
 
 
-def note_adapter_base(out: Path, base, cfg: RunConfig):
+def note_adapter_base(out: Path, base, cfg: RunConfig, stage: str = "sft"):
     """Beside a LoRA stage's adapters, the weights they were trained on (a local directory by its absolute path).
     model.safetensors stays the merged model for other tools, but merging rounds W + BA to
     the base dtype once, and in bf16 a DPO delta at lr 1e-6 rounds away: predict would not use the model that won
     validation. Generation rebuilds that model instead: base + fp32 adapters (generation_model)."""
     if (out / "adapter.safetensors").exists():
         where = str(Path(base).resolve()) if Path(base).exists() else str(base)
-        modeling.write_json(out / ADAPTER_BASE, {"base": where, "r": cfg.lora_r, "alpha": cfg.lora_alpha})
+        modeling.write_json(out / ADAPTER_BASE, {"base": where, "r": lora_rank(cfg, stage), "alpha": cfg.lora_alpha,
+                                                  "targets": cfg.lora_targets})
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -473,25 +488,32 @@ def sft_phases(tasks: str, fmt: str) -> list[tuple[str, list[str]]]:
             "seq": [("ps", ["select"]), ("dg", ["generate"])]}[tasks]
 
 
-def global_batch(cfg: RunConfig) -> int:
+def grad_accum(cfg: RunConfig, stage: str) -> int:
+    """Micro-steps per optimizer step of a training stage (DPO may differ: the authors' Llama used 256 sequences
+    per SFT step, 128 pairs per DPO step)."""
+    return cfg.dpo_grad_accum if stage == "dpo" and cfg.dpo_grad_accum is not None else cfg.grad_accum
+
+
+def global_batch(cfg: RunConfig, stage: str = "sft") -> int:
     """Sequences (pairs) per optimizer step over all torchrun ranks: what turns lengths and intervals given in
     examples or epochs into optimizer steps, so that 4 GPUs evaluate as often (in examples seen) as one."""
-    return cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", 1))
+    return cfg.batch_size * grad_accum(cfg, stage) * int(os.environ.get("WORLD_SIZE", 1))
 
 
 def train_config(cfg: RunConfig, mode: str, out_dir: Path, n_features: int) -> dpo.TrainConfig:
     """The run's options for one training stage, in dpo.train's terms (optimizer steps)."""
-    common = dict(out_dir=str(out_dir), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+    common = dict(out_dir=str(out_dir), batch_size=cfg.batch_size, grad_accum=grad_accum(cfg, mode),
                   precision=cfg.precision, seed=cfg.seed, resume=True, save_every=cfg.save_every,
                   save_minutes=cfg.save_minutes, log_every=cfg.log_every,
                   group_by_length=True)  # batches of similar lengths: far less padding, the same exact resume
     if mode == "sft":
         return dpo.TrainConfig(mode="sft", epochs=cfg.sft_epochs, lr=cfg.sft_lr, warmup_steps=cfg.sft_warmup,
-                               sft_reduction=cfg.sft_reduction, eval_every=0, **common)
+                               sft_reduction=cfg.sft_reduction, eval_every=0, export_best=cfg.sft_keep == "best",
+                               **common)
     steps = cfg.dpo_steps
     if cfg.dpo_epochs is not None:
-        steps = max(1, math.ceil(cfg.dpo_epochs * n_features / global_batch(cfg)))
-    every = max(1, round(cfg.eval_every / global_batch(cfg)))  # --eval-every counts examples
+        steps = max(1, math.ceil(cfg.dpo_epochs * n_features / global_batch(cfg, "dpo")))
+    every = max(1, round(cfg.eval_every / global_batch(cfg, "dpo")))  # --eval-every counts examples
     return dpo.TrainConfig(mode="dpo", max_steps=steps, lr=cfg.dpo_lr, warmup_steps=cfg.dpo_warmup, beta=cfg.dpo_beta,
                            eval_every=min(every, steps), patience=cfg.patience, **common)
 
@@ -620,9 +642,9 @@ def stage_dpo(cfg: RunConfig, run: Path):
     splits, lang = run_data(cfg)
     tok = load_tokenizer(cfg.model)
     mode = prompt_mode(cfg.switches()["fmt"])
-    policy = trainable_model(cfg, sft_weights(cfg, run))
+    policy = trainable_model(cfg, sft_weights(cfg, run), "dpo")
     ref = None
-    if align == "dpo" and not cfg.lora_r:  # full fine-tuning: the reference is a frozen copy of the SFT model
+    if align == "dpo" and not lora_rank(cfg, "dpo"):  # full fine-tuning: the reference is a frozen copy of the SFT model
         ref = load_stage_model(sft_weights(cfg, run), cfg.dtype)  # in the policy's dtype, not gen_dtype
     val = splits["valid2"][: cfg.eval_limit]
     nli_model = load_nli(cfg.nli) if is_rank0() else None  # rank 0 scores the validation rows
@@ -647,7 +669,7 @@ def stage_dpo(cfg: RunConfig, run: Path):
         tcfg = dataclasses.replace(train_config(cfg, "dpo", run / "dpo", len(feats)), mode="sft", lr=cfg.sft_lr)
     def export_files(d: Path):
         complete_export(d, cfg, tok)
-        note_adapter_base(d, sft_weights(cfg, run), cfg)
+        note_adapter_base(d, sft_weights(cfg, run), cfg, "dpo")
 
     dpo.train(policy, tcfg, feats, collate, eval_fn=eval_fn if val else None, ref_model=ref,
               export_files=export_files)
@@ -1211,12 +1233,13 @@ class RunLock:
 # that has started or finished is refused, so one run never mixes two settings. Options that change nothing
 # but speed or bookkeeping (gen_batch, log_every, save_every, save_minutes) are not listed.
 DATA_OPTIONS = ("model", "data_dir", "personas", "history_turns", "lang", "limit", "labels", "seed", "max_len")
-TRAIN_OPTIONS = ("dtype", "precision", "lora_r", "lora_alpha", "lora_dropout", "batch_size", "grad_accum")
+TRAIN_OPTIONS = ("dtype", "precision", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "batch_size",
+                 "grad_accum")
 STAGE_OPTIONS = {
     "sft": DATA_OPTIONS + TRAIN_OPTIONS + ("tasks", "fmt", "select_ratio", "select_none_ratio", "sft_lr",
-                                           "sft_epochs", "sft_warmup", "sft_reduction", "eval_limit"),
+                                           "sft_epochs", "sft_warmup", "sft_reduction", "sft_keep", "eval_limit"),
     "pairs": ("gen_dtype", "max_new_tokens"),
-    "dpo": TRAIN_OPTIONS + ("align", "strategy", "dpo_lr", "dpo_beta", "dpo_steps", "dpo_epochs", "dpo_warmup",
+    "dpo": TRAIN_OPTIONS + ("dpo_lora_r", "dpo_grad_accum", "align", "strategy", "dpo_lr", "dpo_beta", "dpo_steps", "dpo_epochs", "dpo_warmup",
                             "eval_every", "patience", "eval_limit", "nli", "gen_dtype", "max_new_tokens",
                             "select_max_new_tokens"),
     "predict": ("strategy", "gen_dtype", "max_new_tokens", "select_max_new_tokens"),

@@ -326,3 +326,42 @@ def test_revised_personas_and_history_turns_reach_the_pipeline(tmp_path, tiny_mo
     recorded = json.loads((run / "stages.json").read_text())["predict"]["options"]
     assert recorded["personas"] == "revised" and recorded["history_turns"] == 2
     assert any(k.endswith("train_self_revised.txt") for k in recorded)
+
+
+# ---- schedules (issue 11): stage-specific LoRA and accumulation, SFT keeps its last epoch ----------------------------
+
+def _tiny_llama_dir(d):
+    torch.manual_seed(0)
+    modeling.save_model(modeling.build_model(modeling.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)), d)
+    return d
+
+
+def test_dpo_only_lora_on_the_chosen_layers_and_per_stage_accumulation(tmp_path):
+    base = _tiny_llama_dir(tmp_path / "base")
+    cfg = pal.RunConfig(model=str(base), lora_r=0, dpo_lora_r=4, lora_alpha=8, lora_targets="q,v", batch_size=2,
+                        grad_accum=8, dpo_grad_accum=2, eval_every=64, dpo_epochs=1.0)
+    assert not modeling.lora_layers(pal.trainable_model(cfg, str(base), "sft"))  # GPT-2 presets: full SFT
+    wrapped = modeling.lora_layers(pal.trainable_model(cfg, str(base), "dpo"))
+    assert wrapped and {name.rsplit(".", 1)[-1] for name in wrapped} == {"q", "v"}
+    sft, dpo_cfg = pal.train_config(cfg, "sft", Path("x"), 64), pal.train_config(cfg, "dpo", Path("x"), 64)
+    assert (sft.grad_accum, dpo_cfg.grad_accum, dpo_cfg.max_steps, dpo_cfg.eval_every) == (8, 2, 16, 16)
+    assert sft.export_best is False and pal.train_config(pal.RunConfig(sft_keep="best"), "sft", Path("x"), 8).export_best
+
+
+def test_export_best_false_exports_the_last_weights_not_the_best_validated(tmp_path):
+    import dpo
+    from test_dpo_train import collate_sft, sft_features, tiny_gpt2
+    runs = {}
+    for keep_best in (True, False):
+        m = tiny_gpt2(dropout=0.0)
+        cfg = dpo.TrainConfig(mode="sft", out_dir=str(tmp_path / str(keep_best)), batch_size=2, max_steps=3, lr=1e-2,
+                              warmup_steps=0, eval_every=1, export_best=keep_best, progress=False)
+        scores = iter([3.0, 1.0, 0.0])  # the first evaluation is the best
+        dpo.train(m, cfg, sft_features(6), collate_sft, eval_fn=lambda _: next(scores))
+        runs[keep_best] = (modeling.load_model(tmp_path / str(keep_best) / "final").state_dict(), m.state_dict())
+    best_export, _ = runs[True]
+    last_export, last_weights = runs[False]
+    k = next(iter(last_weights))
+    assert torch.equal(last_export[k], last_weights[k]) and not torch.equal(best_export[k], last_export[k])

@@ -1,0 +1,50 @@
+"""The GPU presets' resolved settings against README's schedule table (issue 11): `PAL_DRY_RUN=1 bash train.sh P`
+prints the command a preset would run; global batches, DPO length and intervals are computed from it the way
+pal.py does (batch x accumulation x ranks) and compared with the table's numbers."""
+import os
+import re
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+PRESETS = ["gpt2", "dialogpt", "gpt2-zh", "llama"]
+
+
+def readme_table() -> dict[str, dict[str, float]]:
+    """{setting: {preset: number}} from the table under "Schedules of the GPU presets"."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("### Schedules of the GPU presets"):]
+    rows = [line for line in block.split("\n\n", 3)[2].splitlines() if line.startswith("|")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    table = {}
+    for line in rows[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        table[cells[0]] = {p: float(cells[header.index(p)]) for p in PRESETS}
+    return table
+
+
+def resolved(preset: str) -> dict[str, float]:
+    env = {**os.environ, "PAL_DRY_RUN": "1"}
+    out = subprocess.run(["bash", "train.sh", preset, "--data-dir", "DATA", "--nli", "NLI"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    flags = dict(re.findall(r"--([\w-]+) (?!--)(\S+)", out))
+    ranks = int(flags.get("nproc_per_node", 1))
+    per_rank = int(flags["batch-size"]) * ranks
+    return {"SFT learning rate": float(flags["sft-lr"]), "SFT warmup steps": float(flags["sft-warmup"]),
+            "SFT epochs": float(flags["sft-epochs"]),
+            "SFT global batch": per_rank * int(flags.get("grad-accum", 1)),
+            "DPO beta": float(flags["dpo-beta"]), "DPO learning rate": float(flags["dpo-lr"]),
+            "DPO warmup steps": float(flags["dpo-warmup"]), "DPO epochs": float(flags["dpo-epochs"]),
+            "DPO global batch": per_rank * int(flags.get("dpo-grad-accum", flags.get("grad-accum", 1))),
+            "validation every (examples)": float(flags["eval-every"]),
+            "max new tokens": float(flags["max-new-tokens"])}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_settings_equal_readme_schedule_table(preset):
+    table, got = readme_table(), resolved(preset)
+    assert set(table) == set(got), set(table) ^ set(got)
+    for setting, values in table.items():
+        assert got[setting] == pytest.approx(values[preset]), (preset, setting)
