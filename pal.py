@@ -67,7 +67,7 @@ VARIANTS = {
     "pal":        dict(tasks="mix", fmt="prompt", align="dpo", strategy="select"),
     "ft":         dict(tasks="dg", fmt="plain", align="none", strategy="none"),   # fine-tuning w/o prompts
     "prompting":  dict(tasks="dg", fmt="prompt", align="none", strategy="none"),  # generation task only
-    "wo_mix":     dict(tasks="seq", fmt="prompt", align="dpo", strategy="select"),
+    "wo_mix":     dict(tasks="none", fmt="prompt", align="dpo", strategy="select"),  # no Persona-aware Learning
     "wo_pa":      dict(tasks="mix", fmt="prompt", align="none", strategy="select"),
     "only_dg":    dict(tasks="dg", fmt="prompt", align="dpo", strategy="none"),
     "only_ps":    dict(tasks="ps", fmt="prompt", align="dpo", strategy="select"),
@@ -153,6 +153,8 @@ class RunConfig:
     gen_batch: int = option(16, int, "prompts per generation batch", low=1)
     gen_dtype: str | None = option(None, PRECISIONS, "weights for pairs/predict/chat (default: --dtype)")
     nli: str | None = option(None, str, "NLI checkpoint (directory or hub id) for C.score and DPO validation")
+    from_run: str | None = option(None, str, "another run's trained model for predict and chat (inference-only "
+                                  "variants: random, not_select); this run trains nothing")
     metrics_compat: str = option("default", ("default", "authors"), "evaluate's metrics: correct (default) or as "
                                  "the paper's authors computed them (pycocoevalcap, arguments swapped)")
 
@@ -689,7 +691,14 @@ def sft_weights(cfg: RunConfig, run: Path):
 
 
 def final_weights(cfg: RunConfig, run: Path):
-    """The weights predict and chat use: the aligned model, or the stage before it when there is no alignment."""
+    """The weights predict and chat use: the aligned model, or the stage before it when there is no alignment;
+    with --from-run, that run's (same base model: the tokenizer comes from it)."""
+    if cfg.from_run:
+        source = Path(cfg.from_run)
+        trained = load_run_config(source, {})
+        if trained.model != cfg.model:
+            raise ValueError(f"--from-run {source}: trained from {trained.model}, this run's --model is {cfg.model}")
+        return final_weights(trained, source)
     return sft_weights(cfg, run) if cfg.switches()["align"] == "none" else run / "dpo" / "final"
 
 
@@ -1242,7 +1251,7 @@ STAGE_OPTIONS = {
     "dpo": TRAIN_OPTIONS + ("dpo_lora_r", "dpo_grad_accum", "align", "strategy", "dpo_lr", "dpo_beta", "dpo_steps", "dpo_epochs", "dpo_warmup",
                             "eval_every", "patience", "eval_limit", "nli", "gen_dtype", "max_new_tokens",
                             "select_max_new_tokens"),
-    "predict": ("strategy", "gen_dtype", "max_new_tokens", "select_max_new_tokens"),
+    "predict": ("from_run", "strategy", "gen_dtype", "max_new_tokens", "select_max_new_tokens"),
     "evaluate": ("nli", "metrics_compat"),
 }
 RESUME_ONLY = {"dpo": ("nli",)}  # DPO's validation scorer: checked while DPO runs, free to differ once it is done
@@ -1252,7 +1261,7 @@ def stage_input(cfg: RunConfig, stage: str) -> str | None:
     """The stage whose output `stage` reads (None: the base model and the data only)."""
     align = cfg.switches()["align"]
     return {"sft": None, "pairs": "sft", "dpo": "pairs" if align == "dpo" else "sft",
-            "predict": "sft" if align == "none" else "dpo", "evaluate": "predict"}[stage]
+            "predict": None if cfg.from_run else "sft" if align == "none" else "dpo", "evaluate": "predict"}[stage]
 
 
 def stage_options(cfg: RunConfig, stage: str) -> dict:
@@ -1329,15 +1338,18 @@ def add_run_options(p: argparse.ArgumentParser):
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     for f in dataclasses.fields(RunConfig):
         kind, help_text = f.metadata["kind"], f"{f.metadata['help']} (default {f.default})"
+        flags = [_flag(f.name)] + (["--from"] if f.name == "from_run" else [])  # the paper's "--from RUN_DIR"
         if isinstance(kind, tuple):
-            p.add_argument(_flag(f.name), dest=f.name, choices=kind, default=None, help=help_text)
+            p.add_argument(*flags, dest=f.name, choices=kind, default=None, help=help_text)
         else:
-            p.add_argument(_flag(f.name), dest=f.name, type=kind, default=None, help=help_text)
+            p.add_argument(*flags, dest=f.name, type=kind, default=None, help=help_text)
 
 
 def stage_runs(cfg: RunConfig, stage: str) -> bool:
     """False for a stage the variant does without (no SFT: zero-shot; no pairs or DPO without DPO alignment)."""
     sw = cfg.switches()
+    if cfg.from_run:  # inference only: another run trained the model
+        return stage in ("predict", "evaluate")
     return {"sft": sw["tasks"] != "none", "pairs": sw["align"] == "dpo", "dpo": sw["align"] != "none"}.get(stage, True)
 
 

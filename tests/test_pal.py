@@ -100,7 +100,7 @@ def _cfg(**kw):
 
 @pytest.mark.parametrize("variant,phases", [
     ("pal", [("mix", ["select", "generate"])]),
-    ("wo_mix", [("ps", ["select"]), ("dg", ["generate"])]),
+    ("wo_mix", []),  # no Persona-aware Learning at all: pairs and DPO start from the base model
     ("only_dg", [("dg", ["generate"])]),
     ("only_ps", [("ps", ["select"])]),
     ("prompting", [("dg", ["generate"])]),
@@ -157,17 +157,18 @@ def _decode_prompts(tok, feats, key="input_ids", labels="labels"):
     return out
 
 
-@pytest.mark.parametrize("variant", ["pal", "wo_mix", "ft"])
+@pytest.mark.parametrize("variant", ["pal", "seq", "ft"])
 def test_sft_stage_trains_the_variant_tasks(sft_run, tiny_model_dir, data_dir, variant):
     run, rec = sft_run
-    pal.main(["sft", *_args(run, tiny_model_dir, data_dir, "--variant", variant)])
+    flags = ["--tasks", "seq"] if variant == "seq" else ["--variant", variant]
+    pal.main(["sft", *_args(run, tiny_model_dir, data_dir, *flags)])
     tok = data.load_tokenizer(str(tiny_model_dir))
     prompts = [p for c in rec.calls for p in _decode_prompts(tok, c["feats"])]
     n_select = sum("Which single sentence" in p for p in prompts)
     n_generate = sum("Write your next reply" in p for p in prompts)
     if variant == "pal":
         assert len(rec.calls) == 1 and n_select == 4 and n_generate == 4
-    elif variant == "wo_mix":  # selection first, then generation, as two phases
+    elif variant == "seq":  # --tasks seq: selection first, then generation, as two phases
         assert len(rec.calls) == 2 and n_select == 4 and n_generate == 4
         assert all("Which single sentence" in p for p in _decode_prompts(tok, rec.calls[0]["feats"]))
     else:  # fine-tuning without prompts: no instruction text at all

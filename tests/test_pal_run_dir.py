@@ -365,3 +365,20 @@ def test_export_best_false_exports_the_last_weights_not_the_best_validated(tmp_p
     last_export, last_weights = runs[False]
     k = next(iter(last_weights))
     assert torch.equal(last_export[k], last_weights[k]) and not torch.equal(best_export[k], last_export[k])
+
+
+def test_an_inference_only_variant_reuses_a_trained_run(tmp_path, tiny_model_dir, data_dir):
+    trained, random_run = tmp_path / "wo_pa", tmp_path / "random"
+    pal.main(["all", *_args(trained, tiny_model_dir, data_dir, "--variant", "wo_pa")])
+    pal.main(["all", *_args(random_run, tiny_model_dir, data_dir, "--variant", "random", "--from", str(trained))])
+    assert not (random_run / "sft").exists() and not (random_run / "pairs.jsonl").exists()
+    cfg = pal.load_run_config(random_run, {})
+    assert pal.final_weights(cfg, random_run) == trained / "sft" / "final"
+    rows = pal.read_jsonl(random_run / "generations.jsonl")
+    assert rows and all(r["selection_output"] is None and r["selected_persona"] in r["personas"] for r in rows)
+
+
+def test_wo_mix_has_no_persona_aware_learning(tmp_path, tiny_model_dir, data_dir):
+    cfg = pal.RunConfig(model=str(tiny_model_dir), variant="wo_mix")
+    assert not pal.stage_runs(cfg, "sft") and pal.stage_runs(cfg, "pairs") and pal.stage_runs(cfg, "dpo")
+    assert pal.sft_weights(cfg, tmp_path) == str(tiny_model_dir)  # pairs and DPO from the base model
