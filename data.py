@@ -1154,7 +1154,8 @@ def split_files(data_dir, variant: str | dict[str, str]) -> tuple[Path, dict[str
                    if any(p.is_file() for p in paths)}
         if present:
             return d, present
-    raise FileNotFoundError(f"no split file ({', '.join(SPLIT_FILES['valid']).format(v=variants['valid'])} or the train/"
+    names = ", ".join(SPLIT_FILES["valid"]).format(v=variants["valid"])
+    raise FileNotFoundError(f"no split file ({names} or the train/"
                             f"test equivalents) in {data_dir} or {Path(data_dir) / 'personachat'}; for "
                             f"PERSONA-CHAT run `python extras/download.py --data-dir {data_dir}`")
 

@@ -646,7 +646,7 @@ def stage_dpo(cfg: RunConfig, run: Path):
     mode = prompt_mode(cfg.switches()["fmt"])
     policy = trainable_model(cfg, sft_weights(cfg, run), "dpo")
     ref = None
-    if align == "dpo" and not lora_rank(cfg, "dpo"):  # full fine-tuning: the reference is a frozen copy of the SFT model
+    if align == "dpo" and not lora_rank(cfg, "dpo"):  # full fine-tuning: the reference is a frozen SFT copy
         ref = load_stage_model(sft_weights(cfg, run), cfg.dtype)  # in the policy's dtype, not gen_dtype
     val = splits["valid2"][: cfg.eval_limit]
     nli_model = load_nli(cfg.nli) if is_rank0() else None  # rank 0 scores the validation rows
@@ -1248,9 +1248,9 @@ STAGE_OPTIONS = {
     "sft": DATA_OPTIONS + TRAIN_OPTIONS + ("tasks", "fmt", "select_ratio", "select_none_ratio", "sft_lr",
                                            "sft_epochs", "sft_warmup", "sft_reduction", "sft_keep", "eval_limit"),
     "pairs": ("gen_dtype", "max_new_tokens"),
-    "dpo": TRAIN_OPTIONS + ("dpo_lora_r", "dpo_grad_accum", "align", "strategy", "dpo_lr", "dpo_beta", "dpo_steps", "dpo_epochs", "dpo_warmup",
-                            "eval_every", "patience", "eval_limit", "nli", "gen_dtype", "max_new_tokens",
-                            "select_max_new_tokens"),
+    "dpo": TRAIN_OPTIONS + ("dpo_lora_r", "dpo_grad_accum", "align", "strategy", "dpo_lr", "dpo_beta", "dpo_steps",
+                            "dpo_epochs", "dpo_warmup", "eval_every", "patience", "eval_limit", "nli", "gen_dtype",
+                            "max_new_tokens", "select_max_new_tokens"),
     "predict": ("from_run", "strategy", "gen_dtype", "max_new_tokens", "select_max_new_tokens"),
     "evaluate": ("nli", "metrics_compat"),
 }
@@ -1260,8 +1260,9 @@ RESUME_ONLY = {"dpo": ("nli",)}  # DPO's validation scorer: checked while DPO ru
 def stage_input(cfg: RunConfig, stage: str) -> str | None:
     """The stage whose output `stage` reads (None: the base model and the data only)."""
     align = cfg.switches()["align"]
+    trained = "sft" if align == "none" else "dpo"
     return {"sft": None, "pairs": "sft", "dpo": "pairs" if align == "dpo" else "sft",
-            "predict": None if cfg.from_run else "sft" if align == "none" else "dpo", "evaluate": "predict"}[stage]
+            "predict": None if cfg.from_run else trained, "evaluate": "predict"}[stage]
 
 
 def stage_options(cfg: RunConfig, stage: str) -> dict:
