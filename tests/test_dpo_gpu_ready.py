@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import free_port
-from test_dpo_train import collate_dpo, collate_sft, dpo_features, log_records, tiny_gpt2, tiny_llama, trained
+from test_dpo_train import (collate_dpo, collate_sft, dpo_features, log_records, sft_features, tiny_gpt2, tiny_llama,
+                            trained)
 
 import dpo
 import model as modeling
@@ -23,12 +24,7 @@ V = 64
 
 def varied_sft(n, seed=0):
     """n sequences of 4..39 tokens (first 3: prompt): lengths vary enough for grouping to matter."""
-    g = torch.Generator().manual_seed(seed)
-    feats = []
-    for _ in range(n):
-        ids = torch.randint(1, V, (int(torch.randint(4, 40, (1,), generator=g)),), generator=g).tolist()
-        feats.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
-    return feats
+    return sft_features(n, seed, lo=4, hi=40)
 
 
 def varied_dpo(n, seed=0):

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from conftest import free_port
+from test_dpo_train import dpo_features, sft_features, tiny_llama
 
 import data
 import dpo
@@ -31,33 +32,6 @@ def tiny_gpt2(seed=0):
     """GPT-2 with its default dropout 0.1: resuming exactly needs the random streams too."""
     torch.manual_seed(seed)
     return modeling.build_model(modeling.GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2))
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    return modeling.build_model(modeling.LlamaConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True))
-
-
-def sft_features(n, seed=0):
-    """n random sequences of 6..13 tokens; the first 3 are the prompt (label -100)."""
-    g = torch.Generator().manual_seed(seed)
-    feats = []
-    for _ in range(n):
-        ids = torch.randint(1, V, (int(torch.randint(6, 14, (1,), generator=g)),), generator=g).tolist()
-        feats.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
-    return feats
-
-
-def dpo_features(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    feats = []
-    for _ in range(n):
-        prompt, c, r = (torch.randint(1, V, (k,), generator=g).tolist() for k in (4, 5, 3))
-        feats.append({"chosen_input_ids": prompt + c, "chosen_labels": [-100] * 4 + c,
-                      "rejected_input_ids": prompt + r, "rejected_labels": [-100] * 4 + r})
-    return feats
 
 
 def sft_cfg(out, **kw):

@@ -1,11 +1,10 @@
 """C.score as the PAL paper's numbers were computed (max over persona sentences, premise = persona sentence,
 hypothesis = response) and as Madotto et al. (2019) define it (sum), from one NLI pass."""
 import pytest
-import torch
 
 import nli as N
-
-C, NEU, E = [0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.3, 0.6]  # argmax: contradiction, neutral, entailment
+# FakeNLI: known outputs by (premise, hypothesis), every call recorded; C, NEU, E: contradiction, neutral, entailment
+from test_nli import C, E, NEU, FakeNLI
 
 PERSONAS_A = ["i have two dogs .", "i like to ski .", "i am a nurse ."]
 PERSONAS_B = ["i hate the snow .", "i am vegan ."]
@@ -24,20 +23,8 @@ TABLE = {
 WANT_MAX, WANT_SUM = [1.0, 0.0, -1.0], [0.0, -1.0, -2.0]
 
 
-class StubNLI:
-    """Known outputs looked up by (premise, hypothesis); records every call."""
-
-    def __init__(self, table):
-        self.table = table
-        self.calls = []
-
-    def predict(self, premises, hypotheses, batch_size=32):
-        self.calls.append((list(premises), list(hypotheses)))
-        return torch.tensor([self.table[(p, h)] for p, h in zip(premises, hypotheses)])
-
-
 def test_c_scores_max_and_sum_in_one_pass():
-    stub = StubNLI(TABLE)
+    stub = FakeNLI(TABLE)
     out = N.c_scores(RESPONSES, PERSONAS, stub)
     assert out["per_response_max"] == WANT_MAX and out["per_response_sum"] == WANT_SUM
     assert out["c_score"] == pytest.approx((1 + 0 - 1) / 3)
@@ -46,7 +33,7 @@ def test_c_scores_max_and_sum_in_one_pass():
 
 
 def test_c_score_premise_is_persona_hypothesis_is_response():
-    stub = StubNLI(TABLE)
+    stub = FakeNLI(TABLE)
     N.c_score(RESPONSES, PERSONAS, stub)
     premises, hypotheses = stub.calls[0]
     assert len(premises) == len(hypotheses) == 7
@@ -56,7 +43,7 @@ def test_c_score_premise_is_persona_hypothesis_is_response():
 
 
 def test_c_score_default_is_max_and_sum_on_request():
-    stub = StubNLI(TABLE)
+    stub = FakeNLI(TABLE)
     assert N.c_score(RESPONSES, PERSONAS, stub) == pytest.approx(0.0)
     assert N.c_score(RESPONSES, PERSONAS, stub, return_per_response=True)[1] == WANT_MAX
     score, per = N.c_score(RESPONSES, PERSONAS, stub, aggregate="sum", return_per_response=True)
@@ -66,7 +53,7 @@ def test_c_score_default_is_max_and_sum_on_request():
 
 
 def test_c_scores_edge_cases():
-    stub = StubNLI({("p", "x"): E})
+    stub = FakeNLI({("p", "x"): E})
     out = N.c_scores(["x", "y"], [["p"], []], stub)  # a response with no persona sentence counts 0 in both
     assert out["per_response_max"] == [1.0, 0.0] and out["per_response_sum"] == [1.0, 0.0]
     assert out["c_score"] == out["c_score_sum"] == pytest.approx(0.5)
