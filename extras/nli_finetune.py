@@ -1,10 +1,13 @@
 """Fine-tune an NLI classifier (nli.py's RoBERTa) on labelled (premise, hypothesis, label) pairs, with dpo.py's
 training loop: e.g. roberta-large-mnli on Dialogue NLI, the C.score model of the paper.
 
-    python extras/nli_finetune.py --model roberta-large-mnli --train dnli_train.jsonl --out runs/nli
+    python extras/nli_finetune.py --model roberta-large-mnli --train dialogue_nli_train.jsonl \
+        --valid dialogue_nli_dev.jsonl --out runs/nli
 
-Writes OUT/model (Hugging Face layout + tokenizer files: nli.load_nli and transformers read it), OUT/train (the
-training run: log.jsonl, checkpoints) and OUT/finetune.json (held-out accuracy before and after).
+Reads this project's JSONL {"premise", "hypothesis", "label"} and Dialogue NLI's files as distributed (see
+read_pairs). Writes OUT/model (Hugging Face layout + tokenizer files: nli.load_nli and transformers read it),
+OUT/train (the training run: log.jsonl, checkpoints) and OUT/finetune.json (held-out accuracy before and after;
+with --test, test accuracy too).
 """
 import argparse
 import json
@@ -42,24 +45,74 @@ class ClassifierAsLM(nn.Module):
         return torch.stack([logits, torch.zeros_like(logits)], dim=1)  # (B, 2, L)
 
 
-def read_pairs(path) -> list[tuple[str, str, int]]:
-    """JSONL lines {"premise": str, "hypothesis": str, "label": "entailment"|"neutral"|"contradiction"}.
-    Returns (premise, hypothesis, label index in NLI_LABELS)."""
+# Dialogue NLI (Welleck et al. 2019; public release linked from wellecks.github.io/dialogue_nli, also fetched by
+# ParlAI's build.py as dialogue_nli.zip) ships dialogue_nli_{train,dev,test,verified_test}.jsonl. Despite the name,
+# each file is ONE JSON array of {"label", "sentence1", "sentence2", "triple1", "triple2", "dtype", "id"}: ParlAI
+# reads them with json.load (facebookresearch/ParlAI, parlai/tasks/dialogue_nli/agents.py), as does the release's
+# own print_dtypes.py (jsonlines' read() of a single value). The labels are named by polarity; ParlAI's
+# DNLI_LABEL_DICT maps positive -> entailment, negative -> contradiction, neutral -> neutral, and its teacher takes
+# sentence1 as the premise, sentence2 as the hypothesis (DNLI_PREMISE_KEY, DNLI_HYPO_KEY). So do we.
+DNLI_LABELS = {"positive": "entailment", "neutral": "neutral", "negative": "contradiction"}
+# the two row layouts read_pairs knows: premise key, hypothesis key, label name -> name in NLI_LABELS
+PAIR_FORMATS = {
+    "pairs": ("premise", "hypothesis", {n: n for n in NLI_LABELS}),  # this project's own JSONL
+    "dnli": ("sentence1", "sentence2", DNLI_LABELS),                  # Dialogue NLI as distributed
+}
+
+
+def read_records(path) -> list[tuple[str, object]]:
+    """(where, row) for each row of a file that is either one JSON array (where = "FILE[i]", i the array index)
+    or JSON lines (where = "FILE:LINE", blank lines skipped). Told apart by the first non-blank character."""
+    text = Path(path).read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the JSON
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}:{e.colno}: not a valid JSON array ({e.msg})") from None
+        return [(f"{path}[{i}]", row) for i, row in enumerate(rows)]
     out = []
-    with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                p, h, y = d["premise"], d["hypothesis"], str(d["label"]).strip().lower()
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{ln}: expected {{'premise', 'hypothesis', 'label'}} JSON ({e})") from None
-            if y not in NLI_LABELS:
-                raise ValueError(f"{path}:{ln}: label {d['label']!r} is not one of {NLI_LABELS}")
-            out.append((p, h, NLI_LABELS.index(y)))
-    if not out:
+    for ln, line in enumerate(text.split("\n"), 1):  # "\n" only: JSON strings may hold U+2028 and kin
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{path}:{ln}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{ln}: not a JSON line ({e.msg})") from None
+    return out
+
+
+def pair_format(where: str, row) -> str:
+    """The name in PAIR_FORMATS of the layout whose premise key the row has."""
+    for name, (premise_key, _, _) in PAIR_FORMATS.items():
+        if isinstance(row, dict) and premise_key in row:
+            return name
+    raise ValueError(f"{where}: expected a JSON object with keys {{'premise', 'hypothesis', 'label'}} or Dialogue "
+                     f"NLI's {{'sentence1', 'sentence2', 'label'}}, got {str(row)[:80]!r}")
+
+
+def read_pairs(path) -> list[tuple[str, str, int]]:
+    """Labelled pairs from a JSON array or JSON lines file in one of two layouts, told apart by the first row and
+    then required of every row:
+      {"premise": str, "hypothesis": str, "label": "entailment"|"neutral"|"contradiction"}   (this project's)
+      {"sentence1": str, "sentence2": str, "label": "positive"|"neutral"|"negative", ...}    (Dialogue NLI's)
+    Label names are case-insensitive. Returns (premise, hypothesis, label index in NLI_LABELS)."""
+    records = read_records(path)
+    if not records:
         raise ValueError(f"{path}: no pairs")
+    fmt = pair_format(*records[0])
+    premise_key, hypothesis_key, names = PAIR_FORMATS[fmt]
+    out = []
+    for where, row in records:
+        missing = [k for k in (premise_key, hypothesis_key, "label") if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{where}: expected a JSON object with keys {{{premise_key!r}, {hypothesis_key!r}, "
+                             f"'label'}} like the file's first row (missing {missing})")
+        p, h, y = row[premise_key], row[hypothesis_key], str(row["label"]).strip().lower()
+        if not (isinstance(p, str) and isinstance(h, str)):
+            raise ValueError(f"{where}: {premise_key!r} and {hypothesis_key!r} must be strings")
+        if y not in names:
+            raise ValueError(f"{where}: label {row['label']!r} is not one of {tuple(names)}")
+        out.append((p, h, NLI_LABELS.index(names[y])))
     return out
 
 
@@ -81,16 +134,20 @@ def split_pairs(pairs: list, valid_fraction: float, seed: int, where) -> tuple[l
 
 def finetune(model_dir, train_path, out_dir, valid_path=None, valid_fraction: float = 0.1, epochs: float = 1.0,
              lr: float = 1e-5, batch_size: int = 16, eval_every: int = 0, seed: int = 0, max_steps=None,
-             progress: bool = True) -> dict:
+             progress: bool = True, test_path=None) -> dict:
     """Fine-tune an NLI classifier with dpo.train (mode "sft" on ClassifierAsLM); keep the weights with the best
-    held-out accuracy; save them (HF layout + tokenizer files) to out_dir/model. Returns accuracies."""
-    src = resolve_model_dir(model_dir)
-    nli = load_nli(src)
+    held-out accuracy; save them (HF layout + tokenizer files) to out_dir/model. Returns accuracies: held-out
+    (valid_path, else a seeded valid_fraction of train_path) and, with test_path, on a file that chose nothing."""
+    # the data first: a malformed file fails before a checkpoint is downloaded or loaded
     if valid_path is not None:
         train_pairs, valid_pairs = read_pairs(train_path), read_pairs(valid_path)
     else:
         train_pairs, valid_pairs = split_pairs(read_pairs(train_path), valid_fraction, seed, train_path)
+    test_pairs = read_pairs(test_path) if test_path is not None else None
+    src = resolve_model_dir(model_dir)
+    nli = load_nli(src)
     before = accuracy(nli, valid_pairs)
+    test_before = accuracy(nli, test_pairs) if test_pairs else None
 
     pad = nli.model.config.pad_token_id
     # labels in the checkpoint's own index space, so the saved model keeps its id2label
@@ -115,17 +172,25 @@ def finetune(model_dir, train_path, out_dir, valid_path=None, valid_fraction: fl
     saved = save_classifier(nli.model, Path(out_dir) / "model", tokenizer_from=src)
     report = {"train_pairs": len(train_pairs), "valid_pairs": len(valid_pairs), "valid_accuracy_before": before,
               "valid_accuracy_after": after, "steps": result["step"], "model_dir": str(saved)}
+    if test_pairs:
+        report.update(test_pairs=len(test_pairs), test_accuracy_before=test_before,
+                      test_accuracy_after=accuracy(nli, test_pairs))
     write_json(Path(out_dir) / "finetune.json", report)
     return report
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Fine-tune a RoBERTa NLI classifier on JSONL {premise, hypothesis, "
-                                 "label} pairs with dpo.py's training loop")
+    ap = argparse.ArgumentParser(description="Fine-tune a RoBERTa NLI classifier with dpo.py's training loop on "
+                                 "labelled pairs: JSONL {premise, hypothesis, label} or Dialogue NLI's files as "
+                                 "distributed (a JSON array of {sentence1, sentence2, label}, label positive|neutral|"
+                                 "negative)")
     ap.add_argument("--model", required=True, help="local dir or hub id of a RobertaForSequenceClassification")
-    ap.add_argument("--train", required=True, help="JSONL training pairs")
-    ap.add_argument("--valid", default=None, help="JSONL held-out pairs (default: --valid-fraction of --train)")
+    ap.add_argument("--train", required=True, help="training pairs, e.g. dialogue_nli_train.jsonl")
+    ap.add_argument("--valid", default=None, help="held-out pairs that pick the best checkpoint, e.g. "
+                    "dialogue_nli_dev.jsonl (default: --valid-fraction of --train)")
     ap.add_argument("--valid-fraction", type=float, default=0.1)
+    ap.add_argument("--test", default=None, help="pairs only measured, before and after (e.g. "
+                    "dialogue_nli_test.jsonl): accuracy on data that chose nothing")
     ap.add_argument("--out", required=True, help="output directory (model/ in HF layout, train/, finetune.json)")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--max-steps", type=int, default=None)
@@ -136,7 +201,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     report = finetune(args.model, args.train, args.out, valid_path=args.valid, valid_fraction=args.valid_fraction,
                       epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, eval_every=args.eval_every,
-                      seed=args.seed, max_steps=args.max_steps)
+                      seed=args.seed, max_steps=args.max_steps, test_path=args.test)
     print(json.dumps(report, indent=2))
 
 

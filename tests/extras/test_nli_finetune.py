@@ -95,3 +95,121 @@ def test_read_pairs_errors(tmp_path):
     p.write_text('{"premise": "a", "hypothesis": "b", "label": "yes"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: label 'yes'"):
         FT.read_pairs(p)
+
+
+# Dialogue NLI rows in the layout of its release (dialogue_nli_{train,dev,test}.jsonl: ONE JSON array, despite the
+# name), with DNLI's polarity labels. The expected (premise, hypothesis, label index) are written out by hand:
+# NLI_LABELS = (contradiction 0, neutral 1, entailment 2); positive -> 2, neutral -> 1, negative -> 0.
+DNLI_ROWS = [
+    {"label": "positive", "sentence1": "i have two dogs .", "sentence2": "my dogs are my best friends .",
+     "triple1": ["i", "have_pet", "dog"], "triple2": ["i", "have_pet", "dog"], "dtype": "matchingtriple_up",
+     "id": "dialogue_nli_train_0"},
+    {"label": "negative", "sentence1": "i am a vegan .", "sentence2": "i eat steak every night .",
+     "triple1": ["i", "has_diet", "vegan"], "triple2": ["i", "like_food", "steak"], "dtype": "misc_up",
+     "id": "dialogue_nli_train_1"},
+    {"label": "neutral", "sentence1": "i like to ski .", "sentence2": "my mother is a nurse .",
+     "triple1": ["i", "like_activity", "skiing"], "triple2": ["i", "has_profession", "nurse"],
+     "dtype": "random_up", "id": "dialogue_nli_train_2"},
+    {"label": "Negative", "sentence1": "i live in ohio .", "sentence2": "i have never been to the us .",
+     "triple1": ["i", "live_in_citystatecountry", "ohio"], "triple2": ["i", "never", "us"],
+     "dtype": "negation_up", "id": "dialogue_nli_train_3"},
+    {"label": "positive", "sentence1": "i play the guitar .", "sentence2": "i am a musician .",
+     "triple1": ["i", "like_music", "guitar"], "triple2": ["i", "has_profession", "musician"],
+     "dtype": "matchingtriple_pp", "id": "dialogue_nli_train_4"},
+    {"label": "neutral", "sentence1": "i drive a truck .", "sentence2": "i love pizza .",
+     "triple1": ["i", "have_vehicle", "truck"], "triple2": ["i", "like_food", "pizza"], "dtype": "random_pp",
+     "id": "dialogue_nli_train_5"},
+    {"label": "negative", "sentence1": "i am an only child .", "sentence2": "my sister is older than me .",
+     "triple1": ["i", "has_sibling", "none"], "triple2": ["i", "has_sibling", "sister"], "dtype": "misc_pp",
+     "id": "dialogue_nli_train_6"},
+]
+DNLI_EXPECTED = [
+    ("i have two dogs .", "my dogs are my best friends .", 2),
+    ("i am a vegan .", "i eat steak every night .", 0),
+    ("i like to ski .", "my mother is a nurse .", 1),
+    ("i live in ohio .", "i have never been to the us .", 0),
+    ("i play the guitar .", "i am a musician .", 2),
+    ("i drive a truck .", "i love pizza .", 1),
+    ("i am an only child .", "my sister is older than me .", 0),
+]
+
+
+def test_read_pairs_dialogue_nli_json_array(tmp_path):
+    """A file as Dialogue NLI distributes it: one JSON array on one line, sentence1 = premise, sentence2 =
+    hypothesis, positive / neutral / negative = entailment / neutral / contradiction (names case-insensitive)."""
+    p = tmp_path / "dialogue_nli_train.jsonl"
+    p.write_text(json.dumps(DNLI_ROWS))
+    assert FT.read_pairs(p) == DNLI_EXPECTED
+    p.write_text("\ufeff" + json.dumps(DNLI_ROWS, indent=2) + "\n")  # pretty-printed, with a byte-order mark
+    assert FT.read_pairs(p) == DNLI_EXPECTED
+    assert [N.NLI_LABELS[y] for _, _, y in DNLI_EXPECTED] == [FT.DNLI_LABELS[r["label"].lower()] for r in DNLI_ROWS]
+
+
+def test_read_pairs_dialogue_nli_json_lines_and_project_array(tmp_path):
+    """The same rows as JSON lines (blank lines skipped) read the same; the project's own layout as an array too."""
+    p = tmp_path / "dnli_lines.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in DNLI_ROWS[:3]) + "\n\n" +
+                 "\n".join(json.dumps(r) for r in DNLI_ROWS[3:]) + "\n")
+    assert FT.read_pairs(p) == DNLI_EXPECTED
+    names = {0: "contradiction", 1: "neutral", 2: "entailment"}
+    ours = [{"premise": a, "hypothesis": b, "label": names[y]} for a, b, y in DNLI_EXPECTED]
+    p.write_text(json.dumps(ours))
+    assert FT.read_pairs(p) == DNLI_EXPECTED
+
+
+def test_read_pairs_dialogue_nli_errors_name_file_and_index(tmp_path):
+    p = tmp_path / "dnli.jsonl"
+
+    def error_of(rows) -> str:
+        p.write_text(rows if isinstance(rows, str) else json.dumps(rows))
+        with pytest.raises(ValueError) as e:
+            FT.read_pairs(p)
+        return str(e.value)
+
+    bad = [dict(r) for r in DNLI_ROWS]
+    bad[3]["label"] = "maybe"
+    msg = error_of(bad)
+    assert msg.startswith(f"{p}[3]: label 'maybe' is not one of ('positive', 'neutral', 'negative')"), msg
+    bad = [dict(r) for r in DNLI_ROWS]
+    bad[4]["label"] = "entailment"  # the other layout's names are not DNLI's
+    assert error_of(bad).startswith(f"{p}[4]: label 'entailment'")
+    bad = [dict(r) for r in DNLI_ROWS]
+    del bad[2]["sentence2"]
+    assert error_of(bad).startswith(f"{p}[2]: expected a JSON object with keys {{'sentence1', 'sentence2', 'label'}}")
+    bad = DNLI_ROWS[:1] + [{"premise": "a", "hypothesis": "b", "label": "neutral"}]  # layouts mixed in one file
+    assert error_of(bad).startswith(f"{p}[1]: expected a JSON object with keys {{'sentence1'")
+    assert error_of(DNLI_ROWS[:1] + [["a", "b", "neutral"]]).startswith(f"{p}[1]: expected a JSON object")
+    bad = [dict(r) for r in DNLI_ROWS]
+    bad[5]["sentence1"] = None
+    assert error_of(bad).startswith(f"{p}[5]: 'sentence1' and 'sentence2' must be strings")
+    assert error_of([{"text": "a", "label": "neutral"}]).startswith(f"{p}[0]: expected a JSON object with keys")
+    assert error_of(json.dumps(DNLI_ROWS)[:-40]).startswith(f"{p}:1:")  # a cut-off array: its line and column
+    assert error_of("[]") == f"{p}: no pairs"
+    lines = [json.dumps(r) for r in DNLI_ROWS]
+    lines[5] = lines[5].replace('"neutral"', '"unsure"')
+    assert error_of("\n".join(lines)).startswith(f"{p}:6: label 'unsure'")
+    assert error_of("\n".join(lines[:2] + ['{"sentence1": "a",'])).startswith(f"{p}:3: not a JSON line")
+
+
+def test_finetune_cli_on_dialogue_nli_files(tmp_path):
+    """The documented command, shrunk: --train / --valid / --test given Dialogue NLI files as distributed (arrays;
+    the dev file here as JSON lines) runs end to end and writes OUT/model, OUT/train and OUT/finetune.json."""
+    src = tmp_path / "roberta-large-mnli"
+    src.mkdir()
+    _save_trainable_hf(src, vocab_size=_byte_tokenizer_dir(src))
+    rows = [dict(r, id=f"dialogue_nli_train_{i}") for i, r in enumerate(DNLI_ROWS * 3)]
+    (tmp_path / "dialogue_nli_train.jsonl").write_text(json.dumps(rows))
+    (tmp_path / "dialogue_nli_dev.jsonl").write_text("\n".join(json.dumps(r) for r in DNLI_ROWS[:6]) + "\n")
+    (tmp_path / "dialogue_nli_test.jsonl").write_text(json.dumps(DNLI_ROWS[1:]))
+    out = tmp_path / "runs" / "nli"
+    FT.main(["--model", str(src), "--train", str(tmp_path / "dialogue_nli_train.jsonl"),
+             "--valid", str(tmp_path / "dialogue_nli_dev.jsonl"), "--test", str(tmp_path / "dialogue_nli_test.jsonl"),
+             "--out", str(out), "--batch-size", "4", "--max-steps", "2", "--eval-every", "1"])
+    report = json.loads((out / "finetune.json").read_text())
+    assert (report["train_pairs"], report["valid_pairs"], report["test_pairs"], report["steps"]) == (21, 6, 6, 2)
+    for k in ("valid_accuracy_before", "valid_accuracy_after", "test_accuracy_before", "test_accuracy_after"):
+        assert 0.0 <= report[k] <= 1.0, report
+    assert (out / "train" / "log.jsonl").is_file()
+    clf = N.load_nli(out / "model")
+    assert FT.accuracy(clf, FT.read_pairs(tmp_path / "dialogue_nli_dev.jsonl")) == pytest.approx(
+        report["valid_accuracy_after"])
