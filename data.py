@@ -1366,20 +1366,28 @@ class PromptPrefixError(ValueError):
     pass
 
 
-def _encode_text(tok, prompt: str, target: str | None) -> list[int]:
-    """ids of the prompt alone (target None: what generation starts from) or of prompt and target together."""
+def _encode_text(tok, prompt: str, target: str | None, shots: Sequence[tuple[str, str]] = ()) -> list[int]:
+    """ids of the prompt alone (target None: what generation starts from) or of prompt and target together.
+    shots: (prompt, reply) demonstrations put first (few-shot): earlier chat turns, or text before the prompt."""
     if tok.has_chat:
-        turns = [{"role": "user", "content": prompt}]
+        turns = [{"role": r, "content": c} for p, reply in shots for r, c in (("user", p), ("assistant", reply))]
+        turns += [{"role": "user", "content": prompt}]
         turns += [{"role": "assistant", "content": target}] if target is not None else []
         return list(tok.chat(turns, add_generation_prompt=target is None))
     # GPT-2's <|endoftext|> is both BOS and EOS and GPT-2 fine-tuning does not start with it.
     bos = [tok.bos_id] if tok.bos_id is not None and tok.bos_id != tok.eos_id else []
-    return bos + list(tok.encode(prompt + (target or "")))
+    return bos + list(tok.encode("".join(p + reply + "\n\n" for p, reply in shots) + prompt + (target or "")))
 
 
-def encode_prompt(tok, prompt: str) -> list[int]:
-    """The ids a model is given at generation time for this prompt."""
-    return _encode_text(tok, prompt, None)
+def encode_prompt(tok, prompt: str, shots: Sequence[tuple[str, str]] = ()) -> list[int]:
+    """The ids a model is given at generation time for this prompt (after the demonstrations `shots`)."""
+    return _encode_text(tok, prompt, None, shots)
+
+
+def demonstrations(examples: Sequence[Example], lang: str = "en", turns: int = 2) -> list[tuple[str, str]]:
+    """Few-shot demonstrations: (the persona-list prompt of an example with its last `turns` history utterances,
+    its gold reply) -- short enough that k of them leave room for the prompt they precede."""
+    return [(build_prompt("personas", e.personas, e.history[-turns:], lang), e.response) for e in examples]
 
 
 def encode_prompt_target(tok, prompt: str, target: str) -> tuple[list[int], list[int]]:
@@ -1474,14 +1482,16 @@ def _encode_truncated(tok, ex, mode, lang, max_len, persona, stats, targets):
 
 
 def encode_generation_prompt(tok, ex: Example, mode: str, lang: str = "en", persona: str | None | _Gold = None,
-                             max_len: int | None = None, stats: EncodeStats | None = None) -> tuple[list[int], int]:
+                             max_len: int | None = None, stats: EncodeStats | None = None,
+                             shots: Sequence[tuple[str, str]] = ()) -> tuple[list[int], int]:
     """(prompt ids a model generates from, number of oldest history utterances dropped so that the prompt
     holds at most max_len ids). Used for the DPO rejected samples (mode "history") and select-then-generate
     ("select", then "generate" with persona=the selected sentence, None = NO_PERSONA). Unlike training, the
-    default here is NOT the gold persona; pass persona=GOLD explicitly for an oracle run. A prompt still over
-    max_len keeps its last max_len ids, the end that asks for the reply (stats.cut): every example gets one."""
+    default here is NOT the gold persona; pass persona=GOLD explicitly for an oracle run. `shots`: few-shot
+    demonstrations before the prompt (see demonstrations). A prompt still over max_len keeps its last max_len
+    ids, the end that asks for the reply (stats.cut): every example gets one."""
     def encode_from(start):  # -> (prompt ids, their length)
-        ids = encode_prompt(tok, prompt_and_target(ex, mode, lang, persona, history=ex.history[start:])[0])
+        ids = encode_prompt(tok, prompt_and_target(ex, mode, lang, persona, history=ex.history[start:])[0], shots)
         return ids, len(ids)
 
     start, (ids, n) = _drop_oldest(encode_from, len(ex.history), max_len)

@@ -5,7 +5,8 @@ Read top to bottom:
   2. pieces      attention mask, attention (GQA), the preallocated KV cache, fp32 norms, init
   3. GPT-2       learned positions, pre-LayerNorm blocks, tanh-GELU MLP, tied head: model(ids[B,T]) -> logits[B,T,V]
   4. Llama       RMSNorm, RoPE (with Llama 3.1 frequency scaling), grouped-query attention, SwiGLU MLP
-  5. LoRA        LoRALinear (adapters in fp32 on any base) and the helpers that add / merge / disable / save them
+  5. LoRA        LoRALinear (adapters in fp32 on any base) and the helpers that add / merge / disable / save them;
+                 prompt tuning: SoftPrompt, trainable vectors read through virtual token ids past the vocabulary
   6. generate    batched greedy decoding: left padding, one prefill, then one-token steps on the cache
   7. load/save   resolve_model_dir, read_config, load_model (rename table + every key and shape checked; safetensors,
                  or pytorch_model.bin loaded with weights_only), save_model, atomic writes
@@ -310,6 +311,7 @@ class GPT2(nn.Module):
         self.drop = nn.Dropout(cfg.embd_pdrop)
         self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = LayerNormFP32(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.soft_prompt: SoftPrompt | None = None   # prompt tuning (add_soft_prompt); None: plain embeddings
         # No lm_head module: the output projection *is* wte.weight (tied), so there is nothing to keep in sync.
         _init_weights(self)
 
@@ -328,7 +330,8 @@ class GPT2(nn.Module):
                              f"{n_slots} tokens")
         pos, mask, is_causal = positions_and_mask(input_ids, attention_mask, position_ids, cache,
                                                   self.wte.weight.dtype)          # pos (B, T)
-        x = self.drop(self.wte(input_ids) + self.wpe(pos))                # (B, T, C)
+        tok = self.wte(input_ids) if self.soft_prompt is None else self.soft_prompt(input_ids, self.wte)
+        x = self.drop(tok + self.wpe(pos))                                # (B, T, C)
         for i, block in enumerate(self.h):
             x = block(x, mask, is_causal, cache, i)
         if cache is not None:
@@ -451,6 +454,7 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # Tied models (Llama 3.2 1B/3B, SmolLM2) have no lm_head: the output projection is embed.weight.
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.soft_prompt: SoftPrompt | None = None   # prompt tuning (add_soft_prompt); None: plain embeddings
         # A plain fp32 attribute, not a buffer: model.to(bfloat16) must not round the frequencies, and a model
         # built on the meta device still gets real values (computed on the CPU, moved on first use).
         self.inv_freq = rope_inv_freq(cfg)
@@ -459,7 +463,7 @@ class Llama(nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
                 last_only: bool = False, hidden_only: bool = False):
         """Same inputs and outputs as GPT2.forward: logits (B, T or 1, V), or normed hidden states with hidden_only."""
-        x = self.embed(input_ids)                                        # (B, T, C)
+        x = self.embed(input_ids) if self.soft_prompt is None else self.soft_prompt(input_ids, self.embed)  # (B,T,C)
         pos, mask, is_causal = positions_and_mask(input_ids, attention_mask, position_ids, cache, x.dtype)
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
@@ -644,6 +648,74 @@ def save_lora(model: nn.Module, path):
 
 def load_lora(model: nn.Module, path):
     load_lora_state_dict(model, load_file(str(path)))
+
+
+# Prompt tuning (Lester et al. 2021): n trainable vectors placed before every input, every model weight frozen.
+# The vectors answer to n *virtual* token ids V .. V+n-1, just past the vocabulary, so a soft-prompted input is an
+# ordinary id sequence [V, ..., V+n-1, prompt ids...]: batching, padding, positions, the KV cache and the loss work
+# unchanged, and generating from such ids is exactly a forward pass with the vectors prepended to the embeddings.
+
+
+class SoftPrompt(nn.Module):
+    """The prompt vectors (n, C), fp32 like LoRA's adapters, initialised from the embeddings of `init_ids`
+    (token ids, repeated or cut to n: Lester et al. found vocabulary-based starts train better than random ones)."""
+
+    def __init__(self, embedding: nn.Embedding, n_tokens: int, init_ids: list[int]):
+        super().__init__()
+        if n_tokens <= 0 or not init_ids:
+            raise ValueError(f"a soft prompt needs n_tokens > 0 and init ids, got {n_tokens} and {len(init_ids)}")
+        self.vocab_size = embedding.num_embeddings
+        rows = torch.tensor([init_ids[k % len(init_ids)] for k in range(n_tokens)], device=embedding.weight.device)
+        self.vectors = nn.Parameter(embedding.weight.detach()[rows].float().clone())   # (n, C)
+
+    @property
+    def ids(self) -> list[int]:
+        """The virtual ids a caller puts before each prompt."""
+        return list(range(self.vocab_size, self.vocab_size + self.vectors.shape[0]))
+
+    def forward(self, input_ids: torch.Tensor, embedding: nn.Embedding) -> torch.Tensor:
+        """(B, T) ids -> (B, T, C): the embedding's rows, and prompt vectors where an id is virtual."""
+        virtual = input_ids >= self.vocab_size                                        # (B, T)
+        x = embedding(input_ids.masked_fill(virtual, 0))                              # (B, T, C)
+        k = (input_ids - self.vocab_size).clamp(0, self.vectors.shape[0] - 1)         # (B, T) row of each id
+        return torch.where(virtual[..., None], self.vectors[k].to(x.dtype), x)
+
+
+SOFT_PROMPT_FILE = "soft_prompt.safetensors"   # {"prompt_embeddings": (n, C)}, PEFT's key for these vectors
+
+
+def add_soft_prompt(model: nn.Module, n_tokens: int, init_ids: list[int]) -> list[int]:
+    """Freeze every weight of `model` and give it n trainable prompt vectors; returns their virtual ids."""
+    if model.soft_prompt is not None:
+        raise RuntimeError("the model already has a soft prompt")
+    model.requires_grad_(False)
+    embedding = model.wte if model.family == "gpt2" else model.embed
+    model.soft_prompt = SoftPrompt(embedding, n_tokens, init_ids)
+    return model.soft_prompt.ids
+
+
+def soft_prompt_ids(model: nn.Module) -> list[int]:
+    """The virtual ids to put before each prompt: none for a model without a soft prompt."""
+    return [] if model.soft_prompt is None else model.soft_prompt.ids
+
+
+def save_soft_prompt(model: nn.Module, path):
+    with atomic_path(path) as tmp:
+        save_file({"prompt_embeddings": model.soft_prompt.vectors.detach().cpu().contiguous()}, str(tmp),
+                  metadata={"format": "pt"})
+
+
+def load_soft_prompt(model: nn.Module, path) -> list[int]:
+    """Give `model` the saved prompt vectors (their width must be the model's); returns their virtual ids."""
+    vectors = load_file(str(path)).get("prompt_embeddings")
+    width = model.config.n_embd if model.family == "gpt2" else model.config.hidden_size
+    if vectors is None or vectors.dim() != 2 or vectors.shape[1] != width:
+        shape = None if vectors is None else tuple(vectors.shape)
+        raise CheckpointError(f"{path}: expected 'prompt_embeddings' of shape (n, {width}), found {shape}")
+    ids = add_soft_prompt(model, vectors.shape[0], [0])
+    with torch.no_grad():
+        model.soft_prompt.vectors.copy_(vectors)
+    return ids
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -947,7 +1019,7 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in model.state_dict().items():
         owner, _, leaf = name.rpartition(".")
-        if leaf in ("lora_A", "lora_B"):
+        if leaf in ("lora_A", "lora_B") or name.startswith("soft_prompt."):   # adapters are saved on their own
             continue
         if owner.endswith(".base") and owner[:-5] in lora:      # "x.base.weight" -> "x.weight"
             layer = lora[owner[:-5]]

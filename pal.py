@@ -54,29 +54,36 @@ import nli
 # 1. A run
 # ----------------------------------------------------------------------------------------------------------
 
-# What each variant changes. The four switches:
+# What each variant changes. The switches:
 #   tasks     SFT tasks: "mix" (persona selection + persona-enhanced generation, interleaved: PAL),
-#             "dg" (generation only), "ps" (selection only), "seq" (selection, then generation),
-#             "none" (no SFT: the later stages start from the base model)
+#             "dg" (generation only, from the persona list: nothing highlighted, as at its inference),
+#             "ps" (selection only), "seq" (selection, then generation), "none" (no SFT: the base model)
 #   fmt       "prompt" (PAL's instruction prompts) or "plain" (personas and history as plain lines)
 #   align     second stage: "dpo" (PAL), "sft" (SFT on Valid#1's gold responses: w/o PC), "none" (w/o PA)
 #   strategy  inference: "select" (Select then Generate), "random" (a random persona is highlighted),
 #             "none" (Not Select: the full persona list, nothing highlighted)
+#   tune      what SFT trains: "weights" (all of them, or LoRA adapters with --lora-r) or "prompt" (prompt tuning:
+#             --prompt-tokens vectors before every prompt, every weight frozen: the +Prompting baseline)
+#   shots     Train examples with their gold replies shown before every reply prompt (few-shot; 0: none)
+# In the order of the result tables: the baselines and PAL (Table 2 / 3), then the ablations (Table 5).
+SWITCH_DEFAULTS = dict(tune="weights", shots=0)
 VARIANTS = {
     "zero_shot":  dict(tasks="none", fmt="prompt", align="none", strategy="none"),  # the base model, no training
-    "pal":        dict(tasks="mix", fmt="prompt", align="dpo", strategy="select"),
+    "few_shot":   dict(tasks="none", fmt="prompt", align="none", strategy="none", shots=3),
+    "prompting":  dict(tasks="dg", fmt="prompt", align="none", strategy="none", tune="prompt"),  # prompt tuning
     "ft":         dict(tasks="dg", fmt="plain", align="none", strategy="none"),   # fine-tuning w/o prompts
-    "prompting":  dict(tasks="dg", fmt="prompt", align="none", strategy="none"),  # generation task only
+    "pal":        dict(tasks="mix", fmt="prompt", align="dpo", strategy="select"),
     "wo_mix":     dict(tasks="none", fmt="prompt", align="dpo", strategy="select"),  # no Persona-aware Learning
     "wo_pa":      dict(tasks="mix", fmt="prompt", align="none", strategy="select"),
+    "wo_pc":      dict(tasks="mix", fmt="prompt", align="sft", strategy="select"),
     "only_dg":    dict(tasks="dg", fmt="prompt", align="dpo", strategy="none"),
     "only_ps":    dict(tasks="ps", fmt="prompt", align="dpo", strategy="select"),
-    "wo_pc":      dict(tasks="mix", fmt="prompt", align="sft", strategy="select"),
     "random":     dict(tasks="mix", fmt="prompt", align="dpo", strategy="random"),
     "not_select": dict(tasks="mix", fmt="prompt", align="dpo", strategy="none"),
 }
+ABLATIONS = ("wo_mix", "wo_pa", "wo_pc", "only_dg", "only_ps", "random", "not_select")  # Table 5's rows, after PAL
 SWITCHES = {"tasks": ("mix", "dg", "ps", "seq", "none"), "fmt": ("prompt", "plain"), "align": ("dpo", "sft", "none"),
-            "strategy": ("select", "random", "none")}
+            "strategy": ("select", "random", "none"), "tune": ("weights", "prompt"), "shots": int}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -103,6 +110,12 @@ class RunConfig:
     fmt: str | None = option(None, SWITCHES["fmt"], "prompt format (overrides the variant)")
     align: str | None = option(None, SWITCHES["align"], "second stage (overrides the variant)")
     strategy: str | None = option(None, SWITCHES["strategy"], "inference strategy (overrides the variant)")
+    tune: str | None = option(None, SWITCHES["tune"], "what SFT trains: weights, or a soft prompt (overrides the "
+                              "variant)")
+    shots: int | None = option(None, int, "few-shot: Train examples shown before each reply prompt at inference "
+                               "(overrides the variant)", low=0)
+    prompt_tokens: int = option(20, int, "prompt tuning: trainable vectors before each prompt", low=1)
+    prompt_lr: float = option(3e-2, float, "prompt tuning: learning rate of the prompt vectors", above=0)
     lang: str | None = option(None, ("en", "zh"), "language of prompts and metrics (default: from the data)")
     limit: int | None = option(None, int, "examples per split (default: all)", low=1)
     personas: str | None = option(None, ("original", "revised"), "PERSONA-CHAT persona files: revised = Train and "
@@ -159,8 +172,9 @@ class RunConfig:
                                  "the paper's authors computed them (pycocoevalcap, arguments swapped)")
 
     def switches(self) -> dict:
-        base = VARIANTS[self.variant]
-        return {k: getattr(self, k) or base[k] for k in SWITCHES}
+        """The variant's switches, with each one given as an option on top."""
+        base = {**SWITCH_DEFAULTS, **VARIANTS[self.variant]}
+        return {k: base[k] if getattr(self, k) is None else getattr(self, k) for k in SWITCHES}
 
 
 def load_run_config(run_dir: Path, overrides: dict) -> RunConfig:
@@ -199,11 +213,17 @@ def check_options(cfg: RunConfig):
             raise ValueError(f"{_flag(f.name)} {value}: must be {bounds}")
         if m["above"] is not None and value <= m["above"]:
             raise ValueError(f"{_flag(f.name)} {value}: must be above {m['above']}")
+    soft = cfg.prompt_tokens if cfg.switches()["tune"] == "prompt" else 0
     for name in ("max_new_tokens", "select_max_new_tokens"):  # the prompt needs room in max_len
-        if getattr(cfg, name) >= cfg.max_len:
-            raise ValueError(f"{_flag(name)} {getattr(cfg, name)}: must be below --max-len {cfg.max_len}")
+        if getattr(cfg, name) + soft >= cfg.max_len:
+            extra = f" minus --prompt-tokens {soft}" if soft else ""
+            raise ValueError(f"{_flag(name)} {getattr(cfg, name)}: must be below --max-len {cfg.max_len}{extra}")
     if unknown := set(cfg.lora_targets.split(",")) - {"q", "k", "v", "o", "mlp"}:
         raise ValueError(f"--lora-targets {cfg.lora_targets}: unknown {sorted(unknown)}; choose from q,k,v,o,mlp")
+    sw = cfg.switches()
+    if sw["tune"] == "prompt" and (sw["tasks"] == "none" or sw["align"] != "none"):
+        raise ValueError(f"--tune prompt: prompt tuning trains a soft prompt in the SFT stage and nothing after it; "
+                         f"it needs SFT tasks (not --tasks {sw['tasks']}) and --align none (not {sw['align']})")
     if cfg.precision == "fp16" and cfg.dtype == "fp16" and not cfg.lora_r:  # loss scaling needs fp32 masters
         raise ValueError("--precision fp16 with --dtype fp16: fp16 loss scaling needs fp32 trainable weights; use "
                          "--dtype fp32 (autocast computes in fp16) or LoRA (--lora-r, adapters stay fp32)")
@@ -346,7 +366,10 @@ def generation_model(cfg: RunConfig, weights):
     plus the fp32 adapters, unmerged (see note_adapter_base); anything else is loaded as it is."""
     noted = Path(weights) / ADAPTER_BASE if isinstance(weights, Path) else None
     if noted is None or not noted.exists():
-        return load_stage_model(weights, cfg.gen_dtype or cfg.dtype)
+        m = load_stage_model(weights, cfg.gen_dtype or cfg.dtype)
+        if isinstance(weights, Path) and (weights / modeling.SOFT_PROMPT_FILE).exists():  # a prompt-tuned run
+            modeling.load_soft_prompt(m, weights / modeling.SOFT_PROMPT_FILE)
+        return m
     info = modeling.read_json(noted)
     m = load_stage_model(info["base"], cfg.gen_dtype or cfg.dtype)
     modeling.add_lora(m, r=info["r"], alpha=info["alpha"], targets=info["targets"].split(","))
@@ -423,8 +446,18 @@ def generate_texts(model, tok, prompt_ids: list[list[int]], max_new_tokens: int,
 
 
 def prompt_mode(fmt: str) -> str:
-    """The prompt mode of the generation task: PAL's persona-enhanced prompt, or plain lines (ft)."""
+    """The prompt mode of replies at inference: PAL's persona-enhanced prompt (select_then_generate drops the
+    highlight when its strategy picks no persona), or plain lines (ft)."""
     return "noprompt" if fmt == "plain" else "generate"
+
+
+def training_prompt(switches: dict) -> str:
+    """The prompt of replies in training (DPO pairs, w/o PC's SFT): PAL's persona-enhanced prompt with the gold
+    persona highlighted; the persona list alone for generation-only SFT (only DG, +Prompting: nothing selects a
+    persona to highlight, at training or at inference); plain lines for ft."""
+    if switches["fmt"] == "plain":
+        return "noprompt"
+    return "personas" if switches["tasks"] == "dg" else "generate"
 
 
 def decoding(cfg: RunConfig) -> dict:
@@ -434,21 +467,40 @@ def decoding(cfg: RunConfig) -> dict:
                 batch=cfg.gen_batch, seed=cfg.seed)
 
 
+def prompt_context(cfg: RunConfig, model, tok, splits: dict, lang: str) -> dict:
+    """What comes before each inference prompt, as select_then_generate's keyword arguments: the soft prompt's
+    virtual ids (a prompt-tuned model) and the few-shot demonstrations (--shots Train examples, drawn once with
+    the seed, the same for every prompt). The demonstrations may take half of a prompt's room at most: beyond
+    that the example's own personas would not fit."""
+    k = cfg.switches()["shots"]
+    if k > len(splits["train"]):
+        raise ValueError(f"--shots {k}: there are only {len(splits['train'])} Train examples to show")
+    shots = data.demonstrations(random.Random(cfg.seed).sample(splits["train"], k), lang)
+    size = len(data.encode_prompt(tok, "", shots)) - len(data.encode_prompt(tok, ""))
+    room = cfg.max_len - cfg.max_new_tokens
+    if size > room // 2:
+        raise ValueError(f"--shots {k}: the demonstrations take {size} tokens, more than half of the {room} a prompt "
+                         f"has (--max-len {cfg.max_len}); give fewer shots or a larger --max-len")
+    return dict(prefix=modeling.soft_prompt_ids(model), shots=shots)
+
+
 def select_then_generate(model, tok, examples: list, lang: str, *, strategy: str = "select", mode: str = "generate",
                          max_len: int = 512, max_new_tokens: int = 48, select_max_new_tokens: int = 48,
-                         batch: int = 16, seed: int = 0, desc: str = "predict",
-                         writer: JsonlWriter | None = None) -> list[dict]:
+                         batch: int = 16, seed: int = 0, desc: str = "predict", prefix: list[int] = (),
+                         shots: list[tuple[str, str]] = (), writer: JsonlWriter | None = None) -> list[dict]:
     """PAL's inference for each example: 1. the model picks the persona sentence the reply should use
     (selection prompt), 2. it replies with *that* sentence highlighted. Never the gold label.
     strategy "random" highlights a random persona sentence, "none" highlights nothing (Not Select).
-    With a writer, rows it already holds are kept and the remaining examples are appended to it."""
+    prefix: ids before every prompt (a soft prompt's virtual ids); shots: few-shot demonstrations before the
+    reply prompt (prompt_context gives both). With a writer, rows it already holds are kept and the remaining
+    examples are appended to it."""
     rows = list(writer.done_rows) if writer else []
     todo = examples[len(rows):]
     # 1. selection: greedy decoding of the selection prompt, parsed back to one of the persona sentences
     picks = None
     if strategy == "select" and mode == "generate":
-        room = max_len - select_max_new_tokens  # oldest history turns are dropped beyond this
-        ids = [data.encode_generation_prompt(tok, e, "select", lang, max_len=room)[0] for e in todo]
+        room = max_len - select_max_new_tokens - len(prefix)  # oldest history turns are dropped beyond this
+        ids = [list(prefix) + data.encode_generation_prompt(tok, e, "select", lang, max_len=room)[0] for e in todo]
         picks = generate_texts(model, tok, ids, select_max_new_tokens, batch, f"{desc}: select")
         selected = [data.parse_selection(t, e.personas, lang) for t, e in zip(picks, todo)]
     elif strategy == "random":  # one draw per example, seeded by the example: a resumed or sharded run picks alike
@@ -458,8 +510,8 @@ def select_then_generate(model, tok, examples: list, lang: str, *, strategy: str
         selected = [None] * len(todo)
         mode = "personas" if mode == "generate" else mode  # Not Select: the persona list, nothing highlighted
     # 2. generation with the selected persona highlighted
-    room = max_len - max_new_tokens
-    ids = [data.encode_generation_prompt(tok, e, mode, lang, persona=p, max_len=room)[0]
+    room = max_len - max_new_tokens - len(prefix)
+    ids = [list(prefix) + data.encode_generation_prompt(tok, e, mode, lang, persona=p, max_len=room, shots=shots)[0]
            for e, p in zip(todo, selected)]
 
     def write(idx, texts):
@@ -479,6 +531,20 @@ def select_then_generate(model, tok, examples: list, lang: str, *, strategy: str
 
 # ---- 1. sft ---------------------------------------------------------------------------------------------------
 
+def soft_prompt_init(tok, lang: str) -> list[int]:
+    """Token ids whose embeddings start the prompt vectors: the reply prompt's own instructions (a task
+    description, as Lester et al. found better than random vectors)."""
+    return tok.encode(data.build_prompt("personas", [], [], lang))
+
+
+def with_prefix(feats: list[dict], prefix: list[int]) -> list[dict]:
+    """Features with `prefix` (a soft prompt's virtual ids) before every sequence, never a target."""
+    if not prefix:
+        return feats
+    return [{**f, "input_ids": prefix + f["input_ids"], "labels": [data.IGNORE] * len(prefix) + f["labels"]}
+            for f in feats]
+
+
 def sft_phases(tasks: str, fmt: str) -> list[tuple[str, list[str]]]:
     """The SFT phases of a run: (name, prompt modes trained together). w/o Mix trains the two tasks one
     after the other instead of interleaved."""
@@ -486,7 +552,7 @@ def sft_phases(tasks: str, fmt: str) -> list[tuple[str, list[str]]]:
         return []
     if fmt == "plain":
         return [("dg", ["noprompt"])]
-    return {"mix": [("mix", ["select", "generate"])], "dg": [("dg", ["generate"])], "ps": [("ps", ["select"])],
+    return {"mix": [("mix", ["select", "generate"])], "dg": [("dg", ["personas"])], "ps": [("ps", ["select"])],
             "seq": [("ps", ["select"]), ("dg", ["generate"])]}[tasks]
 
 
@@ -509,7 +575,8 @@ def train_config(cfg: RunConfig, mode: str, out_dir: Path, n_features: int) -> d
                   save_minutes=cfg.save_minutes, log_every=cfg.log_every,
                   group_by_length=True)  # batches of similar lengths: far less padding, the same exact resume
     if mode == "sft":
-        return dpo.TrainConfig(mode="sft", epochs=cfg.sft_epochs, lr=cfg.sft_lr, warmup_steps=cfg.sft_warmup,
+        lr = cfg.prompt_lr if cfg.switches()["tune"] == "prompt" else cfg.sft_lr
+        return dpo.TrainConfig(mode="sft", epochs=cfg.sft_epochs, lr=lr, warmup_steps=cfg.sft_warmup,
                                sft_reduction=cfg.sft_reduction, eval_every=0, export_best=cfg.sft_keep == "best",
                                **common)
     steps = cfg.dpo_steps
@@ -553,17 +620,24 @@ def stage_sft(cfg: RunConfig, run: Path):
         if not (phase_dir / "final").exists():
             train = nonempty(splits["train"], f"Train examples in {cfg.data_dir}")
             say(f"sft phase {k} ({name}): tasks {modes} on {len(train)} Train examples")
-            model = trainable_model(cfg, weights)
+            if cfg.switches()["tune"] == "prompt":  # +Prompting: the weights stay as they are, a soft prompt learns
+                model = load_stage_model(weights, cfg.dtype)
+                prefix = modeling.add_soft_prompt(model, cfg.prompt_tokens, soft_prompt_init(tok, lang))
+                say(f"prompt tuning: {cfg.prompt_tokens} trainable vectors before every prompt, every weight frozen")
+            else:
+                model, prefix = trainable_model(cfg, weights), []
+            room = cfg.max_len - len(prefix)
             if modes == ["select", "generate"]:
                 feats, stats = data.mixed_task_features(tok, splits["train"], cfg.select_ratio, cfg.seed, lang,
-                                                        cfg.max_len, cfg.select_none_ratio)
+                                                        room, cfg.select_none_ratio)
             else:
-                feats, stats = data.sft_features(tok, splits["train"], modes[0], lang, cfg.max_len)
+                feats, stats = data.sft_features(tok, splits["train"], modes[0], lang, room)
             say(f"SFT features ({'+'.join(modes)}): {stats.summary()}")
-            nonempty(feats, f"SFT features fit --max-len {cfg.max_len} ({stats.summary()})")
+            feats = with_prefix(nonempty(feats, f"SFT features fit --max-len {cfg.max_len} ({stats.summary()})"),
+                                prefix)
             # validation, once per epoch: the summed NLL of the phase's last task on Valid#1 + Valid#2
             val = (splits["valid1"] + splits["valid2"])[: cfg.eval_limit]
-            val_feats = data.sft_features(tok, val, modes[-1], lang, cfg.max_len)[0] if val else []
+            val_feats = with_prefix(data.sft_features(tok, val, modes[-1], lang, room)[0] if val else [], prefix)
             tcfg = train_config(cfg, "sft", phase_dir, len(feats))
             if val_feats:
                 tcfg.eval_every = max(1, math.ceil(len(feats) / global_batch(cfg)))
@@ -643,7 +717,7 @@ def stage_dpo(cfg: RunConfig, run: Path):
         return None
     splits, lang = run_data(cfg)
     tok = load_tokenizer(cfg.model)
-    mode = prompt_mode(cfg.switches()["fmt"])
+    mode = training_prompt(cfg.switches())
     policy = trainable_model(cfg, sft_weights(cfg, run), "dpo")
     ref = None
     if align == "dpo" and not lora_rank(cfg, "dpo"):  # full fine-tuning: the reference is a frozen SFT copy
@@ -653,7 +727,8 @@ def stage_dpo(cfg: RunConfig, run: Path):
 
     def eval_fn(m):  # every rank generates its share of Valid#2; rank 0 scores them all
         rank, world = ranks()
-        mine = select_then_generate(m, tok, val[rank::world], lang, desc="validate", **decoding(cfg))
+        mine = select_then_generate(m, tok, val[rank::world], lang, desc="validate", **decoding(cfg),
+                                    **prompt_context(cfg, m, tok, splits, lang))
         rows = gather_rows(mine, len(val))
         return validation_score(rows, lang, nli_model) if rank == 0 else {"score": 0.0}  # rank 0's counts
 
@@ -709,11 +784,12 @@ def stage_predict(cfg: RunConfig, run: Path):
     nonempty(splits["test"], f"Test examples in {cfg.data_dir}")
     tok = load_tokenizer(cfg.model)
     model = generation_model(cfg, final_weights(cfg, run))
+    context = prompt_context(cfg, model, tok, splits, lang)
 
     def produce(examples: list, writer: JsonlWriter):
         if writer.done_rows:
             say(f"predict: resuming after {len(writer.done_rows)} of {len(examples)} examples")
-        select_then_generate(model, tok, examples, lang, writer=writer, **decoding(cfg))
+        select_then_generate(model, tok, examples, lang, writer=writer, **decoding(cfg), **context)
 
     generate_rows(out, splits["test"], produce)
     return out
@@ -786,32 +862,75 @@ def _cell(value, fmt: str) -> str:
     return f"{100 * value:.1f}" if fmt == "pct" else format(value, fmt)
 
 
-def results_table(named: list[tuple[str, dict]]) -> str:
-    """Markdown in the layout of the paper's Table 2 (one row per run); C.score shows n/a without an NLI model.
-    Below it the diagnostics (copy rate, reply length, selection behaviour), with the gold responses of the
-    first run's rows as the yardstick (selection accuracy of gold: by definition, so "–")."""
-    lines = ["| Run | " + " | ".join(c for c, _ in TABLE_COLUMNS) + " |", "|---|" + "---:|" * len(TABLE_COLUMNS)]
+ROW_NAMES = {"zero_shot": "Zero-shot", "few_shot": "Few-shot", "prompting": "+Prompting", "ft": "+FT", "pal": "PAL",
+             "wo_mix": "w/o Mix", "wo_pa": "w/o PA", "wo_pc": "w/o PC", "only_dg": "only DG", "only_ps": "only PS",
+             "random": "Random", "not_select": "Not Select"}
+
+
+def row_name(res: dict) -> str:
+    """A run's row in the paper's words; a switch set against its variant is named after it."""
+    variant = res.get("variant", "pal")
+    preset = {**SWITCH_DEFAULTS, **VARIANTS.get(variant, {})}
+    changed = [f"{k}={res[k]}" for k in SWITCHES if k in res and res[k] != preset.get(k)]
+    return ROW_NAMES.get(variant, variant) + (f" ({', '.join(changed)})" if changed else "")
+
+
+def metrics_table(named: list[tuple[str, dict]]) -> str:
+    """The paper's columns, one row per run (Model, Method, the metrics, and the run directory); C.score shows
+    n/a without an NLI model."""
+    lines = ["| Model | Method | " + " | ".join(c for c, _ in TABLE_COLUMNS) + " | Run |",
+             "|---|---|" + "---:|" * len(TABLE_COLUMNS) + "---|"]
     for name, res in named:
         cells = ["n/a" if res.get(k) is None else f"{res[k]:.4f}" if k == "distinct2" else f"{res[k]:.2f}"
                  for _, k in TABLE_COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "| Diagnostics | " + " | ".join(c for c, _, _ in DIAGNOSTIC_COLUMNS) + " |",
-              "|---|" + "---:|" * len(DIAGNOSTIC_COLUMNS)]
+        model = Path(str(res.get("model"))).name or "?"
+        lines.append(f"| {model} | {row_name(res)} | " + " | ".join(cells) + f" | {name} |")
+    return "\n".join(lines)
+
+
+def diagnostics_table(named: list[tuple[str, dict]]) -> str:
+    """Copy rate, reply length, selection behaviour, with the gold responses of the first run's rows as the
+    yardstick (selection accuracy of gold: by definition, so "–")."""
+    lines = ["| Diagnostics | " + " | ".join(c for c, _, _ in DIAGNOSTIC_COLUMNS) + " |",
+             "|---|" + "---:|" * len(DIAGNOSTIC_COLUMNS)]
     gold = {**named[0][1].get("gold", {}), "select_acc": None} if named else {}
     for name, res in [("gold responses", gold)] + named:
         lines.append(f"| {name} | " + " | ".join(_cell(res.get(k), f) for _, k, f in DIAGNOSTIC_COLUMNS) + " |")
     return "\n".join(lines)
 
 
+def results_table(named: list[tuple[str, dict]]) -> str:
+    return metrics_table(named) + "\n\n" + diagnostics_table(named)
+
+
+def paper_tables(named: list[tuple[str, dict]]) -> str:
+    """The runs as the paper lays them out: the baselines and PAL per model, in the order of VARIANTS (Table 2;
+    Table 3 for Chinese data), then PAL and its ablations (Table 5), then the diagnostics of every run."""
+    models = list(dict.fromkeys(str(res.get("model")) for _, res in named))
+    order = {v: k for k, v in enumerate(VARIANTS)}
+    ranked = sorted(named, key=lambda nr: (models.index(str(nr[1].get("model"))),
+                                           order.get(nr[1].get("variant"), len(order))))
+    main = [nr for nr in ranked if nr[1].get("variant") not in ABLATIONS]
+    ablations = [nr for nr in ranked if nr[1].get("variant") in ABLATIONS + ("pal",)]
+    zh = any(res.get("lang") == "zh" for _, res in named)
+    out = []
+    if main:
+        out += [f"Baselines and PAL (the paper's Table {3 if zh else 2})", "", metrics_table(main), ""]
+    if len(ablations) > sum(nr[1].get("variant") == "pal" for nr in ablations):
+        out += ["Ablations (the paper's Table 5)", "", metrics_table(ablations), ""]
+    return "\n".join(out + [diagnostics_table(ranked)])
+
+
 def stage_table(run_dirs: list[str], examples: int = 0):
-    """The runs' results side by side; with examples=N also the first N replies of each run (same Test rows)."""
+    """The runs' results in the paper's layout (paper_tables); with examples=N also the first N replies of each
+    run (same Test rows)."""
     named = []
     for d in run_dirs:
         p = Path(d) / "results.json"
         if not p.exists():
             raise FileNotFoundError(f"{p} does not exist: run `python pal.py evaluate --run-dir {d}` first")
         named.append((Path(d).name, modeling.read_json(p)))
-    print(results_table(named))
+    print(paper_tables(named))
     if examples:
         rows = {Path(d).name: read_jsonl(Path(d) / "generations.jsonl")[:examples] for d in run_dirs}
         for k, first in enumerate(next(iter(rows.values()))):
@@ -843,6 +962,7 @@ def stage_chat(cfg: RunConfig, run: Path, personas: list[str] | None = None, str
         if not personas and cfg.data_dir:
             splits, lang = run_data(cfg)
             personas = random.Random().choice(splits["test"]).personas
+    context = prompt_context(cfg, model, tok, run_data(cfg)[0] if cfg.switches()["shots"] else {"train": []}, lang)
     print("Persona:\n" + "\n".join(f"  - {p}" for p in personas) + "\n(empty line or Ctrl-D quits)")
     history: list[str] = []
     while True:
@@ -852,7 +972,7 @@ def stage_chat(cfg: RunConfig, run: Path, personas: list[str] | None = None, str
             break
         history.append(line.strip())
         ex = data.Example(personas=personas, history=list(history), response="", persona_label=None, dialogue_id=-1)
-        row = select_then_generate(model, tok, [ex], lang, desc="chat", **decoding(cfg))[0]
+        row = select_then_generate(model, tok, [ex], lang, desc="chat", **decoding(cfg), **context)[0]
         print(f"   [persona: {row['selected_persona'] or '-'}]")
         print(f"bot> {row['response']}")
         history.append(row["response"])
@@ -1246,15 +1366,17 @@ TRAIN_OPTIONS = ("dtype", "precision", "lora_r", "lora_alpha", "lora_dropout", "
                  "grad_accum")
 STAGE_OPTIONS = {
     "sft": DATA_OPTIONS + TRAIN_OPTIONS + ("tasks", "fmt", "select_ratio", "select_none_ratio", "sft_lr",
-                                           "sft_epochs", "sft_warmup", "sft_reduction", "sft_keep", "eval_limit"),
+                                           "sft_epochs", "sft_warmup", "sft_reduction", "sft_keep", "eval_limit",
+                                           "tune", "prompt_tokens", "prompt_lr"),
     "pairs": ("gen_dtype", "max_new_tokens"),
     "dpo": TRAIN_OPTIONS + ("dpo_lora_r", "dpo_grad_accum", "align", "strategy", "dpo_lr", "dpo_beta", "dpo_steps",
                             "dpo_epochs", "dpo_warmup", "eval_every", "patience", "eval_limit", "nli", "gen_dtype",
-                            "max_new_tokens", "select_max_new_tokens"),
-    "predict": ("from_run", "strategy", "gen_dtype", "max_new_tokens", "select_max_new_tokens"),
+                            "max_new_tokens", "select_max_new_tokens", "shots"),
+    "predict": ("from_run", "strategy", "shots", "gen_dtype", "max_new_tokens", "select_max_new_tokens"),
     "evaluate": ("nli", "metrics_compat"),
 }
 RESUME_ONLY = {"dpo": ("nli",)}  # DPO's validation scorer: checked while DPO runs, free to differ once it is done
+ADDED_LATER = {"tune": "weights", "shots": 0}  # switches newer than some records: what a record without them meant
 
 
 def stage_input(cfg: RunConfig, stage: str) -> str | None:
@@ -1277,6 +1399,8 @@ def stage_options(cfg: RunConfig, stage: str) -> dict:
     if upstream == "dpo":  # DPO's validation scorer is not handed on: predict and evaluate may use another
         inherited.pop("nli", None)
     own = STAGE_OPTIONS[stage] if stage != "sft" or cfg.switches()["tasks"] != "none" else DATA_OPTIONS
+    if value["tune"] != "prompt":  # the soft prompt's settings shape nothing else
+        own = [k for k in own if k not in ("prompt_tokens", "prompt_lr")]
     return {**inherited, **{k: value[k] for k in own}}
 
 
@@ -1302,7 +1426,8 @@ def check_stages(run: Path, cfg: RunConfig, digests: dict, redo: bool) -> dict:
     for k, stage in enumerate(STAGES):
         if stage not in records:
             continue
-        then, now = records[stage]["options"], {**stage_options(cfg, stage), **digests}
+        now = {**stage_options(cfg, stage), **digests}
+        then = {**{k: v for k, v in ADDED_LATER.items() if k in now}, **records[stage]["options"]}
         state = "finished" if (run / OUTPUTS[stage]).exists() else "started"
         ignored = RESUME_ONLY.get(stage, ()) if state == "finished" else ()
         changed = [n for n in {**then, **now} if now.get(n) != then.get(n) and n not in ignored]

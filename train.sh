@@ -2,6 +2,7 @@
 # PAL presets: every stage of the pipeline (pal.py) with the settings of one setup.
 #
 #   bash train.sh smol     [--limit N] [--data-dir DIR] [--run-dir DIR] [pal.py options...]   # laptop CPU
+#   bash train.sh smol --variant few_shot    # any row of the paper's tables (pal.py --variant; README: Variants)
 #   bash train.sh smol-study [--limit N] [--data-dir DIR]   # zero-shot, ft, SFT only, PAL side by side (~1 h CPU)
 #   bash train.sh gpt2     --data-dir DIR                                                      # one GPU
 #   bash train.sh dialogpt --data-dir DIR                                                      # one GPU
@@ -15,13 +16,14 @@ cd "$(dirname "$0")"
 
 preset=${1:-}
 [ -n "$preset" ] && shift
-limit="" data_dir="" run_dir="" nli="" extra=()
+limit="" data_dir="" run_dir="" nli="" variant="" extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --limit) limit=$2; shift 2 ;;
     --data-dir) data_dir=$2; shift 2 ;;
     --run-dir) run_dir=$2; shift 2 ;;
     --nli) nli=$2; shift 2 ;;
+    --variant) variant=$2; shift 2 ;;
     *) extra+=("$1"); shift ;;
   esac
 done
@@ -118,8 +120,11 @@ if [ -z "$nli" ] && [ "$preset" != smol ] && [ "$preset" != smol-study ]; then
   echo "train.sh: WARNING: no --nli DIR_OR_HUB_ID: C.score will be n/a and DPO early stopping uses the lexical" >&2
   echo "          score instead of C.score, unlike the paper (README: Data -> an NLI model for C.score)" >&2
 fi
-run_dir=${run_dir:-runs/$preset}
+run_dir=${run_dir:-runs/$preset${variant:+-$variant}}   # one directory per row: a run keeps its settings
+# few-shot: three demonstrations (~125 tokens each) need the longer prompts every model here allows
+[ "$variant" = few_shot ] && opts+=(--max-len 1024)
 common=(--model "$model" --data-dir "$data_dir" "${opts[@]}")
+[ -n "$variant" ] && common+=(--variant "$variant")
 [ -n "$limit" ] && common+=(--limit "$limit")
 [ -n "$nli" ] && common+=(--nli "$nli")
 common+=("${extra[@]+"${extra[@]}"}")

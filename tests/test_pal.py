@@ -101,9 +101,9 @@ def _cfg(**kw):
 @pytest.mark.parametrize("variant,phases", [
     ("pal", [("mix", ["select", "generate"])]),
     ("wo_mix", []),  # no Persona-aware Learning at all: pairs and DPO start from the base model
-    ("only_dg", [("dg", ["generate"])]),
+    ("only_dg", [("dg", ["personas"])]),  # generation from the persona list: nothing selects a highlight
     ("only_ps", [("ps", ["select"])]),
-    ("prompting", [("dg", ["generate"])]),
+    ("prompting", [("dg", ["personas"])]),
     ("ft", [("dg", ["noprompt"])]),
 ])
 def test_variant_sft_tasks(variant, phases):
@@ -113,7 +113,7 @@ def test_variant_sft_tasks(variant, phases):
 
 def test_tasks_flag_overrides_variant():
     sw = _cfg(variant="pal", tasks="dg").switches()
-    assert pal.sft_phases(sw["tasks"], sw["fmt"]) == [("dg", ["generate"])]
+    assert pal.sft_phases(sw["tasks"], sw["fmt"]) == [("dg", ["personas"])]
 
 
 def test_every_run_option_is_declared_on_the_command_line(tmp_path):
