@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from data import IGNORE
-from model import (SOFT_PROMPT_FILE, atomic_path, load_plain, lora_disabled, save_lora, save_model, save_soft_prompt,
+from model import (SOFT_PROMPT_DIR, atomic_path, load_plain, lora_disabled, save_lora, save_model, save_soft_prompt,
                    write_json)
 
 
@@ -690,7 +690,7 @@ def export_model(model: nn.Module, out: Path, lora_export: str = "merged", add_f
         if has_lora(model):
             save_lora(model, tmp / "adapter.safetensors")
         if getattr(model, "soft_prompt", None) is not None:   # prompt tuning: the vectors beside the frozen weights
-            save_soft_prompt(model, tmp / SOFT_PROMPT_FILE)
+            save_soft_prompt(model, tmp / SOFT_PROMPT_DIR)
         if not (has_lora(model) and lora_export == "adapter"):
             save_model(model, tmp)
         if add_files is not None:

@@ -681,7 +681,10 @@ class SoftPrompt(nn.Module):
         return torch.where(virtual[..., None], self.vectors[k].to(x.dtype), x)
 
 
-SOFT_PROMPT_FILE = "soft_prompt.safetensors"   # {"prompt_embeddings": (n, C)}, PEFT's key for these vectors
+# A trained soft prompt is saved as a PEFT prompt-tuning adapter in a directory of its own, beside the frozen weights:
+# adapter_model.safetensors {"prompt_embeddings": (n, C)} and adapter_config.json, so that
+# peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(export), export / "soft_prompt") reads it too.
+SOFT_PROMPT_DIR = "soft_prompt"
 
 
 def add_soft_prompt(model: nn.Module, n_tokens: int, init_ids: list[int]) -> list[int]:
@@ -699,14 +702,30 @@ def soft_prompt_ids(model: nn.Module) -> list[int]:
     return [] if model.soft_prompt is None else model.soft_prompt.ids
 
 
-def save_soft_prompt(model: nn.Module, path):
-    with atomic_path(path) as tmp:
-        save_file({"prompt_embeddings": model.soft_prompt.vectors.detach().cpu().contiguous()}, str(tmp),
+def save_soft_prompt(model: nn.Module, out_dir):
+    """The prompt vectors as a PEFT prompt-tuning adapter directory (atomic)."""
+    vectors = model.soft_prompt.vectors
+    cfg = model.config
+    layers, heads = (cfg.n_layer, cfg.n_head) if model.family == "gpt2" else (cfg.num_hidden_layers,
+                                                                              cfg.num_attention_heads)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        save_file({"prompt_embeddings": vectors.detach().cpu().contiguous()}, str(tmp / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
+        write_json(tmp / "adapter_config.json", {
+            "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": vectors.shape[0],
+            "token_dim": vectors.shape[1], "num_transformer_submodules": 1, "num_attention_heads": heads,
+            "num_layers": layers, "inference_mode": True,
+            "prompt_tuning_init": "RANDOM",  # how PEFT would start a new prompt; loading takes the stored vectors
+            "base_model_name_or_path": getattr(model, "name_or_path", None)})
 
 
-def load_soft_prompt(model: nn.Module, path) -> list[int]:
-    """Give `model` the saved prompt vectors (their width must be the model's); returns their virtual ids."""
+def load_soft_prompt(model: nn.Module, adapter_dir) -> list[int]:
+    """Give `model` the prompt vectors of a saved adapter directory (their width must be the model's); returns their
+    virtual ids."""
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: not a saved soft prompt")
     vectors = load_file(str(path)).get("prompt_embeddings")
     width = model.config.n_embd if model.family == "gpt2" else model.config.hidden_size
     if vectors is None or vectors.dim() != 2 or vectors.shape[1] != width:

@@ -367,8 +367,8 @@ def generation_model(cfg: RunConfig, weights):
     noted = Path(weights) / ADAPTER_BASE if isinstance(weights, Path) else None
     if noted is None or not noted.exists():
         m = load_stage_model(weights, cfg.gen_dtype or cfg.dtype)
-        if isinstance(weights, Path) and (weights / modeling.SOFT_PROMPT_FILE).exists():  # a prompt-tuned run
-            modeling.load_soft_prompt(m, weights / modeling.SOFT_PROMPT_FILE)
+        if isinstance(weights, Path) and (weights / modeling.SOFT_PROMPT_DIR).is_dir():  # a prompt-tuned run
+            modeling.load_soft_prompt(m, weights / modeling.SOFT_PROMPT_DIR)
         return m
     info = modeling.read_json(noted)
     m = load_stage_model(info["base"], cfg.gen_dtype or cfg.dtype)

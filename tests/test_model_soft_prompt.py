@@ -1,7 +1,7 @@
-"""Prompt tuning (model.SoftPrompt) against transformers: a model given the virtual ids of its soft prompt computes
-what transformers computes with the prompt vectors prepended to the input embeddings (inputs_embeds), for logits
-and for greedy generation; training moves the prompt vectors and nothing else; the vectors survive export and a
-malformed file is named."""
+"""Prompt tuning (model.SoftPrompt) against transformers and PEFT: a model given the virtual ids of its soft prompt
+computes what transformers computes with the prompt vectors prepended to the input embeddings (inputs_embeds), for
+logits and for greedy generation; training moves the prompt vectors and nothing else; the export is a PEFT
+prompt-tuning adapter that PEFT loads and generates the same replies from; a malformed file is named."""
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -81,20 +81,40 @@ def test_training_moves_only_the_prompt_vectors(tmp_path):
     assert (ours.soft_prompt.vectors.detach() != before).float().mean() > 0.99
     # the export holds the frozen weights and the vectors beside them; loading gives the trained model back
     final = tmp_path / "train" / "final"
-    assert (final / M.SOFT_PROMPT_FILE).exists()
     again = M.load_model(final)
-    assert M.load_soft_prompt(again, final / M.SOFT_PROMPT_FILE) == virtual
+    assert M.load_soft_prompt(again, final / M.SOFT_PROMPT_DIR) == virtual
     ids = torch.tensor([virtual + [1, 2, 3]])
     with torch.no_grad():
         torch.testing.assert_close(again(ids), ours.eval()(ids), atol=0, rtol=0)
 
 
+def test_the_exported_soft_prompt_is_a_peft_adapter_that_generates_our_replies(tmp_path):
+    """PEFT (the reference prompt-tuning implementation) loads the export's soft_prompt/ onto transformers' model
+    of the export's weights, and its greedy generate gives our tokens."""
+    peft = pytest.importorskip("peft")
+    ours, _, virtual = prompted(tmp_path, "gpt2")
+    dpo.export_model(ours, tmp_path / "final")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "final" / M.SOFT_PROMPT_DIR).eval()
+    assert theirs.peft_config["default"].num_virtual_tokens == N_VIRTUAL
+    prompt, n_new = torch.randint(0, 150, (7,), generator=seeded(13)).tolist(), 6
+    with torch.no_grad():
+        out = theirs.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, 7, dtype=torch.long),
+                              max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, num_beams=1,
+                              pad_token_id=0)
+    assert out[0, -n_new:].tolist() == M.generate(ours, [virtual + prompt], n_new)[0], f"seed {SEED}"
+
+
 def test_a_soft_prompt_of_the_wrong_width_is_named(tmp_path):
     ours, _, _ = prompted(tmp_path, "gpt2")
-    bad = tmp_path / "bad.safetensors"
-    save_file({"prompt_embeddings": torch.zeros(4, 7)}, str(bad))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file({"prompt_embeddings": torch.zeros(4, 7)}, str(bad / "adapter_model.safetensors"))
     fresh = M.load_model(tmp_path / "gpt2")
-    with pytest.raises(M.CheckpointError, match=r"bad.safetensors: expected 'prompt_embeddings' of shape \(n, 48\)"):
+    with pytest.raises(M.CheckpointError, match=r"adapter_model.safetensors: expected 'prompt_embeddings' of shape "
+                                                r"\(n, 48\)"):
         M.load_soft_prompt(fresh, bad)
+    with pytest.raises(M.CheckpointError, match="does not exist: not a saved soft prompt"):
+        M.load_soft_prompt(fresh, tmp_path)
     with pytest.raises(RuntimeError, match="already has a soft prompt"):
         M.add_soft_prompt(ours, 2, [1])

@@ -113,7 +113,7 @@ def test_each_row_trains_freezes_loads_and_prompts_as_the_paper_defines_it(tmp_p
         if variant == "prompting":  # prompt tuning: only the prompt vectors train, each prompt starts with them
             assert t["trainable"] == ["soft_prompt.vectors"] and t["frozen"] > 0
             assert all(v == 4 for v, _ in t["prompts"]) and t["lr"] == pal.RunConfig.prompt_lr
-            assert (run / "sft" / "final" / modeling.SOFT_PROMPT_FILE).exists()
+            assert (run / "sft" / "final" / modeling.SOFT_PROMPT_DIR).is_dir()
         else:
             assert set(ALL_WEIGHTS) <= set(t["trainable"]) and t["frozen"] == 0
             assert all(v == 0 for v, _ in t["prompts"])
