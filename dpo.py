@@ -628,7 +628,9 @@ def resume(run: Run, model: nn.Module, cfg: TrainConfig) -> Progress:
     latest = run.out_dir / "latest.json"
     if not (cfg.resume and latest.exists()):
         if cfg.resume and run.rank == 0:
-            print(f"dpo.py: resume requested but {latest} does not exist; starting from step 0", file=sys.stderr)
+            if any((run.out_dir / "ckpt").glob("step-*")):  # checkpoints, but none completed: say why they are unused
+                print(f"dpo.py: {latest} does not exist (no checkpoint completed); starting from step 0",
+                      file=sys.stderr)
             trim_log(run.out_dir / "log.jsonl", 0)
         return Progress()
     ckpt = run.out_dir / read_pointer(latest)["dir"]
