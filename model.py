@@ -726,7 +726,10 @@ def load_soft_prompt(model: nn.Module, adapter_dir) -> list[int]:
     path = Path(adapter_dir) / "adapter_model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: not a saved soft prompt")
-    vectors = load_file(str(path)).get("prompt_embeddings")
+    try:
+        vectors = load_file(str(path)).get("prompt_embeddings")
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
     width = model.config.n_embd if model.family == "gpt2" else model.config.hidden_size
     if vectors is None or vectors.dim() != 2 or vectors.shape[1] != width:
         shape = None if vectors is None else tuple(vectors.shape)
