@@ -48,3 +48,15 @@ def test_preset_settings_equal_readme_schedule_table(preset):
     assert set(table) == set(got), set(table) ^ set(got)
     for setting, values in table.items():
         assert got[setting] == pytest.approx(values[preset]), (preset, setting)
+
+
+@pytest.mark.parametrize("variant", ["few_shot", "prompting", "wo_mix"])
+def test_a_row_of_the_tables_gets_its_own_run_directory(variant):
+    """`bash train.sh gpt2 --variant X` runs row X in runs/gpt2-X (a run keeps its settings, so rows cannot share
+    one); few-shot's demonstrations get --max-len 1024, given after the preset's 512 so that it is the one used."""
+    env = {**os.environ, "PAL_DRY_RUN": "1"}
+    out = subprocess.run(["bash", "train.sh", "gpt2", "--data-dir", "DATA", "--nli", "NLI", "--variant", variant],
+                         cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    assert f"--run-dir runs/gpt2-{variant} " in out and out.count("--variant") == 1 and f"--variant {variant}" in out
+    lengths = re.findall(r"--max-len (\d+)", out)
+    assert lengths[-1] == ("1024" if variant == "few_shot" else "512")
