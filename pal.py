@@ -7,7 +7,7 @@
     python pal.py evaluate --run-dir R [--nli DIR]                 # 5. BLEU / ROUGE-L / Entropy / C.score
     python pal.py all      --run-dir R ...                         # 1-5 in order
     python pal.py chat     --run-dir R                             # talk to the trained model
-    python pal.py table    R1 R2 ...                               # several runs side by side
+    python pal.py table    R1 R2 ...                               # runs in the paper's table layout
 
 Every stage writes into one run directory and skips work that is already complete; an interrupted stage
 resumes (training from its last checkpoint, generation after the last line written). The options given to the
