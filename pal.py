@@ -355,7 +355,13 @@ def lora_rank(cfg: RunConfig, stage: str) -> int:
     return cfg.dpo_lora_r if stage == "dpo" and cfg.dpo_lora_r is not None else cfg.lora_r
 
 
-def trainable_model(cfg: RunConfig, weights, stage: str = "sft"):
+def trainable_model(cfg: RunConfig, weights, stage: str = "sft", prompt_init: list[int] = ()):
+    """The model a training stage updates: every weight, fresh LoRA adapters, or (prompt tuning, SFT only) a soft
+    prompt started from the embeddings of `prompt_init` with every weight frozen."""
+    if stage == "sft" and cfg.switches()["tune"] == "prompt":
+        m = load_stage_model(weights, cfg.dtype)
+        modeling.add_soft_prompt(m, cfg.prompt_tokens, list(prompt_init))
+        return m
     r = lora_rank(cfg, stage)
     return load_stage_model(weights, cfg.dtype, (r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) if r
                             else None, trainable=True)
@@ -620,12 +626,10 @@ def stage_sft(cfg: RunConfig, run: Path):
         if not (phase_dir / "final").exists():
             train = nonempty(splits["train"], f"Train examples in {cfg.data_dir}")
             say(f"sft phase {k} ({name}): tasks {modes} on {len(train)} Train examples")
-            if cfg.switches()["tune"] == "prompt":  # +Prompting: the weights stay as they are, a soft prompt learns
-                model = load_stage_model(weights, cfg.dtype)
-                prefix = modeling.add_soft_prompt(model, cfg.prompt_tokens, soft_prompt_init(tok, lang))
-                say(f"prompt tuning: {cfg.prompt_tokens} trainable vectors before every prompt, every weight frozen")
-            else:
-                model, prefix = trainable_model(cfg, weights), []
+            model = trainable_model(cfg, weights, prompt_init=soft_prompt_init(tok, lang))
+            prefix = modeling.soft_prompt_ids(model)  # +Prompting: the soft prompt's ids before every sequence
+            if prefix:
+                say(f"prompt tuning: {len(prefix)} trainable vectors before every prompt, every weight frozen")
             room = cfg.max_len - len(prefix)
             if modes == ["select", "generate"]:
                 feats, stats = data.mixed_task_features(tok, splits["train"], cfg.select_ratio, cfg.seed, lang,
@@ -724,11 +728,11 @@ def stage_dpo(cfg: RunConfig, run: Path):
         ref = load_stage_model(sft_weights(cfg, run), cfg.dtype)  # in the policy's dtype, not gen_dtype
     val = splits["valid2"][: cfg.eval_limit]
     nli_model = load_nli(cfg.nli) if is_rank0() else None  # rank 0 scores the validation rows
+    context = prompt_context(cfg, policy, tok, splits, lang)
 
     def eval_fn(m):  # every rank generates its share of Valid#2; rank 0 scores them all
         rank, world = ranks()
-        mine = select_then_generate(m, tok, val[rank::world], lang, desc="validate", **decoding(cfg),
-                                    **prompt_context(cfg, m, tok, splits, lang))
+        mine = select_then_generate(m, tok, val[rank::world], lang, desc="validate", **decoding(cfg), **context)
         rows = gather_rows(mine, len(val))
         return validation_score(rows, lang, nli_model) if rank == 0 else {"score": 0.0}  # rank 0's counts
 
@@ -951,7 +955,9 @@ def stage_chat(cfg: RunConfig, run: Path, personas: list[str] | None = None, str
         raise FileNotFoundError(f"{weights} does not exist: train first (python pal.py all --run-dir {run})")
     tok = load_tokenizer(cfg.model)
     model = generation_model(cfg, weights)
-    lang = cfg.lang or "en"
+    lang, splits = cfg.lang or "en", None  # the data is read once, if the demonstrations or a persona need it
+    if cfg.switches()["shots"]:
+        splits, lang = run_data(cfg)
     if not personas:
         print("Persona sentences, one per line; an empty line ends (empty at once: a random Test persona).")
         personas = []
@@ -960,9 +966,9 @@ def stage_chat(cfg: RunConfig, run: Path, personas: list[str] | None = None, str
                 break
             personas.append(line.strip())
         if not personas and cfg.data_dir:
-            splits, lang = run_data(cfg)
+            splits, lang = (splits, lang) if splits else run_data(cfg)
             personas = random.Random().choice(splits["test"]).personas
-    context = prompt_context(cfg, model, tok, run_data(cfg)[0] if cfg.switches()["shots"] else {"train": []}, lang)
+    context = prompt_context(cfg, model, tok, splits or {"train": []}, lang)
     print("Persona:\n" + "\n".join(f"  - {p}" for p in personas) + "\n(empty line or Ctrl-D quits)")
     history: list[str] = []
     while True:
