@@ -501,7 +501,8 @@ class LoRALinear(nn.Module):
     A and B are fp32 whatever the base's dtype (as PEFT keeps them): in bf16, B would lose the small steps of
     fine-tuning (AdamW at lr 1e-6 moves an entry of 0.05 by about 1e-6; bf16's spacing there is 2.4e-4)."""
 
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 generator: torch.Generator | None = None):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank must be positive, got {r}")
@@ -510,7 +511,7 @@ class LoRALinear(nn.Module):
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))   # same init as nn.Linear's weight
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)  # nn.Linear's weight init
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged, self.disabled = False, False   # disabled (set by lora_disabled): act as the base alone
         base.requires_grad_(False)
@@ -569,9 +570,10 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-             targets=("q", "k", "v", "o", "mlp")) -> list[str]:
+             targets=("q", "k", "v", "o", "mlp"), seed: int | None = None) -> list[str]:
     """Wrap the targeted nn.Linear layers of every block in LoRALinear and freeze everything else (only lora_A /
-    lora_B require grad afterwards). Returns the wrapped module names."""
+    lora_B require grad afterwards). seed: the A matrices are drawn from their own generator, so that the same seed
+    gives the same adapters whatever ran before (None: the global random stream). Returns the wrapped names."""
     table = LORA_TARGETS[model.family]
     if unknown := set(targets) - set(table):
         raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; known: {sorted(table)}")
@@ -580,12 +582,13 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
     suffixes = sorted({s for t in targets for s in table[t]})
     model.requires_grad_(False)
     prefix = "h" if model.family == "gpt2" else "layers"
+    gen = None if seed is None else torch.Generator(next(model.parameters()).device).manual_seed(seed)
     wrapped = []
     for i, block in enumerate(getattr(model, prefix)):
         for suffix in suffixes:
             parent_name, _, leaf = suffix.rpartition(".")
             parent = block.get_submodule(parent_name)
-            setattr(parent, leaf, LoRALinear(getattr(parent, leaf), r, alpha, dropout))
+            setattr(parent, leaf, LoRALinear(getattr(parent, leaf), r, alpha, dropout, gen))
             wrapped.append(f"{prefix}.{i}.{suffix}")
     return wrapped
 

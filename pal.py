@@ -336,7 +336,7 @@ def complete_export(out: Path, cfg: RunConfig, tok: data.Tokenizer):
     modeling.write_json(out / "generation_config.json", gen)
 
 
-def load_stage_model(weights, dtype: str, lora: tuple | None = None, trainable: bool = False):
+def load_stage_model(weights, dtype: str, lora: tuple | None = None, trainable: bool = False, seed: int = 0):
     """A model directory (the base, or a stage's exported weights) in `dtype`, for generation or, with
     trainable=True, for training: fresh LoRA adapters (lora = (r, alpha, dropout, "q,v,...")) or every weight."""
     if isinstance(weights, Path) and not weights.exists():  # a stage's output, not a base model
@@ -344,7 +344,7 @@ def load_stage_model(weights, dtype: str, lora: tuple | None = None, trainable: 
                                 "every stage in order)")
     m = modeling.load_model(weights, dtype=DTYPES[dtype], device=device())
     if trainable and lora:
-        modeling.add_lora(m, r=lora[0], alpha=lora[1], dropout=lora[2], targets=lora[3].split(","))
+        modeling.add_lora(m, r=lora[0], alpha=lora[1], dropout=lora[2], targets=lora[3].split(","), seed=seed)
     elif trainable:
         m.requires_grad_(True)
     return m
@@ -364,7 +364,7 @@ def trainable_model(cfg: RunConfig, weights, stage: str = "sft", prompt_init: li
         return m
     r = lora_rank(cfg, stage)
     return load_stage_model(weights, cfg.dtype, (r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) if r
-                            else None, trainable=True)
+                            else None, trainable=True, seed=cfg.seed)
 
 
 def generation_model(cfg: RunConfig, weights):
