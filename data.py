@@ -1,4 +1,4 @@
-"""Text for PAL. Part 1: tokenizers, text <-> token ids. Part 2: persona dialogues -> training batches:
+"""Text for PAL. Part 1: persona dialogues -> training batches. Part 2: tokenizers, text <-> token ids.
 
     files ──parse──> Dialogue(personas, turns) ──make_examples──> Example(personas, history, response, label)
           ──splits──> {"train", "valid1", "valid2", "test"} ──prompts──> (prompt text, target text)
@@ -7,12 +7,10 @@
 Bad input never disappears silently: a line that cannot be parsed raises DataFormatError naming file, line
 number and line (a file without any dialogue: the file); irregularities with a documented rule are counted in the
 parsers' ParseStats (`.stats`, printed by `.report()`).
-`python data.py stats --data-dir DIR` prints the paper's Table 1 and the persona-label distribution.
+`python extras/data_stats.py --data-dir DIR` prints the paper's Table 1 and the persona-label distribution.
 """
 from __future__ import annotations
 
-import argparse
-import base64
 import json
 import os
 import random
@@ -30,396 +28,14 @@ import tiktoken
 import torch
 from tqdm import tqdm
 
+from infra.datafiles import MAX_TEXT_CHARS, DataFormatError, ParseStats, capped, read_lines  # noqa: F401
+from infra.tokfiles import TokenizerError, read_tokenizer
+
 IGNORE = -100  # THE label value that is not a target (prompt, padding); dpo.py imports it from here
 
 # ==============================================================================================================
-# Part 1. Tokenizers
+# Part 1. Persona dialogue datasets -> examples -> prompts -> batches
 # ==============================================================================================================
-#
-# Rebuilt from a model directory's own files, tested id for id against Hugging Face's (tests/test_data_tokenizers.py).
-# One class per algorithm; load_tokenizer picks by the files present:
-#   tokenizer.json (byte-level BPE), vocab.json + merges.txt, encoder.json + vocab.bpe
-#                                       -> BPETokenizer            GPT-2, DialoGPT, SmolLM2, RoBERTa, Llama 3
-#   [original/]tokenizer.model, tiktoken text format -> BPETokenizer  Llama 3 / 3.1
-#   tokenizer.model, sentencepiece protobuf          -> SentencePieceTokenizer  Llama 2
-#   vocab.txt                           -> WordPieceTokenizer      GPT-2 Chinese (uer), BERT
-# The rule for all: encode(text) never makes a special token ("<|endoftext|>" in user text is encoded as its
-# characters); only code puts special ids in (chat, encode_pair, bos=True), so data cannot inject them.
-
-GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# SmolLM2 (tokenizer.json: Sequence[Digits(individual_digits=True), ByteLevel]) = GPT-2's split applied to the
-# pieces left between single digits. As one regex: every digit alone, and a whitespace run right before a digit
-# is one piece (it ends its Digits piece, where "\s+(?!\S)" would otherwise leave the last space to the next word).
-SMOLLM_SPLIT = r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
-# Llama 3's split (Meta's reference tokenizer.py): case-insensitive contractions, numbers in groups of <= 3 digits.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-# Llama 3's 256 special tokens follow its 128000 BPE ranks; names as in Meta's reference (meta-llama/llama-models).
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
-                   "<|image|>"]
-LLAMA3_SPECIALS += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(LLAMA3_SPECIALS))]
-
-
-class TokenizerError(ValueError):
-    """A tokenizer could not be built or does not fit: the message names the file, key or size at fault."""
-
-
-@lru_cache(maxsize=1)
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table used in vocab.json / merges.txt / tokenizer.json.
-
-    Printable latin-1 bytes stand for themselves; the other 68 bytes (controls, space, ...) are shifted to
-    chr(256 + k) in byte order, which is why a space shows up as "Ġ" (chr(288)) in GPT-2's files.
-    """
-    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
-    shifted = [b for b in range(256) if b not in keep]
-    return {b: chr(b) if b in keep else chr(256 + shifted.index(b)) for b in range(256)}
-
-
-class Tokenizer:
-    """Common interface: subclasses implement `_encode` and `decode`. `specials` maps special text -> id."""
-
-    def __init__(self, name: str, specials: dict[str, int], vocab_size: int, *, bos: str | None, eos: str | None,
-                 pad: str | None, stops: list[str], chat_format: str | None = None, default_system: str | None = None):
-        self.name = name
-        self.specials = dict(specials)
-        self.vocab_size = vocab_size                      # max id + 1: rows the model's embedding must have
-        self.bos_id = self.token_id(bos)
-        self.eos_id = self.token_id(eos)
-        self.pad_id = self.token_id(pad) if pad is not None else self.eos_id
-        self.stop_ids = [self.token_id(s) for s in stops]
-        self.chat_format = chat_format                    # None, "llama3" or "chatml"
-        self.default_system = default_system              # chatml: system prompt added when none is given
-        self.has_chat = chat_format is not None
-
-    def token_id(self, text: str | None) -> int | None:
-        """Id of a special token by its text, e.g. tok.token_id("<|eot_id|>"); None for None."""
-        if text is not None and text not in self.specials:
-            raise TokenizerError(f"{self.name}: special token {text!r} is not in the vocabulary")
-        return None if text is None else self.specials[text]
-
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        for wanted, i, what in ((bos, self.bos_id, "bos"), (eos, self.eos_id, "eos")):
-            if wanted and i is None:
-                raise TokenizerError(f"{self.name}: this tokenizer has no {what} token")
-        return [self.bos_id] * bos + self._encode(text) + [self.eos_id] * eos
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self._encode(t) for t in texts]
-
-    def _encode(self, text: str) -> list[int]:
-        raise NotImplementedError
-
-    def decode(self, ids: list[int], skip_special: bool = False) -> str:
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.name!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, "
-                f"eos={self.eos_id}, pad={self.pad_id}, stops={self.stop_ids}, chat={self.chat_format})")
-
-    # -- chat formats, written out in code (no template engine) --------------------------------------------------
-    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Ids of a conversation in the model's chat format; message text is encoded as plain text.
-
-        llama3 (Meta's ChatFormat):  <|begin_of_text|> then per message
-            <|start_header_id|>{role}<|end_header_id|>"\\n\\n"{content.strip()}<|eot_id|>
-            and, for generation, the assistant header.
-        chatml (SmolLM2's template): a default system message when the first message is not "system", then per
-            message <|im_start|>"{role}\\n{content}"<|im_end|>"\\n", and "<|im_start|>" "assistant\\n" to generate.
-        """
-        if not self.has_chat:
-            raise TokenizerError(f"{self.name}: no chat format (base model tokenizer); use encode()")
-        for k, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise TokenizerError(f"chat: message {k} must be a dict with 'role' and 'content', got {m!r}")
-        if self.chat_format == "llama3":
-            sh, eh, eot = (self.specials[t] for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
-            ids = [self.bos_id]
-            for m in messages:
-                ids += [sh] + self._encode(m["role"]) + [eh] + self._encode("\n\n")
-                ids += self._encode(m["content"].strip()) + [eot]
-            if add_generation_prompt:
-                ids += [sh] + self._encode("assistant") + [eh] + self._encode("\n\n")
-            return ids
-        if self.chat_format == "chatml":
-            start, end = self.specials["<|im_start|>"], self.specials["<|im_end|>"]
-            if self.default_system is not None and messages and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": self.default_system}] + list(messages)
-            ids = []
-            for m in messages:
-                # the template renders role + "\n" + content between the two specials; encode that span whole,
-                # as the reference does after cutting the rendered string at special tokens.
-                ids += [start] + self._encode(m["role"] + "\n" + m["content"]) + [end] + self._encode("\n")
-            if add_generation_prompt:
-                ids += [start] + self._encode("assistant\n")
-            return ids
-        raise TokenizerError(f"{self.name}: unknown chat format {self.chat_format!r}")
-
-
-class BPETokenizer(Tokenizer):
-    """Byte-level BPE (GPT-2 family, SmolLM2, RoBERTa, Llama 3) run by tiktoken.
-
-    tiktoken merges, inside each regex piece, the adjacent pair whose concatenation has the lowest *rank*;
-    Hugging Face merges the pair that comes first in merges.txt. Giving each merged token the index of the merge
-    that creates it as its rank makes the two agree whenever a token is only ever reached through its own merge,
-    which BPE training makes the rule (not a theorem: the tests check it on real and fuzzed text for GPT-2 and
-    SmolLM2). Where the model's ids are another numbering (RoBERTa: fairseq's dictionary order), `_rank_to_id`
-    maps tiktoken's output to them."""
-
-    def __init__(self, name: str, ranks: dict[bytes, int], split: str, id_of_rank: dict[int, int] | None,
-                 specials: dict[str, int], *, add_prefix_space: bool = False, **kw):
-        self.add_prefix_space = add_prefix_space
-        ids_of = (lambda r: id_of_rank[r]) if id_of_rank is not None else (lambda r: r)
-        dropped = {b for b, r in ranks.items() if ids_of(r) < 0}     # bytes without a token (see _ranks_from_merges)
-        n = max(list(specials.values()) + [ids_of(r) for r in ranks.values()]) + 1   # vocab size: max id + 1
-        merged = sorted((r, ids_of(r)) for r in ranks.values() if r >= 256)
-        if id_of_rank is not None and all(a[1] < b[1] for a, b in zip(merged, merged[1:])):
-            # ids already follow merge order (GPT-2: equal; SmolLM2: shifted by its 17 specials), so they can be
-            # tiktoken's ranks and no id table is needed. Bytes without a token get ids past the vocabulary.
-            phantom = iter(range(n, n + 256))
-            ranks = {b: (next(phantom) if b in dropped else id_of_rank[r]) for b, r in ranks.items()}
-            id_of_rank, ids_of = None, (lambda r: r)
-        # tiktoken's specials table stays empty: we only call encode_ordinary, so no text can become a special.
-        self._enc = tiktoken.Encoding(name=f"pal:{name}", pat_str=split, mergeable_ranks=ranks, special_tokens={})
-        self._rank_to_id = None
-        if id_of_rank is not None:
-            table = [-1] * (max(ranks.values()) + 1)  # list indexing is the fastest lookup from Python
-            for r, i in id_of_rank.items():
-                table[r] = i
-            self._rank_to_id = table
-        self._drop = bool(dropped)  # out-of-vocabulary byte ids (< 0 or >= n) must be removed from the output
-        # id -> bytes for decoding (specials decode to their own text, like HF with skip_special_tokens=False).
-        self._id_bytes: list[bytes | None] = [None] * n
-        for b, r in ranks.items():
-            if 0 <= ids_of(r) < n:
-                self._id_bytes[ids_of(r)] = b
-        for t, i in specials.items():
-            self._id_bytes[i] = t.encode("utf-8")
-        self._special_set = set(specials.values())
-        super().__init__(name, specials, n, **kw)
-
-    def _encode(self, text: str) -> list[int]:
-        if self.add_prefix_space and not text.startswith(" "):
-            text = " " + text
-        ids = self._enc.encode_ordinary(text)
-        if self._rank_to_id is not None:
-            ids = [self._rank_to_id[r] for r in ids]
-        if self._drop and ids and (min(ids) < 0 or max(ids) >= self.vocab_size):  # min/max: a fast check in C
-            ids = [i for i in ids if 0 <= i < self.vocab_size]
-        return ids
-
-    def decode(self, ids: list[int], skip_special: bool = False) -> str:
-        parts = []
-        for i in ids:
-            if i < 0 or i >= self.vocab_size or self._id_bytes[i] is None:
-                raise TokenizerError(f"{self.name}: id {i} is not a token (vocab_size {self.vocab_size})")
-            if skip_special and i in self._special_set:
-                continue
-            parts.append(self._id_bytes[i])
-        # (with add_prefix_space the added space stays, as in HF's byte-level decoder)
-        return b"".join(parts).decode("utf-8", errors="replace")
-
-    def encode_pair(self, a: str, b: str) -> list[int]:
-        """RoBERTa sentence pair: <s> a </s></s> b </s> (what the NLI classifier was trained on)."""
-        cls, sep = self.token_id("<s>"), self.token_id("</s>")
-        return [cls] + self._encode(a) + [sep, sep] + self._encode(b) + [sep]
-
-
-def _ranks_from_merges(vocab: dict[str, int], merges: list[tuple[str, str]], where: str):
-    """GPT-2 style vocab (token string -> id) + ordered merges -> (tiktoken ranks, rank -> id).
-
-    Single bytes get ranks 0..255 (their rank is never compared: tiktoken only ranks pairs), the token made by
-    merge k gets rank 256 + k. A vocab token no merge can make is left out: HF's BPE can never produce it either.
-    """
-    ranks: dict[bytes, int] = {}
-    id_of_rank: dict[int, int] = {}
-    byte_of = {c: b for b, c in byte_to_unicode().items()}
-    for b, ch in byte_to_unicode().items():
-        # tiktoken needs every single byte; a byte the vocab lacks (SmolLM2 has no \x04, no 0xF5..0xFF, ...) gets
-        # the id -1 and is dropped from the output, as HF's BPE drops a character it has no token for.
-        ranks[bytes([b])] = b
-        id_of_rank[b] = vocab.get(ch, -1)
-    for k, (left, right) in enumerate(merges):
-        token = left + right
-        if token not in vocab:
-            raise TokenizerError(f"{where}: merge {k} ({left!r} {right!r}) makes {token!r}, not in the vocabulary")
-        bad = [c for c in token if c not in byte_of]
-        if bad:
-            raise TokenizerError(f"{where}: token {token!r} has character {bad[0]!r} outside GPT-2's byte alphabet")
-        tb = bytes(byte_of[c] for c in token)
-        if tb in ranks:  # a second merge making the same token: tiktoken ranks tokens, so the first rank stays
-            continue
-        ranks[tb] = 256 + k
-        id_of_rank[256 + k] = vocab[token]
-    return ranks, id_of_rank
-
-
-def _parse_merges(lines, where: str) -> list[tuple[str, str]]:
-    """merges.txt lines ("a b"; "#version" and blank lines skipped) or tokenizer.json's [a, b] pairs."""
-    merges = []
-    for n, m in enumerate(lines):
-        if isinstance(m, str) and (m.startswith("#version") or not m.strip()):
-            continue
-        parts = m.rstrip("\n").split(" ") if isinstance(m, str) else list(m)
-        if len(parts) != 2:
-            raise TokenizerError(f"{where}: merge line {n + 1} is not two tokens: {m!r}")
-        merges.append((parts[0], parts[1]))
-    return merges
-
-
-def _split_from_pre_tokenizer(pre: dict | None, where: str) -> tuple[str, bool]:
-    """tokenizer.json "pre_tokenizer" -> (tiktoken split regex, add_prefix_space). Unknown layouts are an error."""
-    if pre is None:
-        raise TokenizerError(f"{where}: pre_tokenizer is null; byte-level BPE needs one")
-    t = pre.get("type")
-    if t == "ByteLevel":
-        if not pre.get("use_regex", True):
-            raise TokenizerError(f"{where}: ByteLevel pre_tokenizer without regex is not supported")
-        return GPT2_SPLIT, bool(pre.get("add_prefix_space", False))
-    if t == "Sequence":
-        steps = pre.get("pretokenizers", [])
-        types = [s.get("type") for s in steps]
-        if types == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-            return SMOLLM_SPLIT, bool(steps[1].get("add_prefix_space", False))
-        if types == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-            s = steps[0]
-            if s.get("behavior") != "Isolated" or s.get("invert"):
-                raise TokenizerError(f"{where}: Split pre_tokenizer must be Isolated and not inverted, got {s}")
-            return s["pattern"]["Regex"], bool(steps[1].get("add_prefix_space", False))
-        raise TokenizerError(f"{where}: unsupported pre_tokenizer sequence {types}")
-    raise TokenizerError(f"{where}: unsupported pre_tokenizer type {t!r}")
-
-
-def _read_json(path: Path, missing: dict | None = None) -> dict:
-    """The JSON object in `path`; a missing file is an error, or `missing` (e.g. {}) when given."""
-    if not path.is_file():
-        if missing is not None:
-            return missing
-        raise TokenizerError(f"missing file {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:  # re-raised naming the file
-        raise TokenizerError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-
-
-def _chat_settings(specials: dict[str, int], template: str | None) -> dict:
-    """Pick the chat format from the special tokens; SmolLM2's default system prompt comes from its template."""
-    if "<|start_header_id|>" in specials and "<|eot_id|>" in specials:
-        return {"chat_format": "llama3"}
-    if "<|im_start|>" in specials and "<|im_end|>" in specials:
-        # the template's jinja string literal holds the newline either raw or as the two characters "\n"
-        m = re.search(r"'<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>(?:\n|\\n)'", template or "", re.S)
-        return {"chat_format": "chatml", "default_system": m.group(1) if m else None}
-    return {}
-
-
-def _bpe_roles(specials: dict[str, int], cfg: dict, model_type: str | None) -> dict:
-    """bos / eos / pad / stop tokens of a byte-level BPE tokenizer, from tokenizer_config.json or the family default."""
-    # tokenizer_config.json stores a special as "<s>" or as {"content": "<s>", ...}
-    bos, eos, pad = (v.get("content") if isinstance(v, dict) else v
-                     for v in (cfg.get("bos_token"), cfg.get("eos_token"), cfg.get("pad_token")))
-    if model_type == "roberta" or "<s>" in specials and "</s>" in specials and "<|endoftext|>" not in specials:
-        bos, eos, pad = bos or "<s>", eos or "</s>", pad or "<pad>"
-    elif "<|begin_of_text|>" in specials:                        # Llama 3
-        bos, eos = bos or "<|begin_of_text|>", eos or "<|end_of_text|>"
-        pad = pad if pad in specials else "<|finetune_right_pad_id|>" if "<|finetune_right_pad_id|>" in specials else eos
-    elif "<|im_start|>" in specials:                             # SmolLM2: eos is <|im_end|>, pad = eos
-        bos, eos = bos or "<|im_start|>", eos or "<|im_end|>"
-    else:                                                        # GPT-2 / DialoGPT: <|endoftext|> everywhere
-        bos, eos = bos or eos or "<|endoftext|>", eos or "<|endoftext|>"
-    if pad not in specials:
-        pad = eos
-    stops = [eos]
-    for extra in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>"):
-        # Llama 3 instruct ends a turn with <|eot_id|> (and <|eom_id|> for tool calls), its base model with
-        # <|end_of_text|>; SmolLM2 ends with <|im_end|> but may still emit <|endoftext|>.
-        if extra in specials and extra not in stops and ("<|begin_of_text|>" in specials or "<|im_start|>" in specials):
-            stops.append(extra)
-    return {"bos": bos, "eos": eos, "pad": pad, "stops": stops}
-
-
-def _bpe_from_vocab_merges(name: str, vocab: dict[str, int], merges, split: str, specials: dict[str, int],
-                           where: str, cfg: dict, model_type: str | None, template: str | None = None,
-                           add_prefix_space: bool = False) -> BPETokenizer:
-    ranks, id_of_rank = _ranks_from_merges(vocab, _parse_merges(merges, where), where)
-    # keep the specials the vocab file lists (RoBERTa's <s>, GPT-2's <|endoftext|>) even when no added_tokens say so
-    for t in ("<|endoftext|>", "<s>", "</s>", "<pad>", "<unk>", "<mask>"):
-        if t in vocab and t not in specials:
-            specials[t] = vocab[t]
-    return BPETokenizer(name, ranks, split, id_of_rank, specials, add_prefix_space=add_prefix_space,
-                        **_bpe_roles(specials, cfg, model_type), **_chat_settings(specials, template))
-
-
-def _load_tokenizer_json(path: Path, cfg: dict, model_type: str | None, template: str | None):
-    j = _read_json(path)
-    model = j.get("model", {})
-    where = str(path)
-    if model.get("type") != "BPE":
-        raise TokenizerError(f"{where}: model type {model.get('type')!r} is not supported (BPE only)")
-    if model.get("byte_fallback"):
-        raise TokenizerError(f"{where}: sentencepiece-style BPE (byte_fallback); load tokenizer.model instead")
-    split, prefix = _split_from_pre_tokenizer(j.get("pre_tokenizer"), where)
-    specials = {a["content"]: a["id"] for a in j.get("added_tokens", [])}
-    vocab = dict(model["vocab"])
-    for t, i in specials.items():   # added tokens may or may not be listed in model.vocab
-        vocab.pop(t, None)
-    return _bpe_from_vocab_merges(path.parent.name, vocab, model["merges"], split, specials, where, cfg,
-                                  model_type, template, prefix)
-
-
-_TIKTOKEN_LINE = re.compile(rb"([A-Za-z0-9+/]+=*) (\d+)")
-
-
-def _load_tiktoken_model(path: Path, cfg: dict) -> BPETokenizer:
-    """Llama 3 tokenizer.model: lines "base64(token) rank"; the 256 specials follow the last rank."""
-    ranks: dict[bytes, int] = {}
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            m = _TIKTOKEN_LINE.fullmatch(line.strip())
-            if m is None or len(m.group(1)) % 4:  # base64 comes in groups of 4 characters
-                raise TokenizerError(f"{path}: line {n} is not 'base64-token rank'")
-            ranks[base64.b64decode(m.group(1))] = int(m.group(2))
-    specials = {t: len(ranks) + k for k, t in enumerate(LLAMA3_SPECIALS)}
-    roles = _bpe_roles(specials, cfg, "llama")
-    return BPETokenizer(path.parent.name, ranks, LLAMA3_SPLIT, None, specials, **roles, chat_format="llama3")
-
-
-class SentencePieceTokenizer(Tokenizer):
-    """Llama 2: the sentencepiece model itself (Meta's reference), ids straight from the .model file.
-
-    Hugging Face's LlamaTokenizer (legacy=False) agrees on ordinary text; on a leading space and on runs of
-    spaces before a word we follow sentencepiece (tests/test_data_tokenizers.py lists the cases)."""
-
-    def __init__(self, path: Path):
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        pieces = [self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())]
-        specials = {pieces[i]: i for i in range(len(pieces)) if self.sp.is_control(i) or self.sp.is_unknown(i)}
-        bos, eos = pieces[self.sp.bos_id()], pieces[self.sp.eos_id()]
-        pad = pieces[self.sp.pad_id()] if self.sp.pad_id() >= 0 else None
-        super().__init__(path.parent.name, specials, len(pieces), bos=bos, eos=eos, pad=pad, stops=[eos])
-
-    def _encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:  # sentencepiece's C++ threads
-        return self.sp.encode(texts, num_threads=min(os.cpu_count() or 1, 8))
-
-    def decode(self, ids: list[int], skip_special: bool = False) -> str:
-        if skip_special:
-            return self.sp.decode(list(ids))
-        out, run = [], []  # sentencepiece drops control pieces; show them like HF does
-        for i in ids:
-            if i in self.specials.values():
-                out += [self.sp.decode(run), self.sp.id_to_piece(i)]
-                run = []
-            else:
-                run.append(i)
-        return "".join(out + [self.sp.decode(run)])
-
 
 # BERT's "Chinese character" blocks: CJK ideographs only (not Hiragana/Katakana/Hangul, which BERT treats as
 # letters). CJK_CHAR is THE CJK test of the project: WordPiece, content_words, detect_lang, pal.py's metrics.
@@ -427,187 +43,6 @@ _CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700,
                (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
 CJK_CHAR = re.compile("[" + "".join(f"{chr(lo)}-{chr(hi)}" for lo, hi in _CJK_RANGES) + "]")  # one CJK ideograph
 
-
-@lru_cache(maxsize=65536)
-def _bert_char_kind(ch: str) -> str:
-    """How BERT's basic tokenizer treats one character: drop, space, cjk, punct or other."""
-    cp = ord(ch)
-    cat = unicodedata.category(ch)
-    if ch in "\t\n\r" or (not cat.startswith("C") and ch.isspace()):
-        return "space"
-    if cp == 0 or cp == 0xFFFD or cat.startswith("C"):
-        return "drop"
-    if CJK_CHAR.match(ch):
-        return "cjk"
-    # every non-alphanumeric ASCII symbol is punctuation, even "$" or "^" which Unicode calls symbols
-    ascii_symbol = 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126
-    return "punct" if ascii_symbol or cat.startswith("P") else "other"
-
-
-_ASCII_CONTROL = {c: None for c in list(range(32)) + [127] if chr(c) not in "\t\n\r"}
-_ASCII_WORDS = re.compile(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]")
-
-
-class WordPieceTokenizer(Tokenizer):
-    """BERT WordPiece (GPT-2 Chinese uses BERT's vocab.txt): basic tokenization, then greedy longest match.
-
-    Basic tokenization: drop NUL / U+FFFD / control characters, map whitespace to " ", put spaces around every
-    CJK ideograph (so each is its own word), lower-case and strip accents if the config says so, then split on
-    whitespace and punctuation. WordPiece: longest vocab prefix, continuations prefixed "##"; a word that cannot be
-    covered (or is longer than 100 characters) becomes [UNK] as a whole.
-    """
-
-    def __init__(self, path: Path, lowercase: bool = True, strip_accents: bool | None = None):
-        lines = path.read_text(encoding="utf-8").split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        self.vocab = {}
-        for i, t in enumerate(lines):
-            self.vocab.setdefault(t.rstrip("\r"), i)
-        self.inv = {i: t for t, i in self.vocab.items()}
-        self.lowercase = lowercase
-        self.strip_accents = lowercase if strip_accents is None else strip_accents
-        specials = {t: self.vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in self.vocab}
-        for t in ("[UNK]", "[CLS]", "[SEP]", "[PAD]"):
-            if t not in specials:
-                raise TokenizerError(f"{path}: WordPiece vocab has no {t} line")
-        self.unk = specials["[UNK]"]
-        # uer/gpt2-chinese: a text is "[CLS] ... [SEP]"; generation stops at [SEP].
-        super().__init__(path.parent.name, specials, len(lines), bos="[CLS]", eos="[SEP]", pad="[PAD]",
-                         stops=["[SEP]"])
-        self._cache: dict[str, list[int]] = {}
-
-    def _words(self, text: str) -> list[str]:
-        if text.isascii():
-            # the same steps on ASCII text, in C: drop control characters, lower-case, then each run of letters
-            # and digits is a word and every other visible character (all ASCII symbols are BERT punctuation) too.
-            text = text.translate(_ASCII_CONTROL)
-            return _ASCII_WORDS.findall(text.lower() if self.lowercase else text)
-        out = []
-        for ch in text:
-            kind = _bert_char_kind(ch)
-            out.append(" " if kind == "space" else "" if kind == "drop" else f" {ch} " if kind == "cjk" else ch)
-        text = "".join(out)
-        if self.strip_accents:
-            text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
-        if self.lowercase:
-            text = text.lower()
-        # punctuation splits words (after the steps above, as in BERT): space it out, then split at spaces
-        return "".join(f" {c} " if _bert_char_kind(c) == "punct" else c for c in text).split()
-
-    def _wordpiece(self, word: str) -> list[int]:
-        """Greedy longest-match-first pieces of one word; the whole word is [UNK] when some rest has no piece."""
-        if word in self._cache:
-            return self._cache[word]
-        ids, start = [], 0
-        while start < len(word) <= 100:
-            prefix = "##" if start else ""
-            end = next((e for e in range(len(word), start, -1) if prefix + word[start:e] in self.vocab), None)
-            if end is None:
-                break
-            ids.append(self.vocab[prefix + word[start:end]])
-            start = end
-        ids = ids if start == len(word) else [self.unk]
-        if len(self._cache) < 100_000:
-            self._cache[word] = ids
-        return ids
-
-    def _encode(self, text: str) -> list[int]:
-        ids = []
-        for w in self._words(text):
-            ids += self._wordpiece(w)
-        return ids
-
-    def decode(self, ids: list[int], skip_special: bool = False) -> str:
-        """Like HF's WordPiece decoder: tokens joined by spaces, "##" continuations glued to the previous one, and
-        the space before "." "," "?" "!" removed (its clean-up runs per token, so "i ' m" stays as it is)."""
-        out = []
-        special = set(self.specials.values())
-        for i in ids:
-            if i not in self.inv:
-                raise TokenizerError(f"{self.name}: id {i} is not a token (vocab_size {self.vocab_size})")
-            if skip_special and i in special:
-                continue
-            t = self.inv[i]
-            if out and t.startswith("##"):
-                t = t[2:]
-            elif out:
-                t = " " + t
-            if t in (" .", " ,", " ?", " !"):
-                t = t[1:]
-            out.append(t)
-        return "".join(out)
-
-    def encode_pair(self, a: str, b: str) -> list[int]:
-        """BERT pair framing: [CLS] a [SEP] b [SEP]."""
-        cls, sep = self.specials["[CLS]"], self.specials["[SEP]"]
-        return [cls] + self._encode(a) + [sep] + self._encode(b) + [sep]
-
-
-def _is_tiktoken_file(path: Path) -> bool:
-    """Llama 3's tokenizer.model is text ("base64 rank" lines); sentencepiece's is a binary protobuf."""
-    with open(path, "rb") as f:
-        head = f.read(256)
-    return bool(re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\n?", head.split(b"\n")[0] + b"\n"))
-
-
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Build the tokenizer of a LOCAL model directory (or of one tokenizer file), choosing by the files present.
-
-    A hub id is the caller's to resolve: load_tokenizer(model.resolve_model_dir("gpt2"))."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise TokenizerError(f"{str(path)!r} is not a local file or directory (load_tokenizer reads local files "
-                             "only; resolve a hub id with model.resolve_model_dir first)")
-    if p.is_file():
-        if p.name == "tokenizer.json":
-            return _load_tokenizer_json(p, {}, None, None)
-        if p.suffix == ".model":
-            return _load_tiktoken_model(p, {}) if _is_tiktoken_file(p) else SentencePieceTokenizer(p)
-        raise TokenizerError(f"{p}: not a tokenizer file (expected tokenizer.json or *.model)")
-    config = _read_json(p / "config.json", missing={})
-    tcfg = _read_json(p / "tokenizer_config.json", missing={})
-    model_type = config.get("model_type")
-    template = tcfg.get("chat_template")
-    if template is None and (p / "chat_template.jinja").exists():
-        template = (p / "chat_template.jinja").read_text(encoding="utf-8")
-    tclass = tcfg.get("tokenizer_class") or config.get("tokenizer_class") or ""
-
-    if (p / "vocab.txt").exists() and ("Bert" in tclass or not (p / "tokenizer.json").exists()):
-        lower = tcfg.get("do_lower_case", True)  # BertTokenizer's default when the config does not say
-        return WordPieceTokenizer(p / "vocab.txt", lowercase=lower, strip_accents=tcfg.get("strip_accents"))
-    for sp in (p / "tokenizer.model", p / "original" / "tokenizer.model"):
-        if sp.exists():
-            if _is_tiktoken_file(sp):
-                return _load_tiktoken_model(sp, tcfg)
-            if sp.parent == p:
-                return SentencePieceTokenizer(sp)
-    if (p / "tokenizer.json").exists():
-        return _load_tokenizer_json(p / "tokenizer.json", tcfg, model_type, template)
-    for vocab_name, merges_name in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
-        if (p / vocab_name).exists():
-            if not (p / merges_name).exists():
-                raise TokenizerError(f"missing file {p / merges_name} (needed with {p / vocab_name})")
-            vocab = _read_json(p / vocab_name)
-            merges = (p / merges_name).read_text(encoding="utf-8").split("\n")
-            return _bpe_from_vocab_merges(p.name, vocab, merges, GPT2_SPLIT, {}, str(p / merges_name), tcfg,
-                                          model_type, template, bool(tcfg.get("add_prefix_space", False)))
-    raise TokenizerError(f"no tokenizer files in {p}: expected one of tokenizer.json, vocab.json+merges.txt, "
-                         "encoder.json+vocab.bpe, tokenizer.model, original/tokenizer.model or vocab.txt "
-                         "(a SmolLM2 GGUF file: convert it with `python extras/smol.py`)")
-
-
-def check_tokenizer_fits(tok: Tokenizer, model_or_vocab_size) -> None:
-    """Raise if some id the tokenizer can produce has no row in the model's embedding (ids would index past it)."""
-    n = model_or_vocab_size if isinstance(model_or_vocab_size, int) else model_or_vocab_size.config.vocab_size
-    if tok.vocab_size > n:
-        raise TokenizerError(f"tokenizer {tok.name!r} has {tok.vocab_size} ids but the model's embedding has only "
-                             f"{n} rows: this tokenizer does not belong to this model")
-
-
-# ==============================================================================================================
-# Part 2. Persona dialogue datasets -> examples -> prompts -> batches
-# ==============================================================================================================
 
 # ----------------------------------------------------------------------------------------------------
 # Records
@@ -647,76 +82,12 @@ class Example:
     candidates: list[str] | None = None
 
 
-@dataclass
-class ParseStats:
-    """What a parser met, so that nothing is dropped without a trace."""
-    files: list[str] = field(default_factory=list)
-    lines: int = 0
-    dialogues: int = 0
-    examples: int = 0                    # turns with a response = examples make_examples will produce
-    blank_lines: int = 0                 # skipped
-    invalid_utf8_lines: int = 0          # decoded with U+FFFD replacement characters (strict_utf8 raises)
-    silence_openers: int = 0             # `__SILENCE__` contexts: turn kept, the marker is no utterance
-    empty_dialogues: int = 0             # dialogue without any response: no example possible, skipped
-    no_persona_dialogues: int = 0        # dialogue without persona lines: kept, its prompts list no persona
-    missing_responses: int = 0           # turn without response: message kept in history, no example
-    numbering_gaps: int = 0              # turn number jumped forward (N -> N+2...): accepted as is
-    numbering_restarts: int = 0          # number did not go back to 1 at a new dialogue: new dialogue anyway
-    conversation_breaks: int = 0         # JSON lines whose history does not extend an earlier line's
-    long_texts: int = 0                  # utterances / persona sentences cut to MAX_TEXT_CHARS characters
-    notes: list[str] = field(default_factory=list)  # first few irregularities, with file:line
-
-    def count(self, what: str | None, msg: str) -> None:
-        """One more irregularity of kind `what` (a counter above; None: a note only), noted with its file:line."""
-        if what is not None:
-            setattr(self, what, getattr(self, what) + 1)
-        if len(self.notes) < 20:
-            self.notes.append(msg)
-
-    def summary(self) -> str:
-        keys = [k for k, v in vars(self).items()
-                if isinstance(v, int) and v and k not in ("lines", "dialogues", "examples")]
-        return ", ".join(f"{k}={getattr(self, k)}" for k in keys)
-
-    def report(self, first: int = 3) -> str:
-        """For logs: the file(s), sizes and non-zero irregularity counters on one line, then the first `first`
-        notes, each with its file:line, so that a problem can be found in the data."""
-        counters = self.summary()
-        lines = [f"{', '.join(Path(f).name for f in self.files)}: {self.dialogues} dialogues, {self.examples} "
-                 f"examples" + (f" ({counters})" if counters else "")]
-        lines += [f"    {note}" for note in self.notes[:first]]
-        if len(self.notes) > first:
-            lines.append(f"    ... {len(self.notes) - first} more noted (ParseStats.notes keeps the first 20)")
-        return "\n".join(lines)
-
-
 class Dialogues(list):
     """A list of Dialogue that also carries the ParseStats of the files it came from (`.stats`)."""
     stats: ParseStats
 
 
-class DataFormatError(ValueError):
-    """A file that cannot be read: the message names file:line and shows the line (lineno None: the whole file;
-    a string such as "row 3": the 0-based row 3 of a file holding one JSON array)."""
-
-    def __init__(self, path, lineno: int | str | None, line: str, reason: str):
-        super().__init__(f"{path}:{lineno}: {reason}: {line[:300]!r}" if lineno is not None else f"{path}: {reason}")
-        self.path, self.lineno, self.line, self.reason = str(path), lineno, line, reason
-
-
 SILENCE = "__SILENCE__"
-# A persona sentence or utterance longer than this is cut to it (counted in long_texts): PERSONA-CHAT's longest is
-# 113 characters, and 10,000 characters (~2,500 GPT-2 tokens) already overflow any max_len, while a runaway
-# megabyte line would make every tokenization slow (and tiktoken panics on a run of ~1M spaces).
-MAX_TEXT_CHARS = 10_000
-
-
-def _capped(text: str, stats: ParseStats, where: str) -> str:
-    """`text`, cut to MAX_TEXT_CHARS characters (counted, noted with `where` = file:line) when it is longer."""
-    if len(text) <= MAX_TEXT_CHARS:
-        return text
-    stats.count("long_texts", f"{where}: text of {len(text)} characters cut to its first {MAX_TEXT_CHARS}")
-    return text[:MAX_TEXT_CHARS]
 
 
 def _checked(dialogues: Dialogues, path: Path) -> Dialogues:
@@ -724,22 +95,6 @@ def _checked(dialogues: Dialogues, path: Path) -> Dialogues:
     if not dialogues:
         raise DataFormatError(path, None, "", f"no dialogues in its {dialogues.stats.lines} lines (empty file?)")
     return dialogues
-
-
-def _read_lines(path: Path, stats: ParseStats, strict_utf8: bool) -> list[tuple[int, str]]:
-    """(line number, text) for every line. Invalid UTF-8 raises when strict, else becomes U+FFFD (counted)."""
-    out = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            raw = raw.rstrip(b"\r\n")
-            line = raw.decode("utf-8", "replace")
-            if line.encode("utf-8") != raw:  # some bytes were not UTF-8 and became U+FFFD
-                if strict_utf8:
-                    raise DataFormatError(path, lineno, line, "invalid UTF-8")
-                stats.count("invalid_utf8_lines", f"{path}:{lineno}: invalid UTF-8 replaced by U+FFFD")
-            out.append((lineno, line))
-    stats.lines += len(out)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -774,7 +129,7 @@ def read_personachat(path, strict_utf8: bool = False, first_id: int = 0) -> Dial
         d.dialogue_id = first_id + len(dialogues)
         dialogues.append(d)
 
-    for lineno, line in _read_lines(path, stats, strict_utf8):
+    for lineno, line in read_lines(path, stats, strict_utf8):
         if not line.strip():
             stats.blank_lines += 1
             continue
@@ -795,15 +150,15 @@ def read_personachat(path, strict_utf8: bool = False, first_id: int = 0) -> Dial
         if kind is not None:
             if cur.turns:
                 raise DataFormatError(path, lineno, line, "persona line after the dialogue's first turn")
-            text = _capped(body.split(":", 1)[1].strip(), stats, f"{path}:{lineno}")
+            text = capped(body.split(":", 1)[1].strip(), stats, f"{path}:{lineno}")
             (cur.personas if kind == "self" else cur.partner_personas).append(text)
             continue
 
         fields = body.split("\t")
         if len(fields) > 4:
             raise DataFormatError(path, lineno, line, f"{len(fields)} tab-separated fields, at most 4 expected")
-        context = _capped(fields[0].strip(), stats, f"{path}:{lineno}")
-        response = _capped(fields[1].strip(), stats, f"{path}:{lineno}") if len(fields) > 1 else ""
+        context = capped(fields[0].strip(), stats, f"{path}:{lineno}")
+        response = capped(fields[1].strip(), stats, f"{path}:{lineno}") if len(fields) > 1 else ""
         candidates = None
         if len(fields) == 4 and fields[3].strip():
             candidates = [c.strip() for c in fields[3].split("|")]
@@ -896,7 +251,7 @@ def _baidu_records(path: Path, stats: ParseStats, strict_utf8: bool) -> list[tup
     """(line number or "row i", its text, its JSON value) for each row of a Baidu file: one JSON array per line,
     or the whole file one JSON array of rows (the PAL authors' train_ch.txt layout: a list whose items are all
     lists; a JSON-lines file with one row holds a response string, so it is never taken for this)."""
-    lines = _read_lines(path, stats, strict_utf8)
+    lines = read_lines(path, stats, strict_utf8)
     try:
         whole = json.loads("\n".join(line for _, line in lines))
     except json.JSONDecodeError:
@@ -942,9 +297,9 @@ def read_baidu_jsonl(path, strict_utf8: bool = False, first_id: int = 0) -> Dial
             continue
         label = _parse_label(obj[3], len(personas), (path, lineno, line)) if len(obj) == 4 else None
         where = f"{path}:{lineno}"
-        personas = [_capped(p.strip(), stats, where) for p in personas]
-        history = [_capped(h.strip(), stats, where) for h in history]
-        turn = Turn(history[-1] if history else None, _capped(response.strip(), stats, where), None, label,
+        personas = [capped(p.strip(), stats, where) for p in personas]
+        history = [capped(h.strip(), stats, where) for h in history]
+        turn = Turn(history[-1] if history else None, capped(response.strip(), stats, where), None, label,
                     len(obj) == 4, where)
         rows.append((personas, history, turn))
     return _checked(_rows_to_dialogues(rows, stats, first_id), path)
@@ -1322,7 +677,7 @@ def prompt_and_target(ex: Example, mode: str, lang: str = "en", persona: str | N
 def selection_target(ex: Example) -> str:
     """What the selection task answers: the labelled persona sentence's number in the prompt's list, 1-based, or
     "0" when no persona applies. A number, not the sentence: trained to copy a sentence out of its prompt, a
-    small model copies sentences into its replies too (README, "PAL's effect at small scale")."""
+    small model copies sentences into its replies too (docs/measurements.md, "PAL's effect at small scale")."""
     return str(ex.persona_label + 1) if ex.persona_label is not None else "0"
 
 
@@ -1613,42 +968,325 @@ def collate_dpo(features: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Te
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# Command line: `python data.py stats --data-dir DIR` (the README's Table 1 and persona-label tables)
+# ==============================================================================================================
+# Part 2. Tokenizers
+# ==============================================================================================================
+#
+# Rebuilt from a model directory's own files, tested id for id against Hugging Face's (tests/test_data_tokenizers.py).
+# One class per algorithm: BPETokenizer (byte-level BPE on tiktoken: GPT-2, DialoGPT, SmolLM2, RoBERTa, Llama 3),
+# SentencePieceTokenizer (Llama 2), WordPieceTokenizer (GPT-2 Chinese, BERT). Reading the files (tokenizer.json,
+# merges, tiktoken and vocab files) is infra/tokfiles.py; load_tokenizer builds the class they call for.
+# The rule for all: encode(text) never makes a special token ("<|endoftext|>" in user text is encoded as its
+# characters); only code puts special ids in (chat, encode_pair, bos=True), so data cannot inject them.
+
+class Tokenizer:
+    """Common interface: subclasses implement `_encode` and `decode`. `specials` maps special text -> id."""
+
+    def __init__(self, name: str, specials: dict[str, int], vocab_size: int, *, bos: str | None, eos: str | None,
+                 pad: str | None, stops: list[str], chat_format: str | None = None, default_system: str | None = None):
+        self.name = name
+        self.specials = dict(specials)
+        self.vocab_size = vocab_size                      # max id + 1: rows the model's embedding must have
+        self.bos_id = self.token_id(bos)
+        self.eos_id = self.token_id(eos)
+        self.pad_id = self.token_id(pad) if pad is not None else self.eos_id
+        self.stop_ids = [self.token_id(s) for s in stops]
+        self.chat_format = chat_format                    # None, "llama3" or "chatml"
+        self.default_system = default_system              # chatml: system prompt added when none is given
+        self.has_chat = chat_format is not None
+
+    def token_id(self, text: str | None) -> int | None:
+        """Id of a special token by its text, e.g. tok.token_id("<|eot_id|>"); None for None."""
+        if text is not None and text not in self.specials:
+            raise TokenizerError(f"{self.name}: special token {text!r} is not in the vocabulary")
+        return None if text is None else self.specials[text]
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        for wanted, i, what in ((bos, self.bos_id, "bos"), (eos, self.eos_id, "eos")):
+            if wanted and i is None:
+                raise TokenizerError(f"{self.name}: this tokenizer has no {what} token")
+        return [self.bos_id] * bos + self._encode(text) + [self.eos_id] * eos
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self._encode(t) for t in texts]
+
+    def _encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.name!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, "
+                f"eos={self.eos_id}, pad={self.pad_id}, stops={self.stop_ids}, chat={self.chat_format})")
+
+    # -- chat formats, written out in code (no template engine) --------------------------------------------------
+    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Ids of a conversation in the model's chat format; message text is encoded as plain text.
+
+        llama3 (Meta's ChatFormat):  <|begin_of_text|> then per message
+            <|start_header_id|>{role}<|end_header_id|>"\\n\\n"{content.strip()}<|eot_id|>
+            and, for generation, the assistant header.
+        chatml (SmolLM2's template): a default system message when the first message is not "system", then per
+            message <|im_start|>"{role}\\n{content}"<|im_end|>"\\n", and "<|im_start|>" "assistant\\n" to generate.
+        """
+        if not self.has_chat:
+            raise TokenizerError(f"{self.name}: no chat format (base model tokenizer); use encode()")
+        for k, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise TokenizerError(f"chat: message {k} must be a dict with 'role' and 'content', got {m!r}")
+        if self.chat_format == "llama3":
+            sh, eh, eot = (self.specials[t] for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+            ids = [self.bos_id]
+            for m in messages:
+                ids += [sh] + self._encode(m["role"]) + [eh] + self._encode("\n\n")
+                ids += self._encode(m["content"].strip()) + [eot]
+            if add_generation_prompt:
+                ids += [sh] + self._encode("assistant") + [eh] + self._encode("\n\n")
+            return ids
+        if self.chat_format == "chatml":
+            start, end = self.specials["<|im_start|>"], self.specials["<|im_end|>"]
+            if self.default_system is not None and messages and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": self.default_system}] + list(messages)
+            ids = []
+            for m in messages:
+                # the template renders role + "\n" + content between the two specials; encode that span whole,
+                # as the reference does after cutting the rendered string at special tokens.
+                ids += [start] + self._encode(m["role"] + "\n" + m["content"]) + [end] + self._encode("\n")
+            if add_generation_prompt:
+                ids += [start] + self._encode("assistant\n")
+            return ids
+        raise TokenizerError(f"{self.name}: unknown chat format {self.chat_format!r}")
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    s = ap.add_subparsers(dest="cmd", required=True).add_parser(
-        "stats", help="Table 1 (#dialogues, #examples per split) and persona-label distribution")
-    s.add_argument("--data-dir", required=True)
-    s.add_argument("--variant", default="original", choices=["original", "revised"])
-    s.add_argument("--limit", type=int, default=None, help="examples per split (carved parts when no train/test)")
-    s.add_argument("--labels", default="lexical", choices=["lexical", "none"],
-                   help="lexical persona labels, or none (NLI labels: pal.py --labels nli)")
-    args = ap.parse_args(argv)
-    splits, info = load_splits(args.data_dir, args.variant, args.limit, "lexical" if args.labels == "lexical" else None)
-    print(info.message)
-    for k, st in info.stats.items():
-        print(f"  {k}: {st.report()}")
-    print(f"\n{table1(splits)}")
-    if args.labels == "none":
-        return
-    print("\nPersona labels (lexical: content-word overlap, see data.py):")
-    n_cols = 1 + max((e.persona_label for v in splits.values() for e in v if e.persona_label is not None),
-                     default=4)
-    print("| Split | labelled | no persona | " + " | ".join(f"p{i}" for i in range(n_cols)) + " |")
-    print("|---|---:|---:|" + "---:|" * n_cols)
-    for k in (k for k in SPLITS if k in splits):
-        dist = label_distribution(splits[k])
-        cells = [str(dist["by_index"].get(i, 0)) for i in range(n_cols)]
-        print(f"| {SPLIT_TITLES[k]} | {dist['labelled']} ({100 * dist['labelled'] / max(dist['total'], 1):.1f}%) | "
-              f"{dist['by_index'].get(None, 0)} | " + " | ".join(cells) + " |")
-    for k, ex in info.sources.items():
-        dist = label_distribution(ex)
-        print(f"{Path(info.stats[k].files[0]).name} (all of it): {dist['labelled']} of {dist['total']} "
-              f"examples ({100 * dist['labelled'] / max(dist['total'], 1):.1f}%) get a persona label.")
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE (GPT-2 family, SmolLM2, RoBERTa, Llama 3) run by tiktoken.
+
+    tiktoken merges, inside each regex piece, the adjacent pair whose concatenation has the lowest *rank*;
+    Hugging Face merges the pair that comes first in merges.txt. Giving each merged token the index of the merge
+    that creates it as its rank makes the two agree whenever a token is only ever reached through its own merge,
+    which BPE training makes the rule (not a theorem: the tests check it on real and fuzzed text for GPT-2 and
+    SmolLM2). Where the model's ids are another numbering (RoBERTa: fairseq's dictionary order), `_rank_to_id`
+    maps tiktoken's output to them."""
+
+    def __init__(self, name: str, ranks: dict[bytes, int], split: str, id_of_rank: dict[int, int] | None,
+                 specials: dict[str, int], *, add_prefix_space: bool = False, **kw):
+        self.add_prefix_space = add_prefix_space
+        ids_of = (lambda r: id_of_rank[r]) if id_of_rank is not None else (lambda r: r)
+        dropped = {b for b, r in ranks.items() if ids_of(r) < 0}     # bytes without a token (see _ranks_from_merges)
+        n = max(list(specials.values()) + [ids_of(r) for r in ranks.values()]) + 1   # vocab size: max id + 1
+        merged = sorted((r, ids_of(r)) for r in ranks.values() if r >= 256)
+        if id_of_rank is not None and all(a[1] < b[1] for a, b in zip(merged, merged[1:])):
+            # ids already follow merge order (GPT-2: equal; SmolLM2: shifted by its 17 specials), so they can be
+            # tiktoken's ranks and no id table is needed. Bytes without a token get ids past the vocabulary.
+            phantom = iter(range(n, n + 256))
+            ranks = {b: (next(phantom) if b in dropped else id_of_rank[r]) for b, r in ranks.items()}
+            id_of_rank, ids_of = None, (lambda r: r)
+        # tiktoken's specials table stays empty: we only call encode_ordinary, so no text can become a special.
+        self._enc = tiktoken.Encoding(name=f"pal:{name}", pat_str=split, mergeable_ranks=ranks, special_tokens={})
+        self._rank_to_id = None
+        if id_of_rank is not None:
+            table = [-1] * (max(ranks.values()) + 1)  # list indexing is the fastest lookup from Python
+            for r, i in id_of_rank.items():
+                table[r] = i
+            self._rank_to_id = table
+        self._drop = bool(dropped)  # out-of-vocabulary byte ids (< 0 or >= n) must be removed from the output
+        # id -> bytes for decoding (specials decode to their own text, like HF with skip_special_tokens=False).
+        self._id_bytes: list[bytes | None] = [None] * n
+        for b, r in ranks.items():
+            if 0 <= ids_of(r) < n:
+                self._id_bytes[ids_of(r)] = b
+        for t, i in specials.items():
+            self._id_bytes[i] = t.encode("utf-8")
+        self._special_set = set(specials.values())
+        super().__init__(name, specials, n, **kw)
+
+    def _encode(self, text: str) -> list[int]:
+        if self.add_prefix_space and not text.startswith(" "):
+            text = " " + text
+        ids = self._enc.encode_ordinary(text)
+        if self._rank_to_id is not None:
+            ids = [self._rank_to_id[r] for r in ids]
+        if self._drop and ids and (min(ids) < 0 or max(ids) >= self.vocab_size):  # min/max: a fast check in C
+            ids = [i for i in ids if 0 <= i < self.vocab_size]
+        return ids
+
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        parts = []
+        for i in ids:
+            if i < 0 or i >= self.vocab_size or self._id_bytes[i] is None:
+                raise TokenizerError(f"{self.name}: id {i} is not a token (vocab_size {self.vocab_size})")
+            if skip_special and i in self._special_set:
+                continue
+            parts.append(self._id_bytes[i])
+        # (with add_prefix_space the added space stays, as in HF's byte-level decoder)
+        return b"".join(parts).decode("utf-8", errors="replace")
+
+    def encode_pair(self, a: str, b: str) -> list[int]:
+        """RoBERTa sentence pair: <s> a </s></s> b </s> (what the NLI classifier was trained on)."""
+        cls, sep = self.token_id("<s>"), self.token_id("</s>")
+        return [cls] + self._encode(a) + [sep, sep] + self._encode(b) + [sep]
 
 
-if __name__ == "__main__":
-    main()
+class SentencePieceTokenizer(Tokenizer):
+    """Llama 2: the sentencepiece model itself (Meta's reference), ids straight from the .model file.
+
+    Hugging Face's LlamaTokenizer (legacy=False) agrees on ordinary text; on a leading space and on runs of
+    spaces before a word we follow sentencepiece (tests/test_data_tokenizers.py lists the cases)."""
+
+    def __init__(self, path: Path):
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        pieces = [self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())]
+        specials = {pieces[i]: i for i in range(len(pieces)) if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        bos, eos = pieces[self.sp.bos_id()], pieces[self.sp.eos_id()]
+        pad = pieces[self.sp.pad_id()] if self.sp.pad_id() >= 0 else None
+        super().__init__(path.parent.name, specials, len(pieces), bos=bos, eos=eos, pad=pad, stops=[eos])
+
+    def _encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:  # sentencepiece's C++ threads
+        return self.sp.encode(texts, num_threads=min(os.cpu_count() or 1, 8))
+
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        if skip_special:
+            return self.sp.decode(list(ids))
+        out, run = [], []  # sentencepiece drops control pieces; show them like HF does
+        for i in ids:
+            if i in self.specials.values():
+                out += [self.sp.decode(run), self.sp.id_to_piece(i)]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out + [self.sp.decode(run)])
+
+
+@lru_cache(maxsize=65536)
+def _bert_char_kind(ch: str) -> str:
+    """How BERT's basic tokenizer treats one character: drop, space, cjk, punct or other."""
+    cp = ord(ch)
+    cat = unicodedata.category(ch)
+    if ch in "\t\n\r" or (not cat.startswith("C") and ch.isspace()):
+        return "space"
+    if cp == 0 or cp == 0xFFFD or cat.startswith("C"):
+        return "drop"
+    if CJK_CHAR.match(ch):
+        return "cjk"
+    # every non-alphanumeric ASCII symbol is punctuation, even "$" or "^" which Unicode calls symbols
+    ascii_symbol = 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126
+    return "punct" if ascii_symbol or cat.startswith("P") else "other"
+
+
+_ASCII_CONTROL = {c: None for c in list(range(32)) + [127] if chr(c) not in "\t\n\r"}
+_ASCII_WORDS = re.compile(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]")
+
+
+class WordPieceTokenizer(Tokenizer):
+    """BERT WordPiece (GPT-2 Chinese uses BERT's vocab.txt): basic tokenization, then greedy longest match.
+
+    Basic tokenization: drop NUL / U+FFFD / control characters, map whitespace to " ", put spaces around every
+    CJK ideograph (so each is its own word), lower-case and strip accents if the config says so, then split on
+    whitespace and punctuation. WordPiece: longest vocab prefix, continuations prefixed "##"; a word that cannot be
+    covered (or is longer than 100 characters) becomes [UNK] as a whole.
+    """
+
+    def __init__(self, path: Path, lowercase: bool = True, strip_accents: bool | None = None):
+        lines = path.read_text(encoding="utf-8").split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        self.vocab = {}
+        for i, t in enumerate(lines):
+            self.vocab.setdefault(t.rstrip("\r"), i)
+        self.inv = {i: t for t, i in self.vocab.items()}
+        self.lowercase = lowercase
+        self.strip_accents = lowercase if strip_accents is None else strip_accents
+        specials = {t: self.vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in self.vocab}
+        for t in ("[UNK]", "[CLS]", "[SEP]", "[PAD]"):
+            if t not in specials:
+                raise TokenizerError(f"{path}: WordPiece vocab has no {t} line")
+        self.unk = specials["[UNK]"]
+        # uer/gpt2-chinese: a text is "[CLS] ... [SEP]"; generation stops at [SEP].
+        super().__init__(path.parent.name, specials, len(lines), bos="[CLS]", eos="[SEP]", pad="[PAD]",
+                         stops=["[SEP]"])
+        self._cache: dict[str, list[int]] = {}
+
+    def _words(self, text: str) -> list[str]:
+        if text.isascii():
+            # the same steps on ASCII text, in C: drop control characters, lower-case, then each run of letters
+            # and digits is a word and every other visible character (all ASCII symbols are BERT punctuation) too.
+            text = text.translate(_ASCII_CONTROL)
+            return _ASCII_WORDS.findall(text.lower() if self.lowercase else text)
+        out = []
+        for ch in text:
+            kind = _bert_char_kind(ch)
+            out.append(" " if kind == "space" else "" if kind == "drop" else f" {ch} " if kind == "cjk" else ch)
+        text = "".join(out)
+        if self.strip_accents:
+            text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+        if self.lowercase:
+            text = text.lower()
+        # punctuation splits words (after the steps above, as in BERT): space it out, then split at spaces
+        return "".join(f" {c} " if _bert_char_kind(c) == "punct" else c for c in text).split()
+
+    def _wordpiece(self, word: str) -> list[int]:
+        """Greedy longest-match-first pieces of one word; the whole word is [UNK] when some rest has no piece."""
+        if word in self._cache:
+            return self._cache[word]
+        ids, start = [], 0
+        while start < len(word) <= 100:
+            prefix = "##" if start else ""
+            end = next((e for e in range(len(word), start, -1) if prefix + word[start:e] in self.vocab), None)
+            if end is None:
+                break
+            ids.append(self.vocab[prefix + word[start:end]])
+            start = end
+        ids = ids if start == len(word) else [self.unk]
+        if len(self._cache) < 100_000:
+            self._cache[word] = ids
+        return ids
+
+    def _encode(self, text: str) -> list[int]:
+        ids = []
+        for w in self._words(text):
+            ids += self._wordpiece(w)
+        return ids
+
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        """Like HF's WordPiece decoder: tokens joined by spaces, "##" continuations glued to the previous one, and
+        the space before "." "," "?" "!" removed (its clean-up runs per token, so "i ' m" stays as it is)."""
+        out = []
+        special = set(self.specials.values())
+        for i in ids:
+            if i not in self.inv:
+                raise TokenizerError(f"{self.name}: id {i} is not a token (vocab_size {self.vocab_size})")
+            if skip_special and i in special:
+                continue
+            t = self.inv[i]
+            if out and t.startswith("##"):
+                t = t[2:]
+            elif out:
+                t = " " + t
+            if t in (" .", " ,", " ?", " !"):
+                t = t[1:]
+            out.append(t)
+        return "".join(out)
+
+    def encode_pair(self, a: str, b: str) -> list[int]:
+        """BERT pair framing: [CLS] a [SEP] b [SEP]."""
+        cls, sep = self.specials["[CLS]"], self.specials["[SEP]"]
+        return [cls] + self._encode(a) + [sep] + self._encode(b) + [sep]
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a LOCAL model directory (or of one tokenizer file): infra/tokfiles.py reads the files the
+    directory has, this builds the class of their algorithm. A hub id is the caller's to resolve."""
+    kind, spec = read_tokenizer(path)
+    return {"bpe": BPETokenizer, "sentencepiece": SentencePieceTokenizer, "wordpiece": WordPieceTokenizer}[kind](**spec)
+
+
+def check_tokenizer_fits(tok: Tokenizer, model_or_vocab_size) -> None:
+    """Raise if some id the tokenizer can produce has no row in the model's embedding (ids would index past it)."""
+    n = model_or_vocab_size if isinstance(model_or_vocab_size, int) else model_or_vocab_size.config.vocab_size
+    if tok.vocab_size > n:
+        raise TokenizerError(f"tokenizer {tok.name!r} has {tok.vocab_size} ids but the model's embedding has only "
+                             f"{n} rows: this tokenizer does not belong to this model")

@@ -8,8 +8,9 @@ Read top to bottom:
   5. LoRA        LoRALinear (adapters in fp32 on any base) and the helpers that add / merge / disable / save them;
                  prompt tuning: SoftPrompt, trainable vectors read through virtual token ids past the vocabulary
   6. generate    batched greedy decoding: left padding, one prefill, then one-token steps on the cache
-  7. load/save   resolve_model_dir, read_config, load_model (rename table + every key and shape checked; safetensors,
-                 or pytorch_model.bin loaded with weights_only), save_model, atomic writes
+  7. load/save   the rename table to Hugging Face's names, read_checkpoint (every key and shape checked), load_model,
+                 save_model. Where the files come from and how they are read (a local directory or a hub id;
+                 safetensors, or pytorch_model.bin with weights_only) is infra/hub.py; atomic writes infra/files.py
 
 Shape names: B batch, T new tokens in this call, S keys attended (cache length), C model width,
 H query heads, Hkv key/value heads (GQA: Hkv divides H), D head dim, V vocabulary.
@@ -17,27 +18,19 @@ H query heads, Hkv key/value heads (GQA: Hkv divides H), D head dim, V vocabular
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import pickle
 import re
-import shutil
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from huggingface_hub import get_token, snapshot_download
-from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-
-class CheckpointError(ValueError):
-    """A checkpoint (full model or LoRA adapters) that does not fit the model it is loaded into."""
+from infra.exports import read_prompt_adapter, write_lora, write_prompt_adapter  # machinery: a reader steps over it
+from infra.files import CheckpointError, atomic_path, read_json, write_json
+from infra.hub import checkpoint_files, checkpoint_reader, read_safetensors, resolve_model_dir
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -644,13 +637,11 @@ def save_lora(model: nn.Module, path):
     layers = list(lora_layers(model).values())
     if not layers:
         raise RuntimeError("the model has no LoRA layers")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "r": str(layers[0].r), "alpha": str(layers[0].alpha)})
+    write_lora(path, lora_state_dict(model), layers[0].r, layers[0].alpha)
 
 
 def load_lora(model: nn.Module, path):
-    load_lora_state_dict(model, load_file(str(path)))
+    load_lora_state_dict(model, read_safetensors(path))
 
 
 # Prompt tuning (Lester et al. 2021): n trainable vectors placed before every input, every model weight frozen.
@@ -684,9 +675,7 @@ class SoftPrompt(nn.Module):
         return torch.where(virtual[..., None], self.vectors[k].to(x.dtype), x)
 
 
-# A trained soft prompt is saved as a PEFT prompt-tuning adapter in a directory of its own, beside the frozen weights:
-# adapter_model.safetensors {"prompt_embeddings": (n, C)} and adapter_config.json, so that
-# peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(export), export / "soft_prompt") reads it too.
+# A trained soft prompt is saved as a PEFT prompt-tuning adapter in a directory of its own, beside the frozen weights.
 SOFT_PROMPT_DIR = "soft_prompt"
 
 
@@ -706,37 +695,17 @@ def soft_prompt_ids(model: nn.Module) -> list[int]:
 
 
 def save_soft_prompt(model: nn.Module, out_dir):
-    """The prompt vectors as a PEFT prompt-tuning adapter directory (atomic)."""
-    vectors = model.soft_prompt.vectors
+    """The prompt vectors as a PEFT prompt-tuning adapter directory (infra/adapters.py)."""
     cfg = model.config
     layers, heads = (cfg.n_layer, cfg.n_head) if model.family == "gpt2" else (cfg.num_hidden_layers,
                                                                               cfg.num_attention_heads)
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir()
-        save_file({"prompt_embeddings": vectors.detach().cpu().contiguous()}, str(tmp / "adapter_model.safetensors"),
-                  metadata={"format": "pt"})
-        write_json(tmp / "adapter_config.json", {
-            "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": vectors.shape[0],
-            "token_dim": vectors.shape[1], "num_transformer_submodules": 1, "num_attention_heads": heads,
-            "num_layers": layers, "inference_mode": True,
-            "prompt_tuning_init": "RANDOM",  # how PEFT would start a new prompt; loading takes the stored vectors
-            "base_model_name_or_path": getattr(model, "name_or_path", None)})
+    write_prompt_adapter(out_dir, model.soft_prompt.vectors, layers, heads, getattr(model, "name_or_path", None))
 
 
 def load_soft_prompt(model: nn.Module, adapter_dir) -> list[int]:
     """Give `model` the prompt vectors of a saved adapter directory (their width must be the model's); returns their
     virtual ids."""
-    path = Path(adapter_dir) / "adapter_model.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist: not a saved soft prompt")
-    try:
-        vectors = load_file(str(path)).get("prompt_embeddings")
-    except SafetensorError as e:
-        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
-    width = model.config.n_embd if model.family == "gpt2" else model.config.hidden_size
-    if vectors is None or vectors.dim() != 2 or vectors.shape[1] != width:
-        shape = None if vectors is None else tuple(vectors.shape)
-        raise CheckpointError(f"{path}: expected 'prompt_embeddings' of shape (n, {width}), found {shape}")
+    vectors = read_prompt_adapter(adapter_dir, model.config.n_embd if model.family == "gpt2" else model.config.hidden_size)
     ids = add_soft_prompt(model, vectors.shape[0], [0])
     with torch.no_grad():
         model.soft_prompt.vectors.copy_(vectors)
@@ -842,92 +811,6 @@ def _canonical_key(model: nn.Module, key: str) -> str | None:
     return None if LLAMA_IGNORED.fullmatch(key) else key
 
 
-def read_json(path: Path) -> dict:
-    """The JSON object in `path`; an empty file, invalid JSON or another JSON value is a CheckpointError naming it."""
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise CheckpointError(f"{path}: empty file ({len(raw)} bytes; an interrupted download or write?)")
-    try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:   # re-raised naming the file
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-# A checkpoint's weights: one file, or shards named by an index. Safetensors first; pytorch_model.bin is read only
-# for the older repos that ship nothing else (microsoft/DialoGPT-*, uer/gpt2-chinese-cluecorpussmall).
-CHECKPOINT_NAMES = [("model.safetensors", "model.safetensors.index.json"),
-                    ("pytorch_model.bin", "pytorch_model.bin.index.json")]
-
-
-def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The first of CHECKPOINT_NAMES present: the single file, or every shard its index's weight_map names."""
-    for single, index in CHECKPOINT_NAMES:
-        if (model_dir / single).exists():
-            return [model_dir / single]
-        if (model_dir / index).exists():
-            weight_map = read_json(model_dir / index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{model_dir / index}: no \"weight_map\" object (key -> shard file)")
-            shards = [model_dir / name for name in sorted(set(weight_map.values()))]
-            if missing := [s.name for s in shards if not s.exists()]:
-                raise FileNotFoundError(f"{model_dir}: shard(s) {missing} listed in {index} are missing")
-            return shards
-    raise FileNotFoundError(f"{model_dir}: no checkpoint (looked for " +
-                            ", ".join(name for pair in CHECKPOINT_NAMES for name in pair) + ")")
-
-
-def load_plain(path: Path, mmap: bool = False):
-    """torch.load of tensors and plain containers only (weights_only=True): a pickle that names any other global,
-    i.e. that would run code while loading, is refused, and so is a corrupt file; the error names the file. The
-    one reader of torch files here (pytorch_model.bin; dpo.py's trainer state, random streams, reference cache)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:   # what weights_only raises on a global it does not allow
-        why = re.search(r"Unsupported (global: GLOBAL [\w.]+|operand \w+)", str(e))  # e.g. GLOBAL os.system
-        raise CheckpointError(f"{path}: refusing to unpickle arbitrary objects ({why[0] if why else 'not plain data'}"
-                              "); loading would run code: delete it unless you trust its source") from None
-    except (EOFError, RuntimeError) as e:  # empty; a zip archive cut short
-        raise CheckpointError(f"{path}: corrupt or truncated torch file (an interrupted download?): {e}") from None
-
-
-def load_pytorch_bin(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a pytorch_model.bin (load_plain). mmap for zip-format files, which torch >= 1.6 writes: each
-    tensor's pages are read when it is used; the legacy format of older files cannot be mapped and is read whole."""
-    sd = load_plain(path, mmap=zipfile.is_zipfile(path))
-    if not (isinstance(sd, dict) and all(isinstance(t, torch.Tensor) for t in sd.values())):
-        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
-    return sd
-
-
-def checkpoint_reader(path: Path):
-    """({key: shape}, read) for one checkpoint file, read(key) -> that tensor. Safetensors: shapes from the header
-    alone, and each tensor read through its own short-lived mapping; pytorch_model.bin: the mapped dict."""
-    if path.suffix == ".bin":
-        tensors = load_pytorch_bin(path)
-        return {key: tuple(t.shape) for key, t in tensors.items()}, tensors.__getitem__
-
-    def read(key):
-        # Opened for this one tensor, the copy-on-write mapping lets its pages go once the tensor is converted;
-        # a tensor already in the wanted dtype on the CPU stays those pages (read lazily, never copied).
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(key)
-    return header_shapes(path), read
-
-
-def header_shapes(path: Path) -> dict[str, tuple]:
-    """{key: shape} of one safetensors file, read from its header alone; a truncated download said plainly."""
-    try:
-        f = safe_open(str(path), framework="pt")
-    except SafetensorError as e:   # a header that does not cover the file: most often a truncated download
-        raise CheckpointError(f"{path}: not a complete safetensors file ({path.stat().st_size} bytes: a truncated "
-                              f"download, or not safetensors at all): {e}") from e
-    with f:
-        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-
-
 def read_checkpoint(model: nn.Module, model_dir: Path, dtype=torch.float32, device="cpu") -> dict[str, torch.Tensor]:
     """Our state dict from the checkpoint in `model_dir`, renamed and transformed. Every key and shape is checked
     before its tensor is read (from the header, or the mapped pytorch_model.bin); tensors are converted one at a
@@ -966,57 +849,6 @@ def read_checkpoint(model: nn.Module, model_dir: Path, dtype=torch.float32, devi
         more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
         raise CheckpointError(f"{model_dir}: checkpoint lacks {len(missing)} key(s):\n" + "\n".join(lines) + more)
     return sd
-
-
-def hf_cache_dir() -> Path:
-    """Hugging Face's hub cache, read from the environment now (huggingface_hub reads it once, at import)."""
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(os.environ.get("HF_HUB_CACHE") or Path(home).expanduser() / "hub")
-
-
-HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
-             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-             "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja"]
-HUB_BIN_FILES = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]  # if no safetensors
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
-
-def resolve_model_dir(name_or_path) -> Path:
-    """A directory holding config.json + the weights for `name_or_path`: an existing local directory as is, or a
-    hub repo id ("owner/name") through snapshot_download (the local cache only when HF_HUB_OFFLINE is set): HUB_FILES,
-    then HUB_BIN_FILES only when no safetensors came, so a repo that has both is never downloaded twice."""
-    name = str(name_or_path)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: directory has no config.json")
-        return path
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not _REPO_ID.fullmatch(name):   # a path
-        raise FileNotFoundError(f"unknown model {name!r}: no such directory (expected a directory with config.json "
-                                "or a hub repo id like 'owner/name')")
-    # HF_HUB_OFFLINE and the cache directory are read now: huggingface_hub reads them once, at import.
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    login = (f"accept its licence on https://huggingface.co/{name} and log in: `hf auth login`, or set HF_TOKEN to "
-             "an access token")
-    try:
-        path = Path(snapshot_download(name, cache_dir=hf_cache_dir(), allow_patterns=HUB_FILES,
-                                      local_files_only=offline))
-        if not any(path.glob("*.safetensors")):
-            path = Path(snapshot_download(name, cache_dir=hf_cache_dir(), allow_patterns=HUB_BIN_FILES,
-                                          local_files_only=offline))
-    except GatedRepoError as e:   # (a subclass of RepositoryNotFoundError, so caught first)
-        raise PermissionError(f"hub repo {name!r} is gated: {login}") from e
-    except (LocalEntryNotFoundError, HfHubHTTPError) as e:   # not cached / no such repo / hub unreachable
-        if (isinstance(e, RepositoryNotFoundError) and getattr(e.response, "status_code", None) == 401
-                and get_token() is None):   # tokenless, the hub answers 401 for gated, private and missing repos
-            raise PermissionError(f"hub repo {name!r} refused a download without a token: it is gated or private, "
-                                  f"or does not exist. If it is gated, {login}") from e
-        why = "HF_HUB_OFFLINE is set" if offline else f"{type(e).__name__}: " + str(e).partition("\n")[0]
-        raise FileNotFoundError(f"unknown model {name!r}: not a local directory, and not in the Hugging Face "
-                                f"cache {hf_cache_dir()} ({why})") from e
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"hub repo {name!r} ({path}) has no config.json")
-    return path
 
 
 def read_config(name_or_path):
@@ -1065,32 +897,3 @@ def save_model(model: nn.Module, out_dir) -> Path:
     (out / "model.safetensors.index.json").unlink(missing_ok=True)   # an old sharded checkpoint would shadow ours
     write_json(out / "config.json", hf)
     return out
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary sibling of `path` for the caller to create a file or directory at; on success rename it onto
-    `path`, on error remove it. Readers see the old `path` or the complete new one, never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{os.urandom(4).hex()}-{path.name}")
-    try:
-        yield tmp
-        if path.is_dir() and tmp.is_dir():        # rename() cannot replace a non-empty directory: move it aside
-            old = path.with_name(f".old-{os.getpid()}-{os.urandom(4).hex()}-{path.name}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp)
-        elif tmp.exists():
-            tmp.unlink()
-
-
-def write_json(path, obj) -> None:
-    """JSON file written atomically (indent 2, UTF-8 as is)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

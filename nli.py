@@ -1,26 +1,24 @@
 """NLI for PAL's consistency score: 1. RobertaConfig from config.json; 2. a hand-written RoBERTa classifier;
-3. loading / saving Hugging Face checkpoints; 4. NLIClassifier (pairs -> probabilities in a fixed label order);
-5. what PAL asks of it: C.score and persona labels by entailment.
+3. loading Hugging Face checkpoints (saving one: extras/nli_finetune.py); 4. NLIClassifier (pairs -> probabilities
+in a fixed label order); 5. what PAL asks of it: C.score and persona labels by entailment.
 
 Works with roberta-large-mnli and any RobertaForSequenceClassification checkpoint whose id2label names the
 three NLI classes. Fine-tuning one on labelled pairs: extras/nli_finetune.py.
 """
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from data import Example, load_tokenizer
-from model import atomic_path, checkpoint_files, resolve_model_dir, write_json
+from infra.files import read_json
+from infra.hub import read_all_tensors, resolve_model_dir
 
 # Our fixed output order of predict(): index 0 contradiction, 1 neutral, 2 entailment.
 NLI_LABELS = ("contradiction", "neutral", "entailment")
@@ -90,14 +88,6 @@ class RobertaConfig:
         _require(cfg.hidden_act in _ACTIVATIONS,
                  f"{where}: hidden_act {cfg.hidden_act!r} not supported ({sorted(_ACTIVATIONS)})")
         return cfg
-
-    def to_hf(self) -> dict:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "id2label"}
-        d["id2label"] = {str(k): v for k, v in self.id2label.items()}
-        d["label2id"] = {v: k for k, v in self.id2label.items()}
-        d.update(model_type="roberta", architectures=["RobertaForSequenceClassification"],
-                 position_embedding_type="absolute", bos_token_id=0, eos_token_id=2)
-        return d
 
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu,  # F.gelu: the exact erf GELU, RoBERTa's
@@ -203,7 +193,7 @@ class RobertaClassifier(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Loading and saving Hugging Face checkpoints
+# 3. Loading Hugging Face checkpoints
 
 # Checkpoint keys the classifier does not use: the pretrained RobertaModel's pooler (roberta-large-mnli ships
 # it) and an old position_ids buffer. Any other unknown key is an error.
@@ -225,21 +215,12 @@ def hf_names(cfg: RobertaConfig) -> dict[str, str]:
             for w in (("weight",) if theirs.endswith("_embeddings") else ("weight", "bias"))}  # embeddings: no bias
 
 
-def read_hf_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint: model.safetensors, sharded safetensors (index json), or pytorch_model.bin."""
-    if any((model_dir / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
-        return {k: t for f in checkpoint_files(model_dir) for k, t in load_file(str(f)).items()}
-    if (model_dir / "pytorch_model.bin").exists():
-        return torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{model_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
-
-
 def load_classifier(model_dir: Path, dtype=torch.float32, device="cpu") -> RobertaClassifier:
     """Build RobertaClassifier from a Hugging Face directory: rename, assert every shape and the key set."""
     config = Path(model_dir) / "config.json"
     _require(config.exists(), f"{config}: not found (an NLI model directory needs config.json)", FileNotFoundError)
-    cfg = RobertaConfig.from_hf(json.loads(config.read_text(encoding="utf-8")), str(config))
-    sd, names = read_hf_state_dict(Path(model_dir)), hf_names(cfg)
+    cfg = RobertaConfig.from_hf(read_json(config), str(config))
+    sd, names = read_all_tensors(Path(model_dir)), hf_names(cfg)
     with torch.device("meta"):  # no random init of weights that are overwritten next (gpt-fast's trick)
         model = RobertaClassifier(cfg)
     expected = {n: p.shape for n, p in model.state_dict().items()}
@@ -253,22 +234,6 @@ def load_classifier(model_dir: Path, dtype=torch.float32, device="cpu") -> Rober
                  f"config.json implies {tuple(shape)}")
     model.load_state_dict({n: sd[names[n]].to(device=device, dtype=dtype) for n in expected}, strict=True, assign=True)
     return model.eval()
-
-
-def save_classifier(model: RobertaClassifier, out_dir, tokenizer_from: Path | None = None) -> Path:
-    """Write config.json + model.safetensors in Hugging Face's layout (transformers loads it as is), plus the
-    tokenizer files of `tokenizer_from`; atomically (model.atomic_path)."""
-    out = Path(out_dir)
-    names = hf_names(model.config)
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
-        save_file({names[n]: t.detach().cpu().contiguous() for n, t in model.state_dict().items()},
-                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_json(tmp / "config.json", model.config.to_hf())
-        for f in TOKENIZER_FILES:
-            if tokenizer_from is not None and (Path(tokenizer_from) / f).exists():
-                shutil.copy2(Path(tokenizer_from) / f, tmp / f)
-    return out
 
 
 def label_order(id2label: dict[int, str], where: str = "config.json") -> list[int]:

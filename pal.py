@@ -1,5 +1,15 @@
 """PAL, the pipeline: Persona-aware Learning (mixed-task SFT), Persona Alignment (DPO), Select then Generate.
 
+The flow. From PERSONA-CHAT's Train split PAL builds mixed-task features: for every example a persona-selection
+prompt (which persona sentence should the reply build on? the target names it) and a persona-enhanced generation
+prompt (reply, with the gold persona sentence highlighted), interleaved. SFT on them is Persona-aware Learning
+(stage sft). The SFT model then answers each Valid#1 example from a history-only prompt, without any persona
+(stage pairs): its persona-less replies are the rejected side of the preference pairs, the gold responses the
+chosen side. DPO (beta 0.1) on those pairs, with the SFT model as the frozen reference, is Persona Alignment
+(stage dpo), early-stopped on the score of Select-then-Generate replies to Valid#2. Select then Generate, PAL's
+inference, first asks the model for the persona sentence, then generates with the model's own pick highlighted
+(stage predict, on Test); evaluate scores the replies (BLEU-1/2, ROUGE-L, Entropy, C.score) into results.json.
+
     python pal.py sft      --run-dir R --model DIR --data-dir D    # 1. mixed-task SFT on Train
     python pal.py pairs    --run-dir R                             # 2. persona-less responses on Valid#1
     python pal.py dpo      --run-dir R                             # 3. DPO: gold response > persona-less one
@@ -11,25 +21,22 @@
 
 Every stage writes into one run directory and skips work that is already complete; an interrupted stage
 resumes (training from its last checkpoint, generation after the last line written). The options given to the
-first stage are stored in R/run.json and reused by the later ones (an option given again overrides it). One
-process at a time works in R, and a stage that has started is never continued with other options (R/stages.json).
+first stage are stored in R/run.json and reused by the later ones (an option given again overrides it).
 
 Read top to bottom:
-  1. a run         RunConfig: every option of a run and its allowed range; the variants (baselines, ablations)
-  2. stages        sft -> pairs -> dpo -> predict -> evaluate, with Select then Generate; then chat and table
-  3. metrics       BLEU-n, ROUGE-L, n-gram entropy, Distinct-n, lexical persona coverage (C.score: nli.py);
-                   diagnostics of parroting and of the selection step
-  4. command line  the run directory's lock and stage records; the options, declared one by one; main
+  1. Select then Generate  select_then_generate: the selection prompt, its answer parsed, the reply prompt
+  2. stages                sft -> pairs -> dpo -> predict -> evaluate, each a function of (options, run directory)
+  3. variants and options  every row of the paper's tables as switches; RunConfig, every option of a run
+  4. chat and table
+  5. metrics               BLEU-n, ROUGE-L, n-gram entropy, Distinct-n, lexical persona coverage (C.score: nli.py);
+                           diagnostics of parroting and of the selection step
+  6. command line          which options shape which stage, and main (the lock, records and ranks are infra/)
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import datetime
-import fcntl
-import hashlib
-import json
 import math
 import os
 import random
@@ -49,390 +56,68 @@ import data
 import dpo
 import model as modeling
 import nli
+from infra import exports, rundir
+from infra.dist import barrier, gather_rows, is_rank0, local_device, rank_world, sum_across, world_size
+from infra.dist import start as start_ranks
+from infra.dist import write_rows_shared
+from infra.files import JsonlWriter, atomic_path, read_json, read_jsonl, write_json, write_text
+from infra.hub import resolve_model_dir
+from infra.options import add_flags, check_declared, flag, load_declared, option
 
-# ----------------------------------------------------------------------------------------------------------
-# 1. A run
-# ----------------------------------------------------------------------------------------------------------
-
-# What each variant changes. The switches:
-#   tasks     SFT tasks: "mix" (persona selection + persona-enhanced generation, interleaved: PAL),
-#             "dg" (generation only, from the persona list: nothing highlighted, as at its inference),
-#             "ps" (selection only), "seq" (selection, then generation), "none" (no SFT: the base model)
-#   fmt       "prompt" (PAL's instruction prompts) or "plain" (personas and history as plain lines)
-#   align     second stage: "dpo" (PAL), "sft" (SFT on Valid#1's gold responses: w/o PC), "none" (w/o PA)
-#   strategy  inference: "select" (Select then Generate), "random" (a random persona is highlighted),
-#             "none" (Not Select: the full persona list, nothing highlighted)
-#   tune      what SFT trains: "weights" (all of them, or LoRA adapters with --lora-r) or "prompt" (prompt tuning:
-#             --prompt-tokens vectors before every prompt, every weight frozen: the +Prompting baseline)
-#   shots     Train examples with their gold replies shown before every reply prompt (few-shot; 0: none)
-# In the order of the result tables: the baselines and PAL (Table 2 / 3), then the ablations (Table 5).
-SWITCH_DEFAULTS = dict(tune="weights", shots=0)
-VARIANTS = {
-    "zero_shot":  dict(tasks="none", fmt="prompt", align="none", strategy="none"),  # the base model, no training
-    "few_shot":   dict(tasks="none", fmt="prompt", align="none", strategy="none", shots=3),
-    "prompting":  dict(tasks="dg", fmt="prompt", align="none", strategy="none", tune="prompt"),  # prompt tuning
-    "ft":         dict(tasks="dg", fmt="plain", align="none", strategy="none"),   # fine-tuning w/o prompts
-    "pal":        dict(tasks="mix", fmt="prompt", align="dpo", strategy="select"),
-    "wo_mix":     dict(tasks="none", fmt="prompt", align="dpo", strategy="select"),  # no Persona-aware Learning
-    "wo_pa":      dict(tasks="mix", fmt="prompt", align="none", strategy="select"),
-    "wo_pc":      dict(tasks="mix", fmt="prompt", align="sft", strategy="select"),
-    "only_dg":    dict(tasks="dg", fmt="prompt", align="dpo", strategy="none"),
-    "only_ps":    dict(tasks="ps", fmt="prompt", align="dpo", strategy="select"),
-    "random":     dict(tasks="mix", fmt="prompt", align="dpo", strategy="random"),
-    "not_select": dict(tasks="mix", fmt="prompt", align="dpo", strategy="none"),
-}
-ABLATIONS = ("wo_mix", "wo_pa", "wo_pc", "only_dg", "only_ps", "random", "not_select")  # Table 5's rows, after PAL
-SWITCHES = {"tasks": ("mix", "dg", "ps", "seq", "none"), "fmt": ("prompt", "plain"), "align": ("dpo", "sft", "none"),
-            "strategy": ("select", "random", "none"), "tune": ("weights", "prompt"), "shots": int}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def option(default, kind, help_text: str, low=None, high=None, above=None):
-    """A RunConfig field that is also a command-line option. kind: its type, or a tuple of allowed values;
-    low <= value <= high, value > above: the range check_options enforces before anything is saved."""
-    return dataclasses.field(default=default, metadata={"kind": kind, "help": help_text, "low": low, "high": high,
-                                                        "above": above})
-
-
-PRECISIONS = tuple(DTYPES)
-
-
-@dataclass
-class RunConfig:
-    """Everything a run depends on; stored in RUN_DIR/run.json by the first stage. Each field is the option
-    --field-name of every stage; an option left out keeps run.json's value."""
-    model: str | None = option(None, str, "model directory in Hugging Face layout, or a hub id "
-                                           "(`python extras/smol.py` makes SmolLM2's)")
-    data_dir: str | None = option(None, str, "PERSONA-CHAT (ParlAI *_self_*.txt) or Baidu-Persona-Chat (*.jsonl) "
-                                             "directory")
-    variant: str = option("pal", tuple(VARIANTS), "baseline / ablation preset; the four switches default from it")
-    tasks: str | None = option(None, SWITCHES["tasks"], "SFT tasks (overrides the variant)")
-    fmt: str | None = option(None, SWITCHES["fmt"], "prompt format (overrides the variant)")
-    align: str | None = option(None, SWITCHES["align"], "second stage (overrides the variant)")
-    strategy: str | None = option(None, SWITCHES["strategy"], "inference strategy (overrides the variant)")
-    tune: str | None = option(None, SWITCHES["tune"], "what SFT trains: weights, or a soft prompt (overrides the "
-                              "variant)")
-    shots: int | None = option(None, int, "few-shot: Train examples shown before each reply prompt at inference "
-                               "(overrides the variant)", low=0)
-    prompt_tokens: int = option(20, int, "prompt tuning: trainable vectors before each prompt", low=1)
-    prompt_lr: float = option(3e-2, float, "prompt tuning: learning rate of the prompt vectors", above=0)
-    lang: str | None = option(None, ("en", "zh"), "language of prompts and metrics (default: from the data)")
-    limit: int | None = option(None, int, "examples per split (default: all)", low=1)
-    personas: str | None = option(None, ("original", "revised"), "PERSONA-CHAT persona files: revised = Train and "
-                                  "Valid revised, Test original, as the paper (default: the files present)")
-    history_turns: int | None = option(None, int, "history utterances in a prompt, the latest (default: all)",
-                                       low=0)
-    labels: str = option("lexical", ("lexical", "nli"), "persona labels of the selection task (nli needs --nli)")
-    seed: int = option(0, int, "seed of the data order, dropout and random persona picks")
-    select_ratio: float = option(1.0, float, "share of Train examples that also get a selection feature", low=0, high=1)
-    select_none_ratio: float = option(1.0, float, "share of the unlabelled ones (target: no persona) that keep it",
-                                      low=0, high=1)
-    max_len: int = option(512, int, "tokens per sequence; the oldest history turns are dropped beyond it", low=16)
-    # model / precision
-    dtype: str = option("fp32", PRECISIONS, "weights while training")
-    precision: str = option("fp32", PRECISIONS, "training autocast")
-    lora_r: int = option(0, int, "LoRA rank; 0 = full fine-tuning", low=0)
-    lora_alpha: float = option(16.0, float, "LoRA alpha", above=0)
-    lora_dropout: float = option(0.05, float, "LoRA dropout", low=0, high=0.9)
-    lora_targets: str = option("q,k,v,o,mlp", str, "layers LoRA wraps, comma-separated from q k v o mlp")
-    dpo_lora_r: int | None = option(None, int, "LoRA rank of the DPO stage alone (default: --lora-r); the authors' "
-                                    "GPT-2: full SFT, then DPO with LoRA", low=0)
-    # SFT (paper: lr 2e-5, 100 warmup steps, 10 epochs)
-    sft_lr: float = option(2e-5, float, "SFT learning rate", low=0)
-    sft_epochs: float = option(10.0, float, "SFT epochs", above=0)
-    sft_warmup: int = option(100, int, "SFT warmup steps", low=0)
-    sft_reduction: str = option("sum", ("sum", "mean"), "SFT NLL summed per sequence (PAL) or per target token")
-    sft_keep: str = option("last", ("last", "best"), "SFT result: the last epoch (the paper) or the best validated")
-    batch_size: int = option(8, int, "sequences (pairs) per process and micro-step", low=1)
-    grad_accum: int = option(1, int, "micro-steps per optimizer step", low=1)
-    dpo_grad_accum: int | None = option(None, int, "micro-steps per DPO optimizer step (default: --grad-accum)",
-                                        low=1)
-    # DPO (paper: beta 0.1, 100 warmup steps, up to 30000 steps with early stopping)
-    dpo_lr: float = option(5e-6, float, "DPO learning rate", low=0)
-    dpo_beta: float = option(0.1, float, "DPO beta", above=0)
-    dpo_steps: int = option(30000, int, "DPO optimizer steps", low=1)
-    dpo_epochs: float | None = option(None, float, "DPO passes over the pairs (overrides --dpo-steps)", above=0)
-    dpo_warmup: int = option(100, int, "DPO warmup steps", low=0)
-    eval_every: int = option(5000, int, "DPO examples (over all ranks) between validations", low=1)
-    patience: int = option(5, int, "validations without improvement before DPO stops", low=0)
-    eval_limit: int = option(200, int, "validation examples generated for each early-stopping score", low=0)
-    log_every: int = option(10, int, "optimizer steps between log lines (each one reads the GPU back)", low=1)
-    save_every: int = option(0, int, "optimizer steps between training checkpoints (0: off)", low=0)
-    save_minutes: float = option(10.0, float, "minutes between training checkpoints (0: off); a kill loses at most "
-                                              "this much training", low=0)
-    # generation (greedy)
-    max_new_tokens: int = option(48, int, "new tokens per reply", low=1)
-    select_max_new_tokens: int = option(48, int, "new tokens of the selection step", low=1)
-    gen_batch: int = option(16, int, "prompts per generation batch", low=1)
-    gen_dtype: str | None = option(None, PRECISIONS, "weights for pairs/predict/chat (default: --dtype)")
-    nli: str | None = option(None, str, "NLI checkpoint (directory or hub id) for C.score and DPO validation")
-    from_run: str | None = option(None, str, "another run's trained model for predict and chat (inference-only "
-                                  "variants: random, not_select); this run trains nothing")
-    metrics_compat: str = option("default", ("default", "authors"), "evaluate's metrics: correct (default) or as "
-                                 "the paper's authors computed them (pycocoevalcap, arguments swapped)")
-
-    def switches(self) -> dict:
-        """The variant's switches, with each one given as an option on top."""
-        base = {**SWITCH_DEFAULTS, **VARIANTS[self.variant]}
-        return {k: base[k] if getattr(self, k) is None else getattr(self, k) for k in SWITCHES}
-
-
-def load_run_config(run_dir: Path, overrides: dict) -> RunConfig:
-    """run.json (if any) with the options given on this command line on top, checked by check_options. Nothing
-    is written here: main saves run.json once every check has passed, so a refused call leaves it unchanged."""
-    path = run_dir / "run.json"
-    base = modeling.read_json(path) if path.exists() else {}
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = set(base) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-    cfg = RunConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None and k in known}})
-    check_options(cfg)
-    return cfg
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def check_options(cfg: RunConfig):
-    """Each option against its declared choices and range (option()), then the ones that depend on each other;
-    the first problem raises, naming the option."""
-    for f in dataclasses.fields(RunConfig):
-        value, kind, m = getattr(cfg, f.name), f.metadata["kind"], f.metadata
-        if value is None:
-            continue
-        if isinstance(kind, tuple):
-            if value not in kind:
-                raise ValueError(f"{_flag(f.name)} {value!r}: choose from {', '.join(kind)}")
-            continue
-        if not isinstance(value, (int, float) if kind is float else kind) or isinstance(value, bool):
-            raise ValueError(f"{_flag(f.name)} {value!r}: expected {kind.__name__}")
-        if m["low"] is not None and value < m["low"] or m["high"] is not None and value > m["high"]:
-            bounds = f"at least {m['low']}" if m["high"] is None else f"between {m['low']} and {m['high']}"
-            raise ValueError(f"{_flag(f.name)} {value}: must be {bounds}")
-        if m["above"] is not None and value <= m["above"]:
-            raise ValueError(f"{_flag(f.name)} {value}: must be above {m['above']}")
-    soft = cfg.prompt_tokens if cfg.switches()["tune"] == "prompt" else 0
-    for name in ("max_new_tokens", "select_max_new_tokens"):  # the prompt needs room in max_len
-        if getattr(cfg, name) + soft >= cfg.max_len:
-            extra = f" minus --prompt-tokens {soft}" if soft else ""
-            raise ValueError(f"{_flag(name)} {getattr(cfg, name)}: must be below --max-len {cfg.max_len}{extra}")
-    if unknown := set(cfg.lora_targets.split(",")) - {"q", "k", "v", "o", "mlp"}:
-        raise ValueError(f"--lora-targets {cfg.lora_targets}: unknown {sorted(unknown)}; choose from q,k,v,o,mlp")
-    sw = cfg.switches()
-    if sw["tune"] == "prompt" and (sw["tasks"] == "none" or sw["align"] != "none"):
-        raise ValueError(f"--tune prompt: prompt tuning trains a soft prompt in the SFT stage and nothing after it; "
-                         f"it needs SFT tasks (not --tasks {sw['tasks']}) and --align none (not {sw['align']})")
-    if cfg.precision == "fp16" and cfg.dtype == "fp16" and not cfg.lora_r:  # loss scaling needs fp32 masters
-        raise ValueError("--precision fp16 with --dtype fp16: fp16 loss scaling needs fp32 trainable weights; use "
-                         "--dtype fp32 (autocast computes in fp16) or LoRA (--lora-r, adapters stay fp32)")
-
-
-def check_model_fits(cfg: RunConfig):
-    """--max-len within the model's positions (GPT-2 has no position beyond n_positions: a longer sequence would
-    fail mid-run), read from the model's config.json before anything is trained."""
-    positions = modeling.max_positions(modeling.read_config(cfg.model))
-    if cfg.max_len > positions:
-        raise ValueError(f"--max-len {cfg.max_len}: the model {cfg.model} has {positions} positions")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 2. Stages
-# ----------------------------------------------------------------------------------------------------------
 
 def say(msg: str):
     if is_rank0():  # under torchrun one voice is enough
         print(f"[pal] {msg}", file=sys.stderr, flush=True)
 
 
-def is_rank0() -> bool:
-    return int(os.environ.get("RANK", 0)) == 0
+# ----------------------------------------------------------------------------------------------------------
+# 1. Select then Generate
+# ----------------------------------------------------------------------------------------------------------
 
+def select_then_generate(model, tok, examples: list, lang: str, *, strategy: str = "select", mode: str = "generate",
+                         max_len: int = 512, max_new_tokens: int = 48, select_max_new_tokens: int = 48,
+                         batch: int = 16, seed: int = 0, desc: str = "predict", prefix: list[int] = (),
+                         shots: list[tuple[str, str]] = (), writer: JsonlWriter | None = None) -> list[dict]:
+    """PAL's inference for each example: 1. the model picks the persona sentence the reply should use
+    (selection prompt), 2. it replies with *that* sentence highlighted. Never the gold label.
+    strategy "random" highlights a random persona sentence, "none" highlights nothing (Not Select).
+    prefix: ids before every prompt (a soft prompt's virtual ids); shots: few-shot demonstrations before the
+    reply prompt (prompt_context gives both). With a writer, rows it already holds are kept and the remaining
+    examples are appended to it."""
+    rows = list(writer.done_rows) if writer else []
+    todo = examples[len(rows):]
+    # 1. selection: greedy decoding of the selection prompt, parsed back to one of the persona sentences
+    picks = None
+    if strategy == "select" and mode == "generate":
+        room = max_len - select_max_new_tokens - len(prefix)  # oldest history turns are dropped beyond this
+        ids = [list(prefix) + data.encode_generation_prompt(tok, e, "select", lang, max_len=room)[0] for e in todo]
+        picks = generate_texts(model, tok, ids, select_max_new_tokens, batch, f"{desc}: select")
+        selected = [data.parse_selection(t, e.personas, lang) for t, e in zip(picks, todo)]
+    elif strategy == "random":  # one draw per example, seeded by the example: a resumed or sharded run picks alike
+        selected = [random.Random(f"{seed}:{e.dialogue_id}:{len(e.history)}").choice(e.personas) if e.personas
+                    else None for e in todo]
+    else:
+        selected = [None] * len(todo)
+        mode = "personas" if mode == "generate" else mode  # Not Select: the persona list, nothing highlighted
+    # 2. generation with the selected persona highlighted
+    room = max_len - max_new_tokens - len(prefix)
+    ids = [list(prefix) + data.encode_generation_prompt(tok, e, mode, lang, persona=p, max_len=room, shots=shots)[0]
+           for e, p in zip(todo, selected)]
 
-def device() -> str:
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    def write(idx, texts):
+        for i, t in zip(idx, texts):
+            e = todo[i]
+            row = {"dialogue_id": e.dialogue_id, "personas": e.personas, "history": e.history,
+                   "selection_output": picks[i] if picks else None, "selected_persona": selected[i],
+                   "response": t, "gold": e.response,
+                   "gold_persona": e.personas[e.persona_label] if e.persona_label is not None else None}
+            rows.append(row)
+            if writer:
+                writer.write(row)
 
-
-def ranks() -> tuple[int, int]:
-    """(this rank, number of ranks): (0, 1) without torchrun."""
-    if not torch.distributed.is_initialized():
-        return 0, 1
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-def interleave(parts: list[list], n: int) -> list:
-    """The n rows of examples[r::world] parts (r = 0..world-1) back in the examples' order."""
-    return [parts[i % len(parts)][i // len(parts)] for i in range(n)]
-
-
-def gather_rows(mine: list[dict], n: int) -> list[dict]:
-    """Every rank's rows for its examples[rank::world] -> all n rows in order (on every rank)."""
-    rank, world = ranks()
-    if world == 1:
-        return mine
-    parts = [None] * world
-    torch.distributed.all_gather_object(parts, mine)
-    return interleave(parts, n)
-
-
-def load_data(data_dir: str | None, limit: int | None = None, labels: str = "lexical", nli_model=None,
-              lang: str | None = None, personas: str | None = None,
-              history_turns: int | None = None) -> tuple[dict, str]:
-    """(splits, lang): the four splits of the paper's Table 1 with persona labels, lexical (data.py) or, with
-    labels="nli", the NLI classifier's entailment labels (nli.nli_persona_labels). personas="revised": Train and
-    Valid from the revised persona files, Test original (the paper). history_turns=K: the last K utterances only."""
-    if data_dir is None:
-        raise ValueError("no data: give --data-dir (a PERSONA-CHAT directory; `python extras/download.py` fetches it)")
-    splits, info = data.load_splits(data_dir, limit=limit, personas=personas)
-    splits = {k: data.last_turns(v, history_turns) for k, v in splits.items()}
-    say(info.message)
-    for kind, stats in info.stats.items():  # what the parser met: counts, and the first few with file:line
-        say(f"{kind}: {stats.report()}")
-    if labels == "nli":
-        if nli_model is None:
-            raise ValueError("--labels nli needs --nli (an NLI checkpoint for nli.load_nli)")
-        splits = {k: data.relabel(v, nli.nli_persona_labels(v, nli_model.predict)) for k, v in splits.items()}
-    elif labels != "lexical":
-        raise ValueError(f"--labels {labels!r}: choose lexical or nli")
-    return splits, lang or data.detect_lang(splits["valid1"] or splits["test"])
-
-
-def run_data(cfg: RunConfig) -> tuple[dict, str]:
-    nli_model = load_nli(cfg.nli) if cfg.labels == "nli" else None  # the classifier is loaded only to label
-    return load_data(cfg.data_dir, cfg.limit, cfg.labels, nli_model, cfg.lang, cfg.personas, cfg.history_turns)
-
-
-def load_nli(name_or_path: str | None):
-    return nli.load_nli(name_or_path, device=device()) if name_or_path else None
-
-
-def load_tokenizer(name_or_path: str) -> data.Tokenizer:
-    """The tokenizer of the base model (the vocabulary never changes), refused when it has ids the model's
-    embedding lacks (they would index past it mid-run)."""
-    tok = data.load_tokenizer(modeling.resolve_model_dir(name_or_path))
-    data.check_tokenizer_fits(tok, modeling.read_config(name_or_path).vocab_size)
-    return tok
-
-
-def nonempty(rows: list, what: str) -> list:
-    """`rows`, or an error: zero examples would train nothing and score a table of zeros that looks like a result."""
-    if not rows:
-        raise ValueError(f"no {what}")
+    generate_texts(model, tok, ids, max_new_tokens, batch, f"{desc}: generate", on_batch=write)
     return rows
 
-
-def complete_export(out: Path, cfg: RunConfig, tok: data.Tokenizer):
-    """Make an exported model directory usable by other tools on its own: the base model's tokenizer files, and a
-    generation_config.json that decodes as this pipeline does (greedy, its stop tokens, --max-new-tokens)."""
-    base = modeling.resolve_model_dir(cfg.model)
-    weights = ("config.json", "generation_config.json")
-    for name in (n for n in modeling.HUB_FILES if "safetensors" not in n and n not in weights):
-        if (base / name).is_file():
-            shutil.copy(base / name, out / name)
-    gen = modeling.read_json(base / "generation_config.json") if (base / "generation_config.json").is_file() else {}
-    gen.update(do_sample=False, eos_token_id=list(tok.stop_ids), pad_token_id=tok.pad_id,
-               max_new_tokens=cfg.max_new_tokens)
-    modeling.write_json(out / "generation_config.json", gen)
-
-
-def load_stage_model(weights, dtype: str, lora: tuple | None = None, trainable: bool = False, seed: int = 0):
-    """A model directory (the base, or a stage's exported weights) in `dtype`, for generation or, with
-    trainable=True, for training: fresh LoRA adapters (lora = (r, alpha, dropout, "q,v,...")) or every weight."""
-    if isinstance(weights, Path) and not weights.exists():  # a stage's output, not a base model
-        raise FileNotFoundError(f"{weights} does not exist: run the stage that writes it first (`pal.py all` runs "
-                                "every stage in order)")
-    m = modeling.load_model(weights, dtype=DTYPES[dtype], device=device())
-    if trainable and lora:
-        modeling.add_lora(m, r=lora[0], alpha=lora[1], dropout=lora[2], targets=lora[3].split(","), seed=seed)
-    elif trainable:
-        m.requires_grad_(True)
-    return m
-
-
-def lora_rank(cfg: RunConfig, stage: str) -> int:
-    """The LoRA rank of a training stage (0: every weight trains)."""
-    return cfg.dpo_lora_r if stage == "dpo" and cfg.dpo_lora_r is not None else cfg.lora_r
-
-
-def trainable_model(cfg: RunConfig, weights, stage: str = "sft", prompt_init: list[int] = ()):
-    """The model a training stage updates: every weight, fresh LoRA adapters, or (prompt tuning, SFT only) a soft
-    prompt started from the embeddings of `prompt_init` with every weight frozen."""
-    if stage == "sft" and cfg.switches()["tune"] == "prompt":
-        m = load_stage_model(weights, cfg.dtype)
-        modeling.add_soft_prompt(m, cfg.prompt_tokens, list(prompt_init))
-        return m
-    r = lora_rank(cfg, stage)
-    return load_stage_model(weights, cfg.dtype, (r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) if r
-                            else None, trainable=True, seed=cfg.seed)
-
-
-def generation_model(cfg: RunConfig, weights):
-    """The model a stage generates with. A LoRA stage's output is rebuilt as it was validated: its base weights
-    plus the fp32 adapters, unmerged (see note_adapter_base); anything else is loaded as it is."""
-    noted = Path(weights) / ADAPTER_BASE if isinstance(weights, Path) else None
-    if noted is None or not noted.exists():
-        m = load_stage_model(weights, cfg.gen_dtype or cfg.dtype)
-        if isinstance(weights, Path) and (weights / modeling.SOFT_PROMPT_DIR).is_dir():  # a prompt-tuned run
-            modeling.load_soft_prompt(m, weights / modeling.SOFT_PROMPT_DIR)
-        return m
-    info = modeling.read_json(noted)
-    m = load_stage_model(info["base"], cfg.gen_dtype or cfg.dtype)
-    modeling.add_lora(m, r=info["r"], alpha=info["alpha"], targets=info["targets"].split(","))
-    modeling.load_lora(m, noted.parent / "adapter.safetensors")
-    return m.eval()
-
-
-ADAPTER_BASE = "adapter_base.json"
-
-
-def note_adapter_base(out: Path, base, cfg: RunConfig, stage: str = "sft"):
-    """Beside a LoRA stage's adapters, the weights they were trained on (a local directory by its absolute path).
-    model.safetensors stays the merged model for other tools, but merging rounds W + BA to
-    the base dtype once, and in bf16 a DPO delta at lr 1e-6 rounds away: predict would not use the model that won
-    validation. Generation rebuilds that model instead: base + fp32 adapters (generation_model)."""
-    if (out / "adapter.safetensors").exists():
-        where = str(Path(base).resolve()) if Path(base).exists() else str(base)
-        modeling.write_json(out / ADAPTER_BASE, {"base": where, "r": lora_rank(cfg, stage), "alpha": cfg.lora_alpha,
-                                                  "targets": cfg.lora_targets})
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not a JSON line ({e}): {line[:80]!r}") from None
-    return rows
-
-
-class JsonlWriter:
-    """Appends rows to PATH.partial and renames it to PATH when complete, so a finished file is never half
-    written and an interrupted run resumes after the last complete line."""
-
-    def __init__(self, path: Path):
-        self.path, self.partial = path, path.with_name(path.name + ".partial")
-        self.done_rows = []
-        if self.partial.exists():  # keep the complete lines of an interrupted run
-            lines = self.partial.read_text(encoding="utf-8").split("\n")[:-1]  # the last piece: cut mid-write
-            self.done_rows = [json.loads(line) for line in lines if line.strip()]
-            self.partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.done_rows),
-                                    encoding="utf-8")
-        self.f = open(self.partial, "a", encoding="utf-8")
-
-    def write(self, row: dict):
-        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self.f.flush()
-
-    def finish(self):
-        self.f.close()
-        os.replace(self.partial, self.path)
-
-
-# ---- Select then Generate -----------------------------------------------------------------------------------
 
 def generate_texts(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, batch: int,
                    desc: str = "generate", on_batch=None) -> list[str]:
@@ -490,126 +175,134 @@ def prompt_context(cfg: RunConfig, model, tok, splits: dict, lang: str) -> dict:
     return dict(prefix=modeling.soft_prompt_ids(model), shots=shots)
 
 
-def select_then_generate(model, tok, examples: list, lang: str, *, strategy: str = "select", mode: str = "generate",
-                         max_len: int = 512, max_new_tokens: int = 48, select_max_new_tokens: int = 48,
-                         batch: int = 16, seed: int = 0, desc: str = "predict", prefix: list[int] = (),
-                         shots: list[tuple[str, str]] = (), writer: JsonlWriter | None = None) -> list[dict]:
-    """PAL's inference for each example: 1. the model picks the persona sentence the reply should use
-    (selection prompt), 2. it replies with *that* sentence highlighted. Never the gold label.
-    strategy "random" highlights a random persona sentence, "none" highlights nothing (Not Select).
-    prefix: ids before every prompt (a soft prompt's virtual ids); shots: few-shot demonstrations before the
-    reply prompt (prompt_context gives both). With a writer, rows it already holds are kept and the remaining
-    examples are appended to it."""
-    rows = list(writer.done_rows) if writer else []
-    todo = examples[len(rows):]
-    # 1. selection: greedy decoding of the selection prompt, parsed back to one of the persona sentences
-    picks = None
-    if strategy == "select" and mode == "generate":
-        room = max_len - select_max_new_tokens - len(prefix)  # oldest history turns are dropped beyond this
-        ids = [list(prefix) + data.encode_generation_prompt(tok, e, "select", lang, max_len=room)[0] for e in todo]
-        picks = generate_texts(model, tok, ids, select_max_new_tokens, batch, f"{desc}: select")
-        selected = [data.parse_selection(t, e.personas, lang) for t, e in zip(picks, todo)]
-    elif strategy == "random":  # one draw per example, seeded by the example: a resumed or sharded run picks alike
-        selected = [random.Random(f"{seed}:{e.dialogue_id}:{len(e.history)}").choice(e.personas) if e.personas
-                    else None for e in todo]
-    else:
-        selected = [None] * len(todo)
-        mode = "personas" if mode == "generate" else mode  # Not Select: the persona list, nothing highlighted
-    # 2. generation with the selected persona highlighted
-    room = max_len - max_new_tokens - len(prefix)
-    ids = [list(prefix) + data.encode_generation_prompt(tok, e, mode, lang, persona=p, max_len=room, shots=shots)[0]
-           for e, p in zip(todo, selected)]
+# ----------------------------------------------------------------------------------------------------------
+# 2. Stages
+# ----------------------------------------------------------------------------------------------------------
 
-    def write(idx, texts):
-        for i, t in zip(idx, texts):
-            e = todo[i]
-            row = {"dialogue_id": e.dialogue_id, "personas": e.personas, "history": e.history,
-                   "selection_output": picks[i] if picks else None, "selected_persona": selected[i],
-                   "response": t, "gold": e.response,
-                   "gold_persona": e.personas[e.persona_label] if e.persona_label is not None else None}
-            rows.append(row)
-            if writer:
-                writer.write(row)
+# ---- what the stages share: the data, the tokenizer, the model a stage trains or generates with
 
-    generate_texts(model, tok, ids, max_new_tokens, batch, f"{desc}: generate", on_batch=write)
+def load_data(data_dir: str | None, limit: int | None = None, labels: str = "lexical", nli_model=None,
+              lang: str | None = None, personas: str | None = None,
+              history_turns: int | None = None) -> tuple[dict, str]:
+    """(splits, lang): the four splits of the paper's Table 1 with persona labels, lexical (data.py) or, with
+    labels="nli", the NLI classifier's entailment labels (nli.nli_persona_labels). personas="revised": Train and
+    Valid from the revised persona files, Test original (the paper). history_turns=K: the last K utterances only."""
+    if data_dir is None:
+        raise ValueError("no data: give --data-dir (a PERSONA-CHAT directory; `python extras/download.py` fetches it)")
+    splits, info = data.load_splits(data_dir, limit=limit, personas=personas)
+    splits = {k: data.last_turns(v, history_turns) for k, v in splits.items()}
+    say(info.message)
+    for kind, stats in info.stats.items():  # what the parser met: counts, and the first few with file:line
+        say(f"{kind}: {stats.report()}")
+    if labels == "nli":
+        if nli_model is None:
+            raise ValueError("--labels nli needs --nli (an NLI checkpoint for nli.load_nli)")
+        splits = {k: data.relabel(v, nli.nli_persona_labels(v, nli_model.predict)) for k, v in splits.items()}
+    elif labels != "lexical":
+        raise ValueError(f"--labels {labels!r}: choose lexical or nli")
+    return splits, lang or data.detect_lang(splits["valid1"] or splits["test"])
+
+
+def run_data(cfg: RunConfig) -> tuple[dict, str]:
+    nli_model = load_nli(cfg.nli) if cfg.labels == "nli" else None  # the classifier is loaded only to label
+    return load_data(cfg.data_dir, cfg.limit, cfg.labels, nli_model, cfg.lang, cfg.personas, cfg.history_turns)
+
+
+def load_nli(name_or_path: str | None):
+    return nli.load_nli(name_or_path, device=local_device()) if name_or_path else None
+
+
+def load_tokenizer(name_or_path: str) -> data.Tokenizer:
+    """The tokenizer of the base model (the vocabulary never changes), refused when it has ids the model's
+    embedding lacks (they would index past it mid-run)."""
+    tok = data.load_tokenizer(resolve_model_dir(name_or_path))
+    data.check_tokenizer_fits(tok, modeling.read_config(name_or_path).vocab_size)
+    return tok
+
+
+def nonempty(rows: list, what: str) -> list:
+    """`rows`, or an error: zero examples would train nothing and score a table of zeros that looks like a result."""
+    if not rows:
+        raise ValueError(f"no {what}")
     return rows
 
 
-# ---- 1. sft ---------------------------------------------------------------------------------------------------
-
-def soft_prompt_init(tok, lang: str) -> list[int]:
-    """Token ids whose embeddings start the prompt vectors: the reply prompt's own instructions (a task
-    description, as Lester et al. found better than random vectors)."""
-    return tok.encode(data.build_prompt("personas", [], [], lang))
-
-
-def with_prefix(feats: list[dict], prefix: list[int]) -> list[dict]:
-    """Features with `prefix` (a soft prompt's virtual ids) before every sequence, never a target."""
-    if not prefix:
-        return feats
-    return [{**f, "input_ids": prefix + f["input_ids"], "labels": [data.IGNORE] * len(prefix) + f["labels"]}
-            for f in feats]
+def load_stage_model(weights, dtype: str, lora: tuple | None = None, trainable: bool = False, seed: int = 0):
+    """A model directory (the base, or a stage's exported weights) in `dtype`, for generation or, with
+    trainable=True, for training: fresh LoRA adapters (lora = (r, alpha, dropout, "q,v,...")) or every weight."""
+    if isinstance(weights, Path) and not weights.exists():  # a stage's output, not a base model
+        raise FileNotFoundError(f"{weights} does not exist: run the stage that writes it first (`pal.py all` runs "
+                                "every stage in order)")
+    m = modeling.load_model(weights, dtype=DTYPES[dtype], device=local_device())
+    if trainable and lora:
+        modeling.add_lora(m, r=lora[0], alpha=lora[1], dropout=lora[2], targets=lora[3].split(","), seed=seed)
+    elif trainable:
+        m.requires_grad_(True)
+    return m
 
 
-def sft_phases(tasks: str, fmt: str) -> list[tuple[str, list[str]]]:
-    """The SFT phases of a run: (name, prompt modes trained together). w/o Mix trains the two tasks one
-    after the other instead of interleaved."""
-    if tasks == "none":
-        return []
-    if fmt == "plain":
-        return [("dg", ["noprompt"])]
-    return {"mix": [("mix", ["select", "generate"])], "dg": [("dg", ["personas"])], "ps": [("ps", ["select"])],
-            "seq": [("ps", ["select"]), ("dg", ["generate"])]}[tasks]
+def lora_rank(cfg: RunConfig, stage: str) -> int:
+    """The LoRA rank of a training stage (0: every weight trains)."""
+    return cfg.dpo_lora_r if stage == "dpo" and cfg.dpo_lora_r is not None else cfg.lora_r
 
 
-def grad_accum(cfg: RunConfig, stage: str) -> int:
-    """Micro-steps per optimizer step of a training stage (DPO may differ: the authors' Llama used 256 sequences
-    per SFT step, 128 pairs per DPO step)."""
-    return cfg.dpo_grad_accum if stage == "dpo" and cfg.dpo_grad_accum is not None else cfg.grad_accum
+def trainable_model(cfg: RunConfig, weights, stage: str = "sft", prompt_init: list[int] = ()):
+    """The model a training stage updates: every weight, fresh LoRA adapters, or (prompt tuning, SFT only) a soft
+    prompt started from the embeddings of `prompt_init` with every weight frozen."""
+    if stage == "sft" and cfg.switches()["tune"] == "prompt":
+        m = load_stage_model(weights, cfg.dtype)
+        modeling.add_soft_prompt(m, cfg.prompt_tokens, list(prompt_init))
+        return m
+    r = lora_rank(cfg, stage)
+    return load_stage_model(weights, cfg.dtype, (r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) if r
+                            else None, trainable=True, seed=cfg.seed)
 
 
-def global_batch(cfg: RunConfig, stage: str = "sft") -> int:
-    """Sequences (pairs) per optimizer step over all torchrun ranks: what turns lengths and intervals given in
-    examples or epochs into optimizer steps, so that 4 GPUs evaluate as often (in examples seen) as one."""
-    return cfg.batch_size * grad_accum(cfg, stage) * int(os.environ.get("WORLD_SIZE", 1))
+def generation_model(cfg: RunConfig, weights):
+    """The model a stage generates with. A LoRA stage's output is rebuilt as it was validated: its base weights plus
+    the fp32 adapters, unmerged (merging rounds W + BA to the base dtype once, and in bf16 a DPO delta at lr 1e-6
+    rounds away); a prompt-tuned one gets its soft prompt; anything else is loaded as it is."""
+    noted = exports.read_adapter_base(weights) if isinstance(weights, Path) else None
+    if noted is None:
+        m = load_stage_model(weights, cfg.gen_dtype or cfg.dtype)
+        if isinstance(weights, Path) and (weights / modeling.SOFT_PROMPT_DIR).is_dir():  # a prompt-tuned run
+            modeling.load_soft_prompt(m, weights / modeling.SOFT_PROMPT_DIR)
+        return m
+    m = load_stage_model(noted["base"], cfg.gen_dtype or cfg.dtype)
+    modeling.add_lora(m, r=noted["r"], alpha=noted["alpha"], targets=noted["targets"].split(","))
+    modeling.load_lora(m, weights / "adapter.safetensors")
+    return m.eval()
 
 
-def train_config(cfg: RunConfig, mode: str, out_dir: Path, n_features: int) -> dpo.TrainConfig:
-    """The run's options for one training stage, in dpo.train's terms (optimizer steps)."""
-    common = dict(out_dir=str(out_dir), batch_size=cfg.batch_size, grad_accum=grad_accum(cfg, mode),
-                  precision=cfg.precision, seed=cfg.seed, resume=True, save_every=cfg.save_every,
-                  save_minutes=cfg.save_minutes, log_every=cfg.log_every,
-                  group_by_length=True)  # batches of similar lengths: far less padding, the same exact resume
-    if mode == "sft":
-        lr = cfg.prompt_lr if cfg.switches()["tune"] == "prompt" else cfg.sft_lr
-        return dpo.TrainConfig(mode="sft", epochs=cfg.sft_epochs, lr=lr, warmup_steps=cfg.sft_warmup,
-                               sft_reduction=cfg.sft_reduction, eval_every=0, export_best=cfg.sft_keep == "best",
-                               **common)
-    steps = cfg.dpo_steps
-    if cfg.dpo_epochs is not None:
-        steps = max(1, math.ceil(cfg.dpo_epochs * n_features / global_batch(cfg, "dpo")))
-    every = max(1, round(cfg.eval_every / global_batch(cfg, "dpo")))  # --eval-every counts examples
-    return dpo.TrainConfig(mode="dpo", max_steps=steps, lr=cfg.dpo_lr, warmup_steps=cfg.dpo_warmup, beta=cfg.dpo_beta,
-                           eval_every=min(every, steps), patience=cfg.patience, **common)
+def note_adapter_base(out: Path, base, cfg: RunConfig, stage: str = "sft"):
+    """Beside a LoRA stage's adapters, the weights they were trained on (generation_model rebuilds from both)."""
+    exports.note_adapter_base(out, base, lora_rank(cfg, stage), cfg.lora_alpha, cfg.lora_targets)
 
 
-def validation_nll(model, feats: list[dict], collate, batch_size: int) -> dict:
-    """Summed NLL per sequence on held-out features; score = its negative (higher is better). Under torchrun each
-    rank scores every world-th feature and the sums are added up."""
-    rank, world = ranks()
-    dev = next(model.parameters()).device
-    total = torch.zeros((), dtype=torch.float64, device=dev)
-    with torch.no_grad():
-        mine = feats[rank::world]
-        for lo in range(0, len(mine), batch_size):
-            b = collate(mine[lo:lo + batch_size])
-            logps, _ = dpo.model_logps(model, b["input_ids"].to(dev), b["labels"].to(dev))
-            total -= logps.sum().double()
-    if world > 1:
-        torch.distributed.all_reduce(total)
-    nll = total.item() / max(len(feats), 1)
-    return {"score": -nll, "val_nll": nll}
+def complete_export(out: Path, cfg: RunConfig, tok: data.Tokenizer):
+    """An exported model usable by other tools on its own: the tokenizer files, and a generation config that
+    decodes as this pipeline does (greedy, its stop tokens, --max-new-tokens)."""
+    exports.complete_export(out, resolve_model_dir(cfg.model), tok.stop_ids, tok.pad_id, cfg.max_new_tokens)
 
+
+def sft_weights(cfg: RunConfig, run: Path):
+    """Where the second stage starts: the SFT model, or the base model for a variant without SFT."""
+    return cfg.model if cfg.switches()["tasks"] == "none" else run / "sft" / "final"
+
+
+def final_weights(cfg: RunConfig, run: Path):
+    """The weights predict and chat use: the aligned model, or the stage before it when there is no alignment;
+    with --from-run, that run's (same base model: the tokenizer comes from it)."""
+    if cfg.from_run:
+        source = Path(cfg.from_run)
+        trained = load_run_config(source, {})
+        if trained.model != cfg.model:
+            raise ValueError(f"--from-run {source}: trained from {trained.model}, this run's --model is {cfg.model}")
+        return final_weights(trained, source)
+    return sft_weights(cfg, run) if cfg.switches()["align"] == "none" else run / "dpo" / "final"
+
+
+# ---- 1. sft ------------------------------------------------------------------------------------------------
 
 def stage_sft(cfg: RunConfig, run: Path):
     """Persona-aware Learning: mixed-task SFT on Train (selection + persona-enhanced generation)."""
@@ -645,19 +338,92 @@ def stage_sft(cfg: RunConfig, run: Path):
             tcfg = train_config(cfg, "sft", phase_dir, len(feats))
             if val_feats:
                 tcfg.eval_every = max(1, math.ceil(len(feats) / global_batch(cfg)))
-            eval_fn = (lambda m: validation_nll(m, val_feats, collate, cfg.batch_size)) if val_feats else None
+            eval_fn = (lambda m: validation_nll(m, val_feats, collate, cfg.batch_size, cfg.logps == "chunked")
+                       if val_feats else None)
             dpo.train(model, tcfg, feats, collate, eval_fn=eval_fn,
                       export_files=lambda d: note_adapter_base(d, weights, cfg))
             del model
         weights = phase_dir / "final"
     if is_rank0():
-        with modeling.atomic_path(out) as tmp:
+        with atomic_path(out) as tmp:
             shutil.copytree(weights, tmp)
             complete_export(tmp, cfg, tok)
     return out
 
 
-# ---- 2. pairs -------------------------------------------------------------------------------------------------
+def sft_phases(tasks: str, fmt: str) -> list[tuple[str, list[str]]]:
+    """The SFT phases of a run: (name, prompt modes trained together). w/o Mix trains the two tasks one
+    after the other instead of interleaved."""
+    if tasks == "none":
+        return []
+    if fmt == "plain":
+        return [("dg", ["noprompt"])]
+    return {"mix": [("mix", ["select", "generate"])], "dg": [("dg", ["personas"])], "ps": [("ps", ["select"])],
+            "seq": [("ps", ["select"]), ("dg", ["generate"])]}[tasks]
+
+
+def soft_prompt_init(tok, lang: str) -> list[int]:
+    """Token ids whose embeddings start the prompt vectors: the reply prompt's own instructions (a task
+    description, as Lester et al. found better than random vectors)."""
+    return tok.encode(data.build_prompt("personas", [], [], lang))
+
+
+def with_prefix(feats: list[dict], prefix: list[int]) -> list[dict]:
+    """Features with `prefix` (a soft prompt's virtual ids) before every sequence, never a target."""
+    if not prefix:
+        return feats
+    return [{**f, "input_ids": prefix + f["input_ids"], "labels": [data.IGNORE] * len(prefix) + f["labels"]}
+            for f in feats]
+
+
+def grad_accum(cfg: RunConfig, stage: str) -> int:
+    """Micro-steps per optimizer step of a training stage (DPO may differ: the authors' Llama used 256 sequences
+    per SFT step, 128 pairs per DPO step)."""
+    return cfg.dpo_grad_accum if stage == "dpo" and cfg.dpo_grad_accum is not None else cfg.grad_accum
+
+
+def global_batch(cfg: RunConfig, stage: str = "sft") -> int:
+    """Sequences (pairs) per optimizer step over all torchrun ranks: what turns lengths and intervals given in
+    examples or epochs into optimizer steps, so that 4 GPUs evaluate as often (in examples seen) as one."""
+    return cfg.batch_size * grad_accum(cfg, stage) * world_size()
+
+
+def train_config(cfg: RunConfig, mode: str, out_dir: Path, n_features: int) -> dpo.TrainConfig:
+    """The run's options for one training stage, in dpo.train's terms (optimizer steps)."""
+    common = dict(out_dir=str(out_dir), batch_size=cfg.batch_size, grad_accum=grad_accum(cfg, mode),
+                  precision=cfg.precision, seed=cfg.seed, resume=True, save_every=cfg.save_every,
+                  save_minutes=cfg.save_minutes, log_every=cfg.log_every, logps=cfg.logps,
+                  group_by_length=True)  # batches of similar lengths: far less padding, the same exact resume
+    if mode == "sft":
+        lr = cfg.prompt_lr if cfg.switches()["tune"] == "prompt" else cfg.sft_lr
+        return dpo.TrainConfig(mode="sft", epochs=cfg.sft_epochs, lr=lr, warmup_steps=cfg.sft_warmup,
+                               sft_reduction=cfg.sft_reduction, eval_every=0, export_best=cfg.sft_keep == "best",
+                               **common)
+    steps = cfg.dpo_steps
+    if cfg.dpo_epochs is not None:
+        steps = max(1, math.ceil(cfg.dpo_epochs * n_features / global_batch(cfg, "dpo")))
+    every = max(1, round(cfg.eval_every / global_batch(cfg, "dpo")))  # --eval-every counts examples
+    return dpo.TrainConfig(mode="dpo", max_steps=steps, lr=cfg.dpo_lr, warmup_steps=cfg.dpo_warmup, beta=cfg.dpo_beta,
+                           eval_every=min(every, steps), patience=cfg.patience, **common)
+
+
+def validation_nll(model, feats: list[dict], collate, batch_size: int, chunked: bool = False) -> dict:
+    """Summed NLL per sequence on held-out features; score = its negative (higher is better). Under torchrun each
+    rank scores every world-th feature and the sums are added up."""
+    rank, world = rank_world()
+    dev = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=dev)
+    with torch.no_grad():
+        mine = feats[rank::world]
+        for lo in range(0, len(mine), batch_size):
+            b = collate(mine[lo:lo + batch_size])
+            logps, _ = dpo.model_logps(model, b["input_ids"].to(dev), b["labels"].to(dev), chunked)
+            total -= logps.sum().double()
+    nll = sum_across(total).item() / max(len(feats), 1)
+    return {"score": -nll, "val_nll": nll}
+
+
+# ---- 2. pairs ----------------------------------------------------------------------------------------------
 
 def stage_pairs(cfg: RunConfig, run: Path):
     """The SFT model answers each Valid#1 example from the history alone (no persona): the rejected side of
@@ -683,33 +449,11 @@ def stage_pairs(cfg: RunConfig, run: Path):
 
         generate_texts(model, tok, ids, cfg.max_new_tokens, cfg.gen_batch, "pairs", on_batch=write)
 
-    generate_rows(out, splits["valid1"], produce)
+    write_rows_shared(out, splits["valid1"], produce)
     return out
 
 
-def generate_rows(out: Path, examples: list, produce):
-    """Write one row per example into `out` (JSON lines, in the examples' order) with produce(examples, writer),
-    which resumes after writer.done_rows. Under torchrun the ranks share the work: rank r takes every world-th
-    example into a file of its own (resumable alone), and rank 0 interleaves the shards back into `out`."""
-    rank, world = ranks()
-    shard = out.with_name(f"{out.name}.rank{rank}-of-{world}") if world > 1 else out
-    if not shard.exists():
-        writer = JsonlWriter(shard)
-        produce(examples[rank::world], writer)
-        writer.finish()
-    if world == 1:
-        return
-    torch.distributed.barrier()
-    if rank == 0:
-        parts = [read_jsonl(out.with_name(f"{out.name}.rank{r}-of-{world}")) for r in range(world)]
-        rows = interleave(parts, len(examples))
-        with modeling.atomic_path(out) as tmp:
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        for r in range(world):
-            out.with_name(f"{out.name}.rank{r}-of-{world}").unlink()
-
-
-# ---- 3. dpo ---------------------------------------------------------------------------------------------------
+# ---- 3. dpo ------------------------------------------------------------------------------------------------
 
 def stage_dpo(cfg: RunConfig, run: Path):
     """Persona Alignment: DPO from the SFT weights (reference = the SFT model) preferring the gold response
@@ -731,7 +475,7 @@ def stage_dpo(cfg: RunConfig, run: Path):
     context = prompt_context(cfg, policy, tok, splits, lang)
 
     def eval_fn(m):  # every rank generates its share of Valid#2; rank 0 scores them all
-        rank, world = ranks()
+        rank, world = rank_world()
         mine = select_then_generate(m, tok, val[rank::world], lang, desc="validate", **decoding(cfg), **context)
         rows = gather_rows(mine, len(val))
         return validation_score(rows, lang, nli_model) if rank == 0 else {"score": 0.0}  # rank 0's counts
@@ -762,24 +506,7 @@ def example_from_row(row: dict) -> data.Example:
                         persona_label=row.get("persona_label"), dialogue_id=row.get("dialogue_id", -1))
 
 
-# ---- 4. predict, 5. evaluate ----------------------------------------------------------------------------------
-
-def sft_weights(cfg: RunConfig, run: Path):
-    """Where the second stage starts: the SFT model, or the base model for a variant without SFT."""
-    return cfg.model if cfg.switches()["tasks"] == "none" else run / "sft" / "final"
-
-
-def final_weights(cfg: RunConfig, run: Path):
-    """The weights predict and chat use: the aligned model, or the stage before it when there is no alignment;
-    with --from-run, that run's (same base model: the tokenizer comes from it)."""
-    if cfg.from_run:
-        source = Path(cfg.from_run)
-        trained = load_run_config(source, {})
-        if trained.model != cfg.model:
-            raise ValueError(f"--from-run {source}: trained from {trained.model}, this run's --model is {cfg.model}")
-        return final_weights(trained, source)
-    return sft_weights(cfg, run) if cfg.switches()["align"] == "none" else run / "dpo" / "final"
-
+# ---- 4. predict, 5. evaluate -------------------------------------------------------------------------------
 
 def stage_predict(cfg: RunConfig, run: Path):
     """Select then Generate on Test: generations.jsonl (personas, history, selected persona, response, gold)."""
@@ -795,7 +522,21 @@ def stage_predict(cfg: RunConfig, run: Path):
             say(f"predict: resuming after {len(writer.done_rows)} of {len(examples)} examples")
         select_then_generate(model, tok, examples, lang, writer=writer, **decoding(cfg), **context)
 
-    generate_rows(out, splits["test"], produce)
+    write_rows_shared(out, splits["test"], produce)
+    return out
+
+
+def stage_evaluate(cfg: RunConfig, run: Path):
+    """BLEU-1/2, ROUGE-L, Entropy, C.score (with --nli) and persona coverage -> results.json, results.md."""
+    out = run / "results.json"
+    rows = nonempty(read_jsonl(run / "generations.jsonl"), f"generated rows in {run / 'generations.jsonl'}")
+    lang = cfg.lang or ("zh" if any(data.CJK_CHAR.search(r["gold"]) for r in rows[:20]) else "en")
+    res = score_generations(rows, lang, load_nli(cfg.nli), cfg.metrics_compat)
+    res.update(variant=cfg.variant, model=cfg.model, **cfg.switches(), lang=lang)
+    write_json(out, res)
+    md = results_table([(run.name, res)])
+    write_text(run / "results.md", md + "\n")
+    print(md)
     return out
 
 
@@ -826,7 +567,7 @@ def score_generations(rows: list[dict], lang: str, nli_model=None, compat: str =
 def validation_score(rows: list[dict], lang: str, nli_model=None) -> dict:
     """The early-stopping score of a validation pass: C.score when an NLI model is given (as in the paper),
     else persona coverage + BLEU-1 - 100 x copy rate. Coverage alone rewards parroting: a reply that repeats a
-    persona sentence covers it fully, and on SmolLM2 the checkpoint that copied most won (README, issue 14); a
+    persona sentence covers it fully, and on SmolLM2 the checkpoint that copied most won (docs/measurements.md); a
     copied reply's coverage is taken back, and BLEU-1 keeps the replies close to what people answer."""
     s = score_generations(rows, lang, nli_model)
     lexical = s["persona_coverage"] + s["bleu1"] - 100 * s["copy_rate"]
@@ -834,22 +575,205 @@ def validation_score(rows: list[dict], lang: str, nli_model=None) -> dict:
     return s
 
 
-def stage_evaluate(cfg: RunConfig, run: Path):
-    """BLEU-1/2, ROUGE-L, Entropy, C.score (with --nli) and persona coverage -> results.json, results.md."""
-    out = run / "results.json"
-    rows = nonempty(read_jsonl(run / "generations.jsonl"), f"generated rows in {run / 'generations.jsonl'}")
-    lang = cfg.lang or ("zh" if any(data.CJK_CHAR.search(r["gold"]) for r in rows[:20]) else "en")
-    res = score_generations(rows, lang, load_nli(cfg.nli), cfg.metrics_compat)
-    res.update(variant=cfg.variant, model=cfg.model, **cfg.switches(), lang=lang)
-    modeling.write_json(out, res)
-    md = results_table([(run.name, res)])
-    with modeling.atomic_path(run / "results.md") as tmp:
-        tmp.write_text(md + "\n")
-    print(md)
-    return out
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. The variants, and the options of a run
+# ----------------------------------------------------------------------------------------------------------
+
+# What each variant changes. The switches:
+#   tasks     SFT tasks: "mix" (persona selection + persona-enhanced generation, interleaved: PAL),
+#             "dg" (generation only, from the persona list: nothing highlighted, as at its inference),
+#             "ps" (selection only), "seq" (selection, then generation), "none" (no SFT: the base model)
+#   fmt       "prompt" (PAL's instruction prompts) or "plain" (personas and history as plain lines)
+#   align     second stage: "dpo" (PAL), "sft" (SFT on Valid#1's gold responses: w/o PC), "none" (w/o PA)
+#   strategy  inference: "select" (Select then Generate), "random" (a random persona is highlighted),
+#             "none" (Not Select: the full persona list, nothing highlighted)
+#   tune      what SFT trains: "weights" (all of them, or LoRA adapters with --lora-r) or "prompt" (prompt tuning:
+#             --prompt-tokens vectors before every prompt, every weight frozen: the +Prompting baseline)
+#   shots     Train examples with their gold replies shown before every reply prompt (few-shot; 0: none)
+# In the order of the result tables: the baselines and PAL (Table 2 / 3), then the ablations (Table 5).
+SWITCH_DEFAULTS = dict(tune="weights", shots=0)
+VARIANTS = {
+    "zero_shot":  dict(tasks="none", fmt="prompt", align="none", strategy="none"),  # the base model, no training
+    "few_shot":   dict(tasks="none", fmt="prompt", align="none", strategy="none", shots=3),
+    "prompting":  dict(tasks="dg", fmt="prompt", align="none", strategy="none", tune="prompt"),  # prompt tuning
+    "ft":         dict(tasks="dg", fmt="plain", align="none", strategy="none"),   # fine-tuning w/o prompts
+    "pal":        dict(tasks="mix", fmt="prompt", align="dpo", strategy="select"),
+    "wo_mix":     dict(tasks="none", fmt="prompt", align="dpo", strategy="select"),  # no Persona-aware Learning
+    "wo_pa":      dict(tasks="mix", fmt="prompt", align="none", strategy="select"),
+    "wo_pc":      dict(tasks="mix", fmt="prompt", align="sft", strategy="select"),
+    "only_dg":    dict(tasks="dg", fmt="prompt", align="dpo", strategy="none"),
+    "only_ps":    dict(tasks="ps", fmt="prompt", align="dpo", strategy="select"),
+    "random":     dict(tasks="mix", fmt="prompt", align="dpo", strategy="random"),
+    "not_select": dict(tasks="mix", fmt="prompt", align="dpo", strategy="none"),
+}
+ABLATIONS = ("wo_mix", "wo_pa", "wo_pc", "only_dg", "only_ps", "random", "not_select")  # Table 5's rows, after PAL
+SWITCHES = {"tasks": ("mix", "dg", "ps", "seq", "none"), "fmt": ("prompt", "plain"), "align": ("dpo", "sft", "none"),
+            "strategy": ("select", "random", "none"), "tune": ("weights", "prompt"), "shots": int}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = tuple(DTYPES)
 
 
-# ---- chat and table -------------------------------------------------------------------------------------------
+@dataclass
+class RunConfig:
+    """Everything a run depends on; stored in RUN_DIR/run.json by the first stage. Each field is the option
+    --field-name of every stage; an option left out keeps run.json's value."""
+    model: str | None = option(None, str, "model directory in Hugging Face layout, or a hub id "
+                                           "(`python extras/smol.py` makes SmolLM2's)")
+    data_dir: str | None = option(None, str, "PERSONA-CHAT (ParlAI *_self_*.txt) or Baidu-Persona-Chat (*.jsonl) "
+                                             "directory")
+    variant: str = option("pal", tuple(VARIANTS), "baseline / ablation preset; the four switches default from it")
+    tasks: str | None = option(None, SWITCHES["tasks"], "SFT tasks (overrides the variant)")
+    fmt: str | None = option(None, SWITCHES["fmt"], "prompt format (overrides the variant)")
+    align: str | None = option(None, SWITCHES["align"], "second stage (overrides the variant)")
+    strategy: str | None = option(None, SWITCHES["strategy"], "inference strategy (overrides the variant)")
+    tune: str | None = option(None, SWITCHES["tune"], "what SFT trains: weights, or a soft prompt (overrides the "
+                              "variant)")
+    shots: int | None = option(None, int, "few-shot: Train examples shown before each reply prompt at inference "
+                               "(overrides the variant)", low=0)
+    prompt_tokens: int = option(20, int, "prompt tuning: trainable vectors before each prompt", low=1)
+    prompt_lr: float = option(3e-2, float, "prompt tuning: learning rate of the prompt vectors", above=0)
+    lang: str | None = option(None, ("en", "zh"), "language of prompts and metrics (default: from the data)")
+    limit: int | None = option(None, int, "examples per split (default: all)", low=1)
+    personas: str | None = option(None, ("original", "revised"), "PERSONA-CHAT persona files: revised = Train and "
+                                  "Valid revised, Test original, as the paper (default: the files present)")
+    history_turns: int | None = option(None, int, "history utterances in a prompt, the latest (default: all)",
+                                       low=0)
+    labels: str = option("lexical", ("lexical", "nli"), "persona labels of the selection task (nli needs --nli)")
+    seed: int = option(0, int, "seed of the data order, dropout and random persona picks")
+    select_ratio: float = option(1.0, float, "share of Train examples that also get a selection feature", low=0, high=1)
+    select_none_ratio: float = option(1.0, float, "share of the unlabelled ones (target: no persona) that keep it",
+                                      low=0, high=1)
+    max_len: int = option(512, int, "tokens per sequence; the oldest history turns are dropped beyond it", low=16)
+    # model / precision
+    dtype: str = option("fp32", PRECISIONS, "weights while training")
+    precision: str = option("fp32", PRECISIONS, "training autocast")
+    logps: str = option("plain", ("plain", "chunked"), "log-probs from the full logits (plain) or chunk by chunk "
+                        "without them (chunked: less memory, dpo.py's appendix)")
+    lora_r: int = option(0, int, "LoRA rank; 0 = full fine-tuning", low=0)
+    lora_alpha: float = option(16.0, float, "LoRA alpha", above=0)
+    lora_dropout: float = option(0.05, float, "LoRA dropout", low=0, high=0.9)
+    lora_targets: str = option("q,k,v,o,mlp", str, "layers LoRA wraps, comma-separated from q k v o mlp")
+    dpo_lora_r: int | None = option(None, int, "LoRA rank of the DPO stage alone (default: --lora-r); the authors' "
+                                    "GPT-2: full SFT, then DPO with LoRA", low=0)
+    # SFT (paper: lr 2e-5, 100 warmup steps, 10 epochs)
+    sft_lr: float = option(2e-5, float, "SFT learning rate", low=0)
+    sft_epochs: float = option(10.0, float, "SFT epochs", above=0)
+    sft_warmup: int = option(100, int, "SFT warmup steps", low=0)
+    sft_reduction: str = option("sum", ("sum", "mean"), "SFT NLL summed per sequence (PAL) or per target token")
+    sft_keep: str = option("last", ("last", "best"), "SFT result: the last epoch (the paper) or the best validated")
+    batch_size: int = option(8, int, "sequences (pairs) per process and micro-step", low=1)
+    grad_accum: int = option(1, int, "micro-steps per optimizer step", low=1)
+    dpo_grad_accum: int | None = option(None, int, "micro-steps per DPO optimizer step (default: --grad-accum)",
+                                        low=1)
+    # DPO (paper: beta 0.1, 100 warmup steps, up to 30000 steps with early stopping)
+    dpo_lr: float = option(5e-6, float, "DPO learning rate", low=0)
+    dpo_beta: float = option(0.1, float, "DPO beta", above=0)
+    dpo_steps: int = option(30000, int, "DPO optimizer steps", low=1)
+    dpo_epochs: float | None = option(None, float, "DPO passes over the pairs (overrides --dpo-steps)", above=0)
+    dpo_warmup: int = option(100, int, "DPO warmup steps", low=0)
+    eval_every: int = option(5000, int, "DPO examples (over all ranks) between validations", low=1)
+    patience: int = option(5, int, "validations without improvement before DPO stops", low=0)
+    eval_limit: int = option(200, int, "validation examples generated for each early-stopping score", low=0)
+    log_every: int = option(10, int, "optimizer steps between log lines (each one reads the GPU back)", low=1)
+    save_every: int = option(0, int, "optimizer steps between training checkpoints (0: off)", low=0)
+    save_minutes: float = option(10.0, float, "minutes between training checkpoints (0: off); a kill loses at most "
+                                              "this much training", low=0)
+    # generation (greedy)
+    max_new_tokens: int = option(48, int, "new tokens per reply", low=1)
+    select_max_new_tokens: int = option(48, int, "new tokens of the selection step", low=1)
+    gen_batch: int = option(16, int, "prompts per generation batch", low=1)
+    gen_dtype: str | None = option(None, PRECISIONS, "weights for pairs/predict/chat (default: --dtype)")
+    nli: str | None = option(None, str, "NLI checkpoint (directory or hub id) for C.score and DPO validation")
+    from_run: str | None = option(None, str, "another run's trained model for predict and chat (inference-only "
+                                  "variants: random, not_select); this run trains nothing")
+    metrics_compat: str = option("default", ("default", "authors"), "evaluate's metrics: correct (default) or as "
+                                 "the paper's authors computed them (pycocoevalcap, arguments swapped)")
+
+    def switches(self) -> dict:
+        """The variant's switches, with each one given as an option on top."""
+        base = {**SWITCH_DEFAULTS, **VARIANTS[self.variant]}
+        return {k: base[k] if getattr(self, k) is None else getattr(self, k) for k in SWITCHES}
+
+
+def load_run_config(run_dir: Path, overrides: dict) -> RunConfig:
+    """run.json (if any) with the options given on this command line on top, checked by check_options. Nothing
+    is written here: main saves run.json once every check has passed, so a refused call leaves it unchanged."""
+    cfg = load_declared(RunConfig, run_dir / "run.json", overrides)
+    check_options(cfg)
+    return cfg
+
+
+def check_options(cfg: RunConfig):
+    """Each option against its declared choices and range (infra/options.py), then the ones that depend on each
+    other; the first problem raises, naming the option."""
+    check_declared(cfg)
+    soft = cfg.prompt_tokens if cfg.switches()["tune"] == "prompt" else 0
+    for name in ("max_new_tokens", "select_max_new_tokens"):  # the prompt needs room in max_len
+        if getattr(cfg, name) + soft >= cfg.max_len:
+            extra = f" minus --prompt-tokens {soft}" if soft else ""
+            raise ValueError(f"{flag(name)} {getattr(cfg, name)}: must be below --max-len {cfg.max_len}{extra}")
+    if unknown := set(cfg.lora_targets.split(",")) - {"q", "k", "v", "o", "mlp"}:
+        raise ValueError(f"--lora-targets {cfg.lora_targets}: unknown {sorted(unknown)}; choose from q,k,v,o,mlp")
+    sw = cfg.switches()
+    if sw["tune"] == "prompt" and (sw["tasks"] == "none" or sw["align"] != "none"):
+        raise ValueError(f"--tune prompt: prompt tuning trains a soft prompt in the SFT stage and nothing after it; "
+                         f"it needs SFT tasks (not --tasks {sw['tasks']}) and --align none (not {sw['align']})")
+    if cfg.precision == "fp16" and cfg.dtype == "fp16" and not cfg.lora_r:  # loss scaling needs fp32 masters
+        raise ValueError("--precision fp16 with --dtype fp16: fp16 loss scaling needs fp32 trainable weights; use "
+                         "--dtype fp32 (autocast computes in fp16) or LoRA (--lora-r, adapters stay fp32)")
+
+
+def check_model_fits(cfg: RunConfig):
+    """--max-len within the model's positions (GPT-2 has no position beyond n_positions: a longer sequence would
+    fail mid-run), read from the model's config.json before anything is trained."""
+    positions = modeling.max_positions(modeling.read_config(cfg.model))
+    if cfg.max_len > positions:
+        raise ValueError(f"--max-len {cfg.max_len}: the model {cfg.model} has {positions} positions")
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Chat, and the paper's tables
+# ----------------------------------------------------------------------------------------------------------
+
+def stage_chat(cfg: RunConfig, run: Path, personas: list[str] | None = None, stream=None):
+    """Talk to the trained model: type persona sentences (or press enter for a random Test persona), then chat.
+    Each turn shows the persona sentence the model selected before its reply."""
+    stream = stream or sys.stdin
+    weights = final_weights(cfg, run)
+    if isinstance(weights, Path) and not weights.exists():
+        raise FileNotFoundError(f"{weights} does not exist: train first (python pal.py all --run-dir {run})")
+    tok = load_tokenizer(cfg.model)
+    model = generation_model(cfg, weights)
+    lang, splits = cfg.lang or "en", None  # the data is read once, if the demonstrations or a persona need it
+    if cfg.switches()["shots"]:
+        splits, lang = run_data(cfg)
+    if not personas:
+        print("Persona sentences, one per line; an empty line ends (empty at once: a random Test persona).")
+        personas = []
+        for line in stream:
+            if not line.strip():
+                break
+            personas.append(line.strip())
+        if not personas and cfg.data_dir:
+            splits, lang = (splits, lang) if splits else run_data(cfg)
+            personas = random.Random().choice(splits["test"]).personas
+    context = prompt_context(cfg, model, tok, splits or {"train": []}, lang)
+    print("Persona:\n" + "\n".join(f"  - {p}" for p in personas) + "\n(empty line or Ctrl-D quits)")
+    history: list[str] = []
+    while True:
+        print("you> ", end="", flush=True)
+        line = stream.readline()
+        if not line or not line.strip():
+            break
+        history.append(line.strip())
+        ex = data.Example(personas=personas, history=list(history), response="", persona_label=None, dialogue_id=-1)
+        row = select_then_generate(model, tok, [ex], lang, desc="chat", **decoding(cfg), **context)[0]
+        print(f"   [persona: {row['selected_persona'] or '-'}]")
+        print(f"bot> {row['response']}")
+        history.append(row["response"])
+
 
 TABLE_COLUMNS = [("BLEU-1", "bleu1"), ("BLEU-2", "bleu2"), ("ROUGE-L", "rouge_l"), ("Entropy", "entropy"),
                  ("C.score", "c_score"), ("Persona cov.", "persona_coverage"), ("Dist-2", "distinct2")]
@@ -933,7 +857,7 @@ def stage_table(run_dirs: list[str], examples: int = 0):
         p = Path(d) / "results.json"
         if not p.exists():
             raise FileNotFoundError(f"{p} does not exist: run `python pal.py evaluate --run-dir {d}` first")
-        named.append((Path(d).name, modeling.read_json(p)))
+        named.append((Path(d).name, read_json(p)))
     print(paper_tables(named))
     if examples:
         rows = {Path(d).name: read_jsonl(Path(d) / "generations.jsonl")[:examples] for d in run_dirs}
@@ -946,46 +870,9 @@ def stage_table(run_dirs: list[str], examples: int = 0):
                     print(f"  {name}{picked}: {rs[k]['response']}")
 
 
-def stage_chat(cfg: RunConfig, run: Path, personas: list[str] | None = None, stream=None):
-    """Talk to the trained model: type persona sentences (or press enter for a random Test persona), then chat.
-    Each turn shows the persona sentence the model selected before its reply."""
-    stream = stream or sys.stdin
-    weights = final_weights(cfg, run)
-    if isinstance(weights, Path) and not weights.exists():
-        raise FileNotFoundError(f"{weights} does not exist: train first (python pal.py all --run-dir {run})")
-    tok = load_tokenizer(cfg.model)
-    model = generation_model(cfg, weights)
-    lang, splits = cfg.lang or "en", None  # the data is read once, if the demonstrations or a persona need it
-    if cfg.switches()["shots"]:
-        splits, lang = run_data(cfg)
-    if not personas:
-        print("Persona sentences, one per line; an empty line ends (empty at once: a random Test persona).")
-        personas = []
-        for line in stream:
-            if not line.strip():
-                break
-            personas.append(line.strip())
-        if not personas and cfg.data_dir:
-            splits, lang = (splits, lang) if splits else run_data(cfg)
-            personas = random.Random().choice(splits["test"]).personas
-    context = prompt_context(cfg, model, tok, splits or {"train": []}, lang)
-    print("Persona:\n" + "\n".join(f"  - {p}" for p in personas) + "\n(empty line or Ctrl-D quits)")
-    history: list[str] = []
-    while True:
-        print("you> ", end="", flush=True)
-        line = stream.readline()
-        if not line or not line.strip():
-            break
-        history.append(line.strip())
-        ex = data.Example(personas=personas, history=list(history), response="", persona_label=None, dialogue_id=-1)
-        row = select_then_generate(model, tok, [ex], lang, desc="chat", **decoding(cfg), **context)[0]
-        print(f"   [persona: {row['selected_persona'] or '-'}]")
-        print(f"bot> {row['response']}")
-        history.append(row["response"])
-
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Evaluation metrics
+# 5. Evaluation metrics
 # ----------------------------------------------------------------------------------------------------------
 
 # Every function takes `f(hypotheses, references)` in that order: hypothesis = generated, reference = gold (the
@@ -1321,7 +1208,7 @@ def diagnostics(rows: list[dict], lang: str = "en") -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Command line
+# 6. Command line
 # ----------------------------------------------------------------------------------------------------------
 
 STAGES = {"sft": stage_sft, "pairs": stage_pairs, "dpo": stage_dpo, "predict": stage_predict,
@@ -1329,44 +1216,10 @@ STAGES = {"sft": stage_sft, "pairs": stage_pairs, "dpo": stage_dpo, "predict": s
 OUTPUTS = {"sft": "sft/final", "pairs": "pairs.jsonl", "dpo": "dpo/final", "predict": "generations.jsonl",
            "evaluate": "results.json"}  # a stage whose output exists is complete: it is skipped
 
-
-# ---- the run directory: one writer at a time, and what each stage was built from ----------------------------
-
-class RunLock:
-    """An exclusive lock on RUN_DIR/.lock while this process works there: a second process on the same run is
-    refused (two writers would append every row twice). flock is released by the kernel when the process ends,
-    so a process killed with -9 leaves no stale lock behind."""
-
-    def __init__(self, run: Path):
-        run.mkdir(parents=True, exist_ok=True)
-        self.f = open(run / ".lock", "a+", encoding="utf-8")
-        try:
-            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.f.seek(0)
-            holder = self.f.read().strip() or "another process"
-            self.f.close()
-            raise RuntimeError(f"{run} is in use by {holder}: wait for it to finish, or use another --run-dir") \
-                from None
-        self.f.seek(0)
-        self.f.truncate()
-        self.f.write(f"pid {os.getpid()} ({' '.join(sys.argv[:2])})")
-        self.f.flush()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-    def release(self):
-        self.f.close()  # closing the descriptor drops the flock
-
-
 # Which options shape each stage's output, besides those of the stage whose output it reads (stage_input).
-# A stage records them when it starts (RUN_DIR/stages.json); a later call that changes one of them for a stage
-# that has started or finished is refused, so one run never mixes two settings. Options that change nothing
-# but speed or bookkeeping (gen_batch, log_every, save_every, save_minutes) are not listed.
+# A stage records them when it starts (RUN_DIR/stages.json, infra/rundir.py); a later call that changes one of them
+# for a stage that has started or finished is refused, so one run never mixes two settings. Options that change
+# nothing but speed or bookkeeping (gen_batch, log_every, save_every, save_minutes, logps) are not listed.
 DATA_OPTIONS = ("model", "data_dir", "personas", "history_turns", "lang", "limit", "labels", "seed", "max_len")
 TRAIN_OPTIONS = ("dtype", "precision", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "batch_size",
                  "grad_accum")
@@ -1383,6 +1236,9 @@ STAGE_OPTIONS = {
 }
 RESUME_ONLY = {"dpo": ("nli",)}  # DPO's validation scorer: checked while DPO runs, free to differ once it is done
 ADDED_LATER = {"tune": "weights", "shots": 0}  # switches newer than some records: what a record without them meant
+
+STAGE_PATHS = {"sft": "sft", "pairs": "pairs.jsonl*", "dpo": "dpo", "predict": "generations.jsonl*",
+               "evaluate": "results.*"}  # each stage's outputs, finished or not (glob patterns in RUN_DIR)
 
 
 def stage_input(cfg: RunConfig, stage: str) -> str | None:
@@ -1410,72 +1266,13 @@ def stage_options(cfg: RunConfig, stage: str) -> dict:
     return {**inherited, **{k: value[k] for k in own}}
 
 
-def file_digests(cfg: RunConfig) -> dict:
-    """sha256 of the data files the run reads and of the model's config.json: a file changed under a run is
-    caught like a changed option."""
+def input_files(cfg: RunConfig) -> list[Path]:
+    """The files a run reads besides its own: the data files and the model's config.json (their digests are
+    recorded with each stage's options)."""
     variant = data.PERSONA_VARIANTS[cfg.personas] if cfg.personas else "original"
     files = list(data.split_files(cfg.data_dir, variant)[1].values()) if cfg.data_dir else []
     local_model = Path(cfg.model or "") / "config.json"
-    files += [local_model] if cfg.model and local_model.is_file() else []
-    return {f"file {os.path.realpath(p)}": hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in files}
-
-
-STAGE_PATHS = {"sft": "sft", "pairs": "pairs.jsonl*", "dpo": "dpo", "predict": "generations.jsonl*",
-               "evaluate": "results.*"}  # each stage's outputs, finished or not (glob patterns in RUN_DIR)
-
-
-def check_stages(run: Path, cfg: RunConfig, digests: dict, redo: bool) -> dict:
-    """Compare this call's options (and file digests) with what each started stage recorded; refuse a
-    difference, or with redo=True move that stage's and every later stage's outputs to RUN_DIR/superseded/.
-    Returns the records still valid."""
-    records = modeling.read_json(run / "stages.json") if (run / "stages.json").exists() else {}
-    for k, stage in enumerate(STAGES):
-        if stage not in records:
-            continue
-        now = {**stage_options(cfg, stage), **digests}
-        then = {**{k: v for k, v in ADDED_LATER.items() if k in now}, **records[stage]["options"]}
-        state = "finished" if (run / OUTPUTS[stage]).exists() else "started"
-        ignored = RESUME_ONLY.get(stage, ()) if state == "finished" else ()
-        changed = [n for n in {**then, **now} if now.get(n) != then.get(n) and n not in ignored]
-        if not changed:
-            continue
-        what = "; ".join(f"{n if n.startswith('file') else _flag(n)}: {then.get(n)!r} then, {now.get(n)!r} now"
-                         for n in changed)
-        if not redo:
-            raise ValueError(f"{run}: stage {stage} ({state}) was built with other settings ({what}). Keep them, "
-                             f"use another --run-dir, or add --redo to start {stage} and the stages after it again")
-        old = run / "superseded" / time.strftime("%Y%m%d-%H%M%S")
-        for later in list(STAGES)[k:]:
-            for path in run.glob(STAGE_PATHS[later]):
-                old.mkdir(parents=True, exist_ok=True)
-                os.replace(path, old / path.name)
-            records.pop(later, None)
-        modeling.write_json(run / "stages.json", records)
-        say(f"--redo: {stage} and the stages after it start again; their old outputs are in {old}")
-        break
-    return records
-
-
-def record_stage(run: Path, records: dict, stage: str, cfg: RunConfig, digests: dict):
-    """Note in RUN_DIR/stages.json what `stage` is built from, before it writes anything."""
-    if stage not in records:
-        records[stage] = {"options": {**stage_options(cfg, stage), **digests}, "started": time.ctime()}
-        modeling.write_json(run / "stages.json", records)
-
-
-def add_run_options(p: argparse.ArgumentParser):
-    p.add_argument("--run-dir", required=True, help="directory of this run (created; holds run.json)")
-    p.add_argument("--redo", action="store_true", help="a stage was built with other options: move its outputs and "
-                   "the later stages' to RUN_DIR/superseded/ and start them again (default: refuse)")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    for f in dataclasses.fields(RunConfig):
-        kind, help_text = f.metadata["kind"], f"{f.metadata['help']} (default {f.default})"
-        flags = [_flag(f.name)] + (["--from"] if f.name == "from_run" else [])  # the paper's "--from RUN_DIR"
-        if isinstance(kind, tuple):
-            p.add_argument(*flags, dest=f.name, choices=kind, default=None, help=help_text)
-        else:
-            p.add_argument(*flags, dest=f.name, type=kind, default=None, help=help_text)
-
+    return files + ([local_model] if cfg.model and local_model.is_file() else [])
 
 def stage_runs(cfg: RunConfig, stage: str) -> bool:
     """False for a stage the variant does without (no SFT: zero-shot; no pairs or DPO without DPO alignment)."""
@@ -1483,6 +1280,15 @@ def stage_runs(cfg: RunConfig, stage: str) -> bool:
     if cfg.from_run:  # inference only: another run trained the model
         return stage in ("predict", "evaluate")
     return {"sft": sw["tasks"] != "none", "pairs": sw["align"] == "dpo", "dpo": sw["align"] != "none"}.get(stage, True)
+
+
+def stage_list(command: str, cfg: RunConfig) -> list[str]:
+    """The stages a command runs: one, or all five; those the variant does without are left out (and said so)."""
+    stages = list(STAGES) if command == "all" else [command]
+    for s in stages:
+        if not stage_runs(cfg, s):
+            say(f"{s}: not part of variant {cfg.variant} ({', '.join(f'{k}={v}' for k, v in cfg.switches().items())})")
+    return [s for s in stages if stage_runs(cfg, s)]
 
 
 def run_stages(args) -> None:
@@ -1493,8 +1299,8 @@ def run_stages(args) -> None:
     if args.stage in ("evaluate", "chat") and not (run / "run.json").exists():
         raise FileNotFoundError(f"{run / 'run.json'} does not exist: no run there (check --run-dir)")
     cfg = load_run_config(run, {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)})
-    barrier = start_ranks()
-    with RunLock(run) if is_rank0() else contextlib.nullcontext():
+    start_ranks()  # under torchrun: the process group (infra/dist.py)
+    with rundir.RunLock(run) if is_rank0() else contextlib.nullcontext():
         records, digests = prepare_run(args, run, cfg) if is_rank0() else ({}, {})
         if args.stage == "chat":
             return stage_chat(cfg, run, args.persona)
@@ -1504,7 +1310,7 @@ def run_stages(args) -> None:
                 say(f"{s}: {run / OUTPUTS[s]} exists, skipping")
                 continue
             if is_rank0():
-                record_stage(run, records, s, cfg, digests)
+                rundir.record_stage(run, records, s, {**stage_options(cfg, s), **digests})
             t0 = time.time()
             if s != "evaluate" or is_rank0():  # training and generation use every rank
                 STAGES[s](cfg, run)
@@ -1519,35 +1325,14 @@ def prepare_run(args, run: Path, cfg: RunConfig) -> tuple[dict, dict]:
         raise ValueError("no model: give --model (a Hugging Face-layout directory or a hub id)")
     if args.stage != "evaluate":
         check_model_fits(cfg)
-    digests = file_digests(cfg)
-    records = check_stages(run, cfg, digests, args.redo and args.stage != "chat")
+    digests = rundir.file_digests(input_files(cfg))
+    now = {s: {**stage_options(cfg, s), **digests} for s in STAGES}
+    finished = {s: (run / OUTPUTS[s]).exists() for s in STAGES}
+    records = rundir.check_records(run, rundir.read_records(run), now, finished, STAGE_PATHS,
+                                   args.redo and args.stage != "chat", RESUME_ONLY, ADDED_LATER, say)
     if args.stage != "chat":
-        modeling.write_json(run / "run.json", dataclasses.asdict(cfg))
+        write_json(run / "run.json", dataclasses.asdict(cfg))
     return records, digests
-
-
-def start_ranks():
-    """Under torchrun (it sets WORLD_SIZE, also for one process): the process group (nccl on GPUs, gloo on CPUs),
-    with a timeout that outlasts the longest stage rank 0 runs alone (generation; PAL_DIST_TIMEOUT_MIN, default
-    240 minutes). Returns a barrier over all ranks (a no-op without torchrun)."""
-    if "WORLD_SIZE" not in os.environ:
-        return lambda: None
-    if not torch.distributed.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        minutes = float(os.environ.get("PAL_DIST_TIMEOUT_MIN", 240))
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                             timeout=datetime.timedelta(minutes=minutes))
-    return torch.distributed.barrier
-
-
-def stage_list(command: str, cfg: RunConfig) -> list[str]:
-    """The stages a command runs: one, or all five; those the variant does without are left out (and said so)."""
-    stages = list(STAGES) if command == "all" else [command]
-    for s in stages:
-        if not stage_runs(cfg, s):
-            say(f"{s}: not part of variant {cfg.variant} ({', '.join(f'{k}={v}' for k, v in cfg.switches().items())})")
-    return [s for s in stages if stage_runs(cfg, s)]
 
 
 def main(argv=None):
@@ -1559,7 +1344,11 @@ def main(argv=None):
                  chat=stage_chat.__doc__)
     for name, h in helps.items():
         p = sub.add_parser(name, help=h.split("\n")[0], description=h)
-        add_run_options(p)
+        p.add_argument("--run-dir", required=True, help="directory of this run (created; holds run.json)")
+        p.add_argument("--redo", action="store_true", help="a stage was built with other options: move its outputs "
+                       "and the later stages' to RUN_DIR/superseded/ and start them again (default: refuse)")
+        p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+        add_flags(p, RunConfig, aliases={"from_run": "--from"})  # the paper's "--from RUN_DIR"
         if name == "chat":
             p.add_argument("--persona", action="append", help="a persona sentence (repeat the flag)")
     table = sub.add_parser("table", help="several runs' results.json side by side (Markdown)")

@@ -2,7 +2,7 @@
 # PAL presets: every stage of the pipeline (pal.py) with the settings of one setup.
 #
 #   bash train.sh smol     [--limit N] [--data-dir DIR] [--run-dir DIR] [pal.py options...]   # laptop CPU
-#   bash train.sh smol --variant few_shot    # any row of the paper's tables (pal.py --variant; README: Variants)
+#   bash train.sh smol --variant few_shot    # any row of the paper's tables (pal.py --variant; docs/variants.md)
 #   bash train.sh smol-study [--limit N] [--data-dir DIR]   # zero-shot, ft, SFT only, PAL side by side (~1 h CPU)
 #   bash train.sh gpt2     --data-dir DIR                                                      # one GPU
 #   bash train.sh dialogpt --data-dir DIR                                                      # one GPU
@@ -69,7 +69,8 @@ case "$preset" in
     opts=(--dtype fp32 --precision fp32 --lora-r 16 --lora-alpha 32 --lora-dropout 0.05
           --sft-lr 3e-4 --sft-epochs 1 --sft-warmup 2 --select-ratio 0.5 --batch-size 8 --max-len 256
           --dpo-lr 5e-5 --dpo-epochs 1 --dpo-warmup 1 --eval-every 32 --patience 2 --eval-limit 32
-          --max-new-tokens 24 --select-max-new-tokens 24 --gen-batch 16 --save-minutes 1 --log-every 1)
+          --max-new-tokens 24 --select-max-new-tokens 24 --gen-batch 16 --save-minutes 1 --log-every 1
+          --logps chunked)  # chunked log-probs: less memory on the CPU (docs/measurements.md)
     if [ -z "$data_dir" ]; then
       if [ -d data/personachat ]; then data_dir=data/personachat
       elif [ -d ../shared/data/personachat ]; then data_dir=../shared/data/personachat  # the team's machines
@@ -85,7 +86,7 @@ case "$preset" in
     ensure_smollm2
     exit 0 ;;
   gpt2|dialogpt|gpt2-zh)
-    # The paper's settings, and the authors' scripts (scripts/gpt2.sh) where the paper is silent: README, "Schedules"
+    # The paper's settings, and the authors' scripts (scripts/gpt2.sh) where the paper is silent: docs/schedules.md
     model=$(case "$preset" in gpt2) echo gpt2;; dialogpt) echo microsoft/DialoGPT-small;;
                                gpt2-zh) echo uer/gpt2-chinese-cluecorpussmall;; esac)
     what="$model on one GPU: full SFT (lr 2e-5, 100 warmup steps, 10 epochs, 128 sequences per step, last epoch),
@@ -118,7 +119,7 @@ if [ -z "$data_dir" ]; then
 fi
 if [ -z "$nli" ] && [ "$preset" != smol ] && [ "$preset" != smol-study ]; then
   echo "train.sh: WARNING: no --nli DIR_OR_HUB_ID: C.score will be n/a and DPO early stopping uses the lexical" >&2
-  echo "          score instead of C.score, unlike the paper (README: Data -> an NLI model for C.score)" >&2
+  echo "          score instead of C.score, unlike the paper (docs/nli.md)" >&2
 fi
 run_dir=${run_dir:-runs/$preset${variant:+-$variant}}   # one directory per row: a run keeps its settings
 # few-shot: three demonstrations (~125 tokens each) need the longer prompts every model here allows
@@ -153,7 +154,7 @@ echo "   data:   $data_dir${limit:+ (at most $limit examples per split)}"
 echo "   run:    $run_dir   (re-run the same command to resume)"
 echo "   stages: sft (mixed-task SFT) -> pairs (persona-less responses on Valid#1) -> dpo (beta 0.1)"
 echo "           -> predict (Select then Generate on Test) -> evaluate (results.json, results.md)"
-if [ -n "${PAL_DRY_RUN:-}" ]; then  # print the command instead (tests compare it with README's schedule table)
+if [ -n "${PAL_DRY_RUN:-}" ]; then  # print the command instead (tests compare it with docs/schedules.md)
   echo "${launch[*]} pal.py all ${common[*]}"
   exit 0
 fi

@@ -8,7 +8,7 @@ same step, in one run (issue 12).
 An SFT step = forward + backward + AdamW update on 16 sequences x 512 tokens (the first 128 are the prompt,
 label -100); a DPO step = 8 pairs (chosen + rejected, 16 sequences x 512) against a frozen reference copy,
 computed in the step. Both sides compute the loss the same way (dpo.sequence_logps on transformers' full logits,
-dpo.model_logps on ours, which projects only labelled positions). Generation: greedy, 64 prompts x 128 tokens,
+dpo.model_logps(chunked=True) on ours, which projects only labelled positions). Generation: greedy, 64 prompts x 128 tokens,
 48 new tokens each (no stop token, so both sides decode the same count). Tokens/s over the median timed step after
 two warm-up steps; peak memory = torch.cuda.max_memory_allocated over that configuration alone.
 """
@@ -43,7 +43,7 @@ def batches(vocab: int, b: int, t: int, prompt: int, device):
 def logps_of(net, ours: bool):
     """(input_ids, labels) -> summed target log-probs (B,), the same function for both implementations."""
     if ours:
-        return lambda ids, labels: dpo.model_logps(net, ids, labels)[0]
+        return lambda ids, labels: dpo.model_logps(net, ids, labels, chunked=True)[0]
     return lambda ids, labels: dpo.sequence_logps(net(ids).logits, labels)[0]
 
 

@@ -7,7 +7,7 @@
 A step = forward + backward + AdamW update on 8 sequences x 256 tokens (DPO: 4 pairs, chosen + rejected, each
 256 tokens, so the policy also sees 2048 tokens; plus the reference forward). The first 64 tokens of each
 sequence are the prompt (label -100). Both sides compute the loss the same way: summed log-probs of the target
-tokens (dpo.sequence_logps on transformers' full logits; dpo.model_logps, which projects only labelled positions,
+tokens (dpo.sequence_logps on transformers' full logits; dpo.model_logps(chunked=True), which projects only labelled positions,
 on ours), token-mean for SFT, dpo_loss with beta 0.1 for DPO. The DPO reference is the adapter-disabled base
 (LoRA) or a frozen copy (full fine-tuning), computed in the step for both. LoRA: r 8, alpha 16 on q/k/v/o and the
 MLP, the same LoRALinear wrapped around both models' nn.Linear layers.
@@ -72,7 +72,7 @@ def run_one(impl: str, mode: str, adapt: str, prec: str, steps: int) -> dict:
         m = modeling.load_model(path)
         if adapt == "lora":
             modeling.add_lora(m, r=8, alpha=16)
-        logps_fn = lambda net, ids, labels: dpo.model_logps(net, ids, labels)  # noqa: E731
+        logps_fn = lambda net, ids, labels: dpo.model_logps(net, ids, labels, chunked=True)  # noqa: E731
     else:
         import transformers  # here only: "ours" rows must not pay transformers' import in their peak memory
         m = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)

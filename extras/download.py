@@ -2,7 +2,7 @@
 
     python extras/download.py --data-dir DIR [--url URL] [--sha256 HEX|''] [--size BYTES]
 
-Then `python data.py stats --data-dir DIR` reads it (data.load_splits finds DIR or DIR/personachat).
+Then `python extras/data_stats.py --data-dir DIR` reads it (data.load_splits finds DIR or DIR/personachat).
 """
 import argparse
 import hashlib
@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import model  # noqa: E402  (the project's one atomic writer: model.atomic_path)
+from infra.files import atomic_path  # noqa: E402  (the project's one atomic writer)
 
 # The URL and sha256 ParlAI's personachat task pins.
 PERSONACHAT_URL = "http://parl.ai/downloads/personachat/personachat.tgz"
@@ -69,7 +69,7 @@ def download_personachat(data_dir, url: str = PERSONACHAT_URL, sha256: str | Non
     The download and extraction happen in a temporary directory inside data_dir (same filesystem): the download
     is hashed as it streams, its size checked against `size` and the server's Content-Length, its sha256
     against `sha256`; then the directory that holds the *_self_*.txt files is renamed into place in one step
-    (model.atomic_path). On any failure nothing is left behind: data_dir never holds a half file, and a data_dir
+    (infra/files.py, atomic_path). On any failure nothing is left behind: data_dir never holds a half file, and a data_dir
     this call created is removed again. Returns the directory with the files."""
     data_dir = Path(data_dir)
     for cand in (data_dir, data_dir / name):
@@ -84,7 +84,7 @@ def download_personachat(data_dir, url: str = PERSONACHAT_URL, sha256: str | Non
         with tempfile.TemporaryDirectory(prefix=f".{name}-download-", dir=data_dir) as work:
             got, digest = _fetch(url, Path(work) / "archive.tgz", size, sha256, timeout)
             found = _extract(Path(work) / "archive.tgz", Path(work) / "extract", url)
-            with model.atomic_path(target) as tmp:
+            with atomic_path(target) as tmp:
                 found.rename(tmp)
     except BaseException:  # clean up, then let the error through
         if created:

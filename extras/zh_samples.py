@@ -3,7 +3,7 @@
     python extras/zh_samples.py SRC_DIR OUT_DIR      # e.g. ../shared/data/zh_samples data/zh
 
 reads SRC_DIR/Person_Dialog_ZH_{train,test}.txt and writes OUT_DIR/{train,test}.jsonl, one
-`[personas, history, response]` array per line; `python data.py stats --data-dir OUT_DIR` then reads them.
+`[personas, history, response]` array per line; `python extras/data_stats.py --data-dir OUT_DIR` then reads them.
 
 The sample format: blocks separated by `[SEP]` lines, each block three lines: the persona sentences run
 together; `<|endoftext|>` followed by each history utterance terminated by `<|endoftext|>`; the response
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
-import model  # noqa: E402  (model.atomic_path: the project's one atomic writer)
+from infra.files import atomic_path  # noqa: E402  (the project's one atomic writer)
 
 EOT = "<|endoftext|>"
 SPLIT_FILES = {"train": "Person_Dialog_ZH_train.txt", "test": "Person_Dialog_ZH_test.txt"}
@@ -71,7 +71,7 @@ def convert(src_dir, out_dir) -> dict[str, Path]:
     written = {}
     for split, src in present.items():
         lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in read_zh_samples(src)]
-        with model.atomic_path(out_dir / f"{split}.jsonl") as tmp:
+        with atomic_path(out_dir / f"{split}.jsonl") as tmp:
             tmp.write_text("".join(lines), encoding="utf-8")
         written[split] = out_dir / f"{split}.jsonl"
         print(f"{src} -> {written[split]} ({len(lines)} examples)")

@@ -12,8 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
-from test_dpo_train import collate_dpo, collate_sft, dpo_features, sft_features, tiny_gpt2, tiny_llama
+from conftest import ROOT, _args, collate_dpo, collate_sft, dpo_features, sft_features, tiny_gpt2, tiny_llama
 
 import dpo
 import model as modeling
@@ -88,7 +87,6 @@ def test_export_then_reload_gives_the_same_logits_on_gpu(tmp_path):
 
 
 def _tiny_run_args(tmp_path):
-    from test_pal_run_dir import _args  # the CPU pipeline tests' tiny settings
     tok = ROOT.parent / "shared" / "tokenizers" / "gpt2"
     data_dir = ROOT.parent / "shared" / "data" / "personachat"
     if not (tok / "encoder.json").exists() or not data_dir.exists():
@@ -98,7 +96,7 @@ def _tiny_run_args(tmp_path):
                                                                  n_layer=2, n_head=2)), d)
     os.symlink(tok / "encoder.json", d / "vocab.json")
     os.symlink(tok / "vocab.bpe", d / "merges.txt")
-    return _args(tmp_path / "run", d, data_dir)
+    return _args(tmp_path / "run", d, data_dir)  # the CPU pipeline tests' tiny settings
 
 
 def test_torchrun_nproc_1_nccl_runs_a_training_stage(tmp_path):

@@ -11,6 +11,7 @@ import torch
 
 from conftest import shared_file
 import data as pd
+from extras import data_stats
 
 PC_VALID = "data/personachat/valid_self_original.txt"
 CONVAI2_VALID = "data/convai2/valid_self_original.txt"
@@ -265,7 +266,7 @@ def test_carve_and_load_splits(tmp_path, pc_valid, capsys):
     assert len(splits["valid1"]) + len(splits["valid2"]) == 7801
     all_ids = [{e.dialogue_id for e in splits[k]} for k in pd.SPLITS]
     assert sum(len(s) for s in all_ids) == len(set().union(*all_ids))  # ids unique across files
-    pd.main(["stats", "--data-dir", str(d)])
+    data_stats.main(["--data-dir", str(d)])
     out = capsys.readouterr().out
     assert "| Train | 2 | 3 |" in out and "| Test | 2 | 3 |" in out and "Valid#1" in out
     assert "valid_self_original.txt (all of it):" in out and "of 7801 examples" in out

@@ -16,6 +16,7 @@ from conftest import shared_file, write_roberta_tokenizer
 
 import data
 from data import TokenizerError, check_tokenizer_fits, load_tokenizer
+from infra import tokfiles
 
 # Strings where tokenizers tend to disagree: digits, whitespace runs, newlines, accents, emoji, CJK, specials.
 EDGE = [
@@ -328,7 +329,7 @@ def test_llama3_equals_tiktoken_reference(en_lines, zh_lines):
 # ---- errors ----------------------------------------------------------------------------------------------------
 def test_errors_name_the_problem(tmp_path, gpt2_hf_dir):
     # local paths only: a hub id is resolved by the caller (model.resolve_model_dir), and the error says so
-    with pytest.raises(TokenizerError, match="no-such-model-xyz.*model.resolve_model_dir"):
+    with pytest.raises(TokenizerError, match="no-such-model-xyz.*resolve_model_dir"):
         load_tokenizer("no-such-model-xyz")
     d = tmp_path / "broken"
     d.mkdir()
@@ -380,7 +381,7 @@ def test_split_pre_tokenizer_tokenizer_json(gpt2_hf_dir, en_lines, zh_lines, tmp
     ref.save_pretrained(tmp_path)
     j = json.loads((tmp_path / "tokenizer.json").read_text())
     j["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": data.LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "Split", "pattern": {"Regex": tokfiles.LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
     (tmp_path / "tokenizer.json").write_text(json.dumps(j))
     hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))

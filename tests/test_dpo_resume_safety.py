@@ -17,8 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from conftest import free_port
-from test_dpo_train import dpo_features, sft_features, tiny_llama
+from conftest import dpo_features, free_port, sft_features, tiny_llama
 
 import data
 import dpo
@@ -82,8 +81,8 @@ def logged_steps(out_dir):
 
 def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path, capsys):
     out = tmp_path / "killed"
-    child = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]; import test_dpo_resume_safety "
-             f"as t; t.one_epoch_sft({str(out)!r}, eval_seconds=0.2, threads={torch.get_num_threads()})")
+    child = (f"import runpy, sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]; t = runpy.run_path("
+             f"{__file__!r}); t['one_epoch_sft']({str(out)!r}, eval_seconds=0.2, threads={torch.get_num_threads()})")
     proc = subprocess.Popen([sys.executable, "-c", child], cwd=ROOT, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     # kill once step k >= 2 is saved and step k+1 is logged but not saved: the log runs ahead of the checkpoint

@@ -7,14 +7,12 @@ Every run draws a fresh seed (printed, and reproducible with PAL_TEST_SEED=...),
 to one lucky set of weights.
 """
 import json
-import os
-import random
 import shutil
 import socket
 
 import pytest
 import torch
-from conftest import shared_file
+from conftest import LLAMA_BASE, SEED, hf_gpt2, hf_llama, seeded, shared_file
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
@@ -23,39 +21,13 @@ import model as M  # noqa: E402
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SEED = int(os.environ.get("PAL_TEST_SEED", random.SystemRandom().randrange(2**31)))
-print(f"[test_model] seed {SEED} (rerun with PAL_TEST_SEED={SEED})")
-
-
-def seeded(offset=0):
-    torch.manual_seed(SEED + offset)
-    return torch.Generator().manual_seed(SEED + offset)
+# SEED (drawn per run, printed, PAL_TEST_SEED=... repeats it), seeded, LLAMA_BASE, hf_llama, hf_gpt2: conftest.py
 
 
 # ---------------------------------------------------------------------------------------------- tiny checkpoints
 
-LLAMA_BASE = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.1,
-                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 32}
-
-
-def hf_llama(path, offset=0, **over):
-    """A random transformers Llama saved with save_pretrained (safetensors) into `path`; returns the HF model."""
-    kw = {**LLAMA_BASE, **over}
-    seeded(offset)
-    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
-    m.save_pretrained(path)
-    return m
-
-
-def hf_gpt2(path, offset=0, **over):
-    kw = dict(vocab_size=150, n_positions=128, n_embd=48, n_layer=2, n_head=4, initializer_range=0.1, **over)
-    seeded(offset)
-    m = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kw)).eval()
-    m.save_pretrained(path)
-    return m
 
 
 def random_ids(V, B, T, offset=0):

@@ -15,6 +15,7 @@ from huggingface_hub.utils import hf_raise_for_status
 transformers = pytest.importorskip("transformers")
 
 import model as M  # noqa: E402
+from infra import hub  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ["model.py", "dpo.py", "data.py", "nli.py", "pal.py"]
@@ -237,7 +238,7 @@ def test_truncated_pytorch_model_bin_is_named(tmp_path):
 # ---------------------------------------------------------------------------------------------- hub fallback
 
 def fake_hub(monkeypatch, tmp_path, repo_files: dict[str, bytes]):
-    """M.snapshot_download replaced by one that 'downloads' the repo files matching allow_patterns into one
+    """hub.snapshot_download replaced by one that 'downloads' the repo files matching allow_patterns into one
     snapshot directory, as the real one does; returns the list of allow_patterns it was called with."""
     import fnmatch
     snap, calls = tmp_path / "snapshot", []
@@ -249,7 +250,7 @@ def fake_hub(monkeypatch, tmp_path, repo_files: dict[str, bytes]):
             if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
                 (snap / name).write_bytes(data)
         return str(snap)
-    monkeypatch.setattr(M, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return calls
 
@@ -259,15 +260,15 @@ def test_hub_fetches_pytorch_model_bin_only_when_there_are_no_safetensors(tmp_pa
     files = {p.name: p.read_bytes() for p in (tmp_path / "repo").iterdir()}
     calls = fake_hub(monkeypatch, tmp_path, files)
     ours = M.load_model("microsoft/tiny-dialogpt")
-    assert calls == [M.HUB_FILES, M.HUB_BIN_FILES]
+    assert calls == [hub.HUB_FILES, hub.HUB_BIN_FILES]
     ids = torch.randint(0, 150, (1, 9), generator=torch.Generator().manual_seed(SEED))
     with torch.no_grad():
         assert (ours(ids) - ref(ids).logits).abs().max() < 1e-5
 
     (tmp_path / "snapshot").rename(tmp_path / "old")          # a repo with both: the bin is never downloaded
     calls = fake_hub(monkeypatch, tmp_path, {**files, "model.safetensors": b"..."})
-    path = M.resolve_model_dir("owner/both")
-    assert calls == [M.HUB_FILES] and not (path / "pytorch_model.bin").exists()
+    path = hub.resolve_model_dir("owner/both")
+    assert calls == [hub.HUB_FILES] and not (path / "pytorch_model.bin").exists()
 
 
 def test_offline_hub_cache_holding_only_pytorch_model_bin(tmp_path, monkeypatch):
@@ -311,10 +312,10 @@ def test_gated_repo_says_accept_the_licence_and_log_in(monkeypatch):
     name = "meta-llama/Llama-3.1-8B"
     err = hub_error(403, f"https://huggingface.co/{name}/resolve/main/config.json", "GatedRepo")
     assert type(err).__name__ == "GatedRepoError"
-    monkeypatch.setattr(M, "snapshot_download", raising(err))
+    monkeypatch.setattr(hub, "snapshot_download", raising(err))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(PermissionError) as e:
-        M.resolve_model_dir(name)
+        hub.resolve_model_dir(name)
     msg = str(e.value)
     assert "is gated" in msg and f"https://huggingface.co/{name}" in msg
     assert "hf auth login" in msg and "HF_TOKEN" in msg
@@ -324,14 +325,14 @@ def test_401_without_a_token_suggests_logging_in(monkeypatch):
     name = "meta-llama/Llama-3.1-8B"
     err = hub_error(401, f"https://huggingface.co/api/models/{name}/revision/main")
     assert type(err).__name__ == "RepositoryNotFoundError"
-    monkeypatch.setattr(M, "snapshot_download", raising(err))
+    monkeypatch.setattr(hub, "snapshot_download", raising(err))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(M, "get_token", lambda: None)
+    monkeypatch.setattr(hub, "get_token", lambda: None)
     with pytest.raises(PermissionError, match="gated or private, or does not exist.*hf auth login"):
-        M.resolve_model_dir(name)
-    monkeypatch.setattr(M, "get_token", lambda: "hf_xxx")   # a token the hub refused: plainly not found
+        hub.resolve_model_dir(name)
+    monkeypatch.setattr(hub, "get_token", lambda: "hf_xxx")   # a token the hub refused: plainly not found
     with pytest.raises(FileNotFoundError, match="unknown model"):
-        M.resolve_model_dir(name)
+        hub.resolve_model_dir(name)
 
 
 # ---------------------------------------------------------------------------------------------- 6. no host syncs

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import shared_file, write_roberta_tokenizer
+from conftest import C, E, NEU, FakeNLI, shared_file, write_roberta_tokenizer
 
 import data
 import nli as N
@@ -197,27 +197,12 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match=r"word_embeddings\.weight has shape \(99, 32\).*\(100, 32\)"):
         N.load_classifier(tmp_path)
     (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
         N.load_classifier(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- C.score
-
-
-class FakeNLI:
-    """Known outputs: probabilities looked up by (premise, hypothesis); records the calls."""
-
-    def __init__(self, table):
-        self.table = table
-        self.calls = []
-
-    def predict(self, premises, hypotheses, batch_size=32):
-        self.calls.append((list(premises), list(hypotheses)))
-        return torch.tensor([self.table[(p, h)] for p, h in zip(premises, hypotheses)])
-
-
-C, NEU, E = [0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.3, 0.6]  # argmax: contradiction, neutral, entailment
-
+# FakeNLI (known outputs) and C, NEU, E (contradiction, neutral, entailment): conftest.py
 
 def test_c_score_hand_built():
     personas_a = ["i have two dogs .", "i like to ski .", "i am a nurse ."]

@@ -2,9 +2,10 @@
 hypothesis = response) and as Madotto et al. (2019) define it (sum), from one NLI pass."""
 import pytest
 
-import nli as N
 # FakeNLI: known outputs by (premise, hypothesis), every call recorded; C, NEU, E: contradiction, neutral, entailment
-from test_nli import C, E, NEU, FakeNLI
+from conftest import C, E, NEU, FakeNLI
+
+import nli as N
 
 PERSONAS_A = ["i have two dogs .", "i like to ski .", "i am a nurse ."]
 PERSONAS_B = ["i hate the snow .", "i am vegan ."]

@@ -3,13 +3,11 @@ stage's output is deleted, and what each baseline / ablation flag changes."""
 import dataclasses
 import io
 import json
-import os
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import shared_file
+from conftest import _args, _Recorder
 
 import data
 import model as modeling
@@ -17,31 +15,8 @@ import pal
 
 METRIC_KEYS = {"bleu1", "bleu2", "rouge_l", "entropy", "entropy1", "entropy2", "entropy3", "entropy4",
                "distinct1", "distinct2", "persona_coverage", "c_score", "c_score_sum", "n"}
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random GPT-2 in Hugging Face layout, next to GPT-2's real BPE files (linked, not copied)."""
-    tok_dir = shared_file("tokenizers/gpt2/encoder.json").parent
-    d = tmp_path_factory.mktemp("tiny-gpt2")
-    torch.manual_seed(0)
-    cfg = modeling.GPT2Config(vocab_size=50257, n_positions=1024, n_embd=32, n_layer=2, n_head=2)
-    modeling.save_model(modeling.build_model(cfg), d)
-    for f in ("encoder.json", "vocab.bpe"):
-        os.symlink(tok_dir / f, d / f)
-    return d
-
-
-@pytest.fixture(scope="module")
-def data_dir():
-    return str(shared_file("data/personachat/valid_self_original.txt").parent)
-
-
-def _args(run, model_dir, data_dir, *extra):
-    return ["--run-dir", str(run), "--model", str(model_dir), "--data-dir", data_dir, "--limit", "4",
-            "--sft-epochs", "1", "--sft-warmup", "1", "--batch-size", "2", "--dpo-steps", "2", "--dpo-warmup", "1",
-            "--eval-every", "1", "--eval-limit", "2", "--max-new-tokens", "5", "--select-max-new-tokens", "5",
-            "--gen-batch", "4", "--max-len", "256", *extra]
+# the fixtures tiny_model_dir (a tiny random GPT-2 with GPT-2's BPE files) and data_dir (PERSONA-CHAT), the
+# helpers _args (the tiny run's options) and _Recorder (stands in for dpo.train): conftest.py
 
 
 def _mtimes(run: Path) -> dict:
@@ -124,19 +99,6 @@ def test_every_run_option_is_declared_on_the_command_line(tmp_path):
     with pytest.raises(SystemExit):
         pal.main(["sft", "--run-dir", str(tmp_path / "r"), "--dtype", "fp8"])
     assert not (tmp_path / "r").exists()
-
-
-class _Recorder:
-    """Stands in for dpo.train: records what a stage asked to train."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, model, cfg, feats, collate, eval_fn=None, ref_model=None, export=True, export_files=None):
-        self.calls.append({"mode": cfg.mode, "feats": feats, "ref": ref_model, "out": cfg.out_dir})
-        final = Path(cfg.out_dir) / "final"
-        modeling.save_model(model, final)
-        return {"final_dir": final}
 
 
 @pytest.fixture

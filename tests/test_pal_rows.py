@@ -3,17 +3,18 @@ frozen, the weights it starts from, the prompts it trains on, and the prompts an
 
 Training is recorded (dpo.train is replaced by a recorder that exports the model untouched) and generation is
 scripted (model.generate answers "1" to a selection prompt and a fixed reply otherwise), so each row runs the real
-stages, loads and prompts in a few seconds on the tiny GPT-2 of test_pal.py."""
+stages, loads and prompts in a few seconds on the tiny GPT-2 of conftest.py (the fixture tiny_model_dir)."""
 import json
 from pathlib import Path
 
 import pytest
+# the fixtures tiny_model_dir and data_dir come from conftest.py
+from conftest import _args
 
 import data
 import dpo
 import model as modeling
 import pal
-from test_pal import _args, data_dir, tiny_model_dir  # noqa: F401  (fixtures)
 
 SELECT, REPLY, HISTORY = "Which single sentence", "Write your next reply.", "Continue the conversation"
 HIGHLIGHT = "Keep this in mind for your reply:"
@@ -54,9 +55,9 @@ class Recorder:
         return out
 
     def load(self, real):
-        def load_stage_model(weights, dtype, lora=None, trainable=False):
+        def load_stage_model(weights, dtype, lora=None, trainable=False, **kw):
             self.loads.append((str(weights), trainable))
-            return real(weights, dtype, lora, trainable)
+            return real(weights, dtype, lora, trainable, **kw)
         return load_stage_model
 
 

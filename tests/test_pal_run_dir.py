@@ -17,6 +17,7 @@ from conftest import ROOT, shared_file
 import data
 import model as modeling
 import pal
+from infra import rundir
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def _refused(capsys, argv, *expected):
 def test_a_second_process_on_the_run_directory_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, capsys):
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time, pal; from pathlib import Path; "
-                               f"lock = pal.RunLock(Path({str(run)!r})); print('locked', flush=True); time.sleep(60)"],
+                               f"from infra.rundir import RunLock; lock = RunLock(Path({str(run)!r})); print('locked', flush=True); time.sleep(60)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -70,7 +71,7 @@ def test_a_second_process_on_the_run_directory_is_refused_and_a_killed_one_leave
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    pal.RunLock(run).release()  # the kernel dropped the dead holder's lock: nothing stale to clean up
+    rundir.RunLock(run).release()  # the kernel dropped the dead holder's lock: nothing stale to clean up
 
 
 # ---- a run is what it says it is --------------------------------------------------------------------------------

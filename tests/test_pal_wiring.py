@@ -13,10 +13,11 @@ import json
 import re
 
 import pytest
+# the fixtures tiny_model_dir and data_dir come from conftest.py
+from conftest import _args, _Recorder
 
 import data
 import pal
-from test_pal import _args, _Recorder, data_dir, tiny_model_dir  # noqa: F401 (pytest fixtures)
 
 LIMIT = 6
 MAX_NEW, SELECT_MAX_NEW = 16, 8
@@ -108,7 +109,7 @@ class ValidatingRecorder(_Recorder):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, tiny_model_dir, data_dir):  # noqa: F811
+def pipeline(tmp_path_factory, tiny_model_dir, data_dir):
     """Every stage of a PAL run, one pal.main call each, with scripted generation and recorded training."""
     splits, _ = pal.load_data(data_dir, limit=LIMIT)
     examples = {(s, i): e for s in ("valid1", "valid2", "test") for i, e in enumerate(splits[s])}
@@ -271,7 +272,7 @@ class _Tokenizer:  # rouge-score's tokenizer interface
         return _ref_tokens(text)
 
 
-def test_evaluate_matches_nltk_and_rouge_score(tmp_path, tiny_model_dir):  # noqa: F811
+def test_evaluate_matches_nltk_and_rouge_score(tmp_path, tiny_model_dir):
     from nltk.translate.bleu_score import corpus_bleu
     from rouge_score import rouge_scorer
 

@@ -1,4 +1,4 @@
-"""The GPU presets' resolved settings against README's schedule table (issue 11): `PAL_DRY_RUN=1 bash train.sh P`
+"""The GPU presets' resolved settings against docs/schedules.md's table (issue 11): `PAL_DRY_RUN=1 bash train.sh P`
 prints the command a preset would run; global batches, DPO length and intervals are computed from it the way
 pal.py does (batch x accumulation x ranks) and compared with the table's numbers."""
 import os
@@ -12,11 +12,15 @@ from conftest import ROOT
 PRESETS = ["gpt2", "dialogpt", "gpt2-zh", "llama"]
 
 
-def readme_table() -> dict[str, dict[str, float]]:
-    """{setting: {preset: number}} from the table under "Schedules of the GPU presets"."""
-    text = (ROOT / "README.md").read_text()
-    block = text[text.index("### Schedules of the GPU presets"):]
-    rows = [line for line in block.split("\n\n", 3)[2].splitlines() if line.startswith("|")]
+def schedule_table() -> dict[str, dict[str, float]]:
+    """{setting: {preset: number}} from the table of docs/schedules.md (its header row starts with "| setting |")."""
+    lines = (ROOT / "docs" / "schedules.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| setting |"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
     header = [c.strip() for c in rows[0].strip("|").split("|")]
     table = {}
     for line in rows[2:]:
@@ -43,8 +47,8 @@ def resolved(preset: str) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_preset_settings_equal_readme_schedule_table(preset):
-    table, got = readme_table(), resolved(preset)
+def test_preset_settings_equal_schedule_table(preset):
+    table, got = schedule_table(), resolved(preset)
     assert set(table) == set(got), set(table) ^ set(got)
     for setting, values in table.items():
         assert got[setting] == pytest.approx(values[preset]), (preset, setting)

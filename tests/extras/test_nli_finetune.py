@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nli as N
-from data import byte_to_unicode
+from infra.tokfiles import byte_to_unicode
 from extras import nli_finetune as FT
 
 LABELS = {0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"}  # roberta-large-mnli's order and spelling

@@ -1,0 +1,107 @@
+"""Files that are never half written, and JSON / JSON-lines readers whose errors name the file and the line."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+
+class CheckpointError(ValueError):
+    """A file whose content is not what it should be: damaged JSON, a truncated checkpoint, shapes that do not fit."""
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary sibling of `path` for the caller to create a file or directory at; on success rename it onto
+    `path`, on error remove it. Readers see the old `path` or the complete new one, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{os.urandom(4).hex()}-{path.name}")
+    try:
+        yield tmp
+        if path.is_dir() and tmp.is_dir():  # rename() cannot replace a non-empty directory: move it aside
+            old = path.with_name(f".old-{os.getpid()}-{os.urandom(4).hex()}-{path.name}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path, text: str) -> None:
+    """A text file written atomically (UTF-8)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path, obj) -> None:
+    """A JSON file written atomically (indent 2, UTF-8 as is)."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in `path`; an empty file, invalid JSON or another JSON value is a CheckpointError naming it."""
+    raw = Path(path).read_bytes()
+    if not raw.strip():
+        raise CheckpointError(f"{path}: empty file ({len(raw)} bytes; an interrupted download or write?)")
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # re-raised naming the file
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file (blank lines skipped); a bad line is one error naming path:line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not a JSON line ({e}): {line[:80]!r}") from None
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """A JSON-lines file written atomically."""
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """One JSON line appended (a training log)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+class JsonlWriter:
+    """Appends rows to PATH.partial and renames it to PATH when complete, so a finished file is never half
+    written and an interrupted run resumes after the last complete line (done_rows)."""
+
+    def __init__(self, path: Path):
+        self.path, self.partial = path, path.with_name(path.name + ".partial")
+        self.done_rows = []
+        if self.partial.exists():  # keep the complete lines of an interrupted run
+            lines = self.partial.read_text(encoding="utf-8").split("\n")[:-1]  # the last piece: cut mid-write
+            self.done_rows = [json.loads(line) for line in lines if line.strip()]
+            self.partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.done_rows),
+                                    encoding="utf-8")
+        self.f = open(self.partial, "a", encoding="utf-8")
+
+    def write(self, row: dict):
+        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.f.flush()
+
+    def finish(self):
+        self.f.close()
+        os.replace(self.partial, self.path)

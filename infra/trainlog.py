@@ -1,0 +1,59 @@
+"""Training logs: sums kept on the device between log lines (reading a value off a GPU makes the CPU wait for
+all the work queued there), and the record of one log line, averaged over every rank."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from infra.dist import sum_across
+
+
+@dataclass
+class RunningSums:
+    """Sums since the last log line. The loss is normalized by `units`: sequences, pairs, or target tokens.
+    Values the device computes stay there (detached float64, 0-d; 0.0 until the first micro-step): reading one makes
+    the CPU wait until the GPU has run all it was given, so only log_record reads them."""
+    loss: torch.Tensor | float = 0.0
+    units: float = 0.0
+    correct: torch.Tensor | float = 0.0  # DPO: pairs whose chosen reward beats the rejected one
+    margin: torch.Tensor | float = 0.0  # DPO: chosen reward - rejected reward
+    chosen: torch.Tensor | float = 0.0
+    rejected: torch.Tensor | float = 0.0
+    real_tokens: int = 0  # this rank's input tokens, from the features' lengths
+    padded_tokens: int = 0  # the same with the padding the model ran over
+    since: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def add_rewards(self, chosen: torch.Tensor, rejected: torch.Tensor):
+        self.correct += (chosen > rejected).sum().double()
+        self.margin += (chosen - rejected).sum().double()
+        self.chosen += chosen.sum().double()
+        self.rejected += rejected.sum().double()
+
+    def add_batch(self, loss_sum: torch.Tensor, features: list[dict], rows: list[int], batch: dict, dpo: bool):
+        keys = ("chosen_input_ids", "rejected_input_ids") if dpo else ("input_ids",)
+        self.loss += loss_sum.detach().double()
+        self.real_tokens += sum(len(features[i][k]) for i in rows for k in keys)
+        self.padded_tokens += len(rows) * len(keys) * max(batch[k].shape[1] for k in keys)  # DPO halves: one width
+
+
+def log_record(sums: RunningSums, step: int, lr: float, grad_norm: torch.Tensor | None, device: torch.device,
+               steps_per_epoch: int, dpo: bool) -> dict:
+    """One log line: the running sums of every rank, averaged over the units they were normalized by; the share of
+    real (not padding) tokens in what the model ran. The one place the training loop reads values off the device."""
+    names = ("loss", "correct", "margin", "chosen", "rejected", "real_tokens", "padded_tokens")
+    t = torch.stack([torch.as_tensor(getattr(sums, k), dtype=torch.float64, device=device) for k in names])
+    sum_across(t)  # units is the same on every rank: only the other sums are added up
+    s = dict(zip(names, t.tolist()))
+    grad_norm = None if grad_norm is None else grad_norm.item()  # the same on every rank (after DDP's all-reduce)
+    seconds = max(time.perf_counter() - sums.since, 1e-9)  # after the reads: the GPU has done the work it was given
+    n = max(sums.units, 1)
+    rec = {"step": step, "epoch": step / max(steps_per_epoch, 1), "lr": lr, "loss": s["loss"] / n,
+           "grad_norm": grad_norm, "tokens_per_s": s["padded_tokens"] / seconds,
+           "real_token_share": s["real_tokens"] / max(s["padded_tokens"], 1)}
+    if dpo:
+        rec.update(reward_accuracy=s["correct"] / n, reward_margin=s["margin"] / n,
+                   chosen_reward=s["chosen"] / n, rejected_reward=s["rejected"] / n)
+    return rec
