@@ -705,7 +705,8 @@ def save_soft_prompt(model: nn.Module, out_dir):
 def load_soft_prompt(model: nn.Module, adapter_dir) -> list[int]:
     """Give `model` the prompt vectors of a saved adapter directory (their width must be the model's); returns their
     virtual ids."""
-    vectors = read_prompt_adapter(adapter_dir, model.config.n_embd if model.family == "gpt2" else model.config.hidden_size)
+    width = model.config.n_embd if model.family == "gpt2" else model.config.hidden_size
+    vectors = read_prompt_adapter(adapter_dir, width)
     ids = add_soft_prompt(model, vectors.shape[0], [0])
     with torch.no_grad():
         model.soft_prompt.vectors.copy_(vectors)

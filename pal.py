@@ -575,7 +575,6 @@ def validation_score(rows: list[dict], lang: str, nli_model=None) -> dict:
     return s
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # 3. The variants, and the options of a run
 # ----------------------------------------------------------------------------------------------------------
@@ -732,7 +731,6 @@ def check_model_fits(cfg: RunConfig):
         raise ValueError(f"--max-len {cfg.max_len}: the model {cfg.model} has {positions} positions")
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # 4. Chat, and the paper's tables
 # ----------------------------------------------------------------------------------------------------------
@@ -868,7 +866,6 @@ def stage_table(run_dirs: list[str], examples: int = 0):
                 if k < len(rs):
                     picked = f" [{rs[k]['selected_persona'] or 'no persona'}]" if rs[k]["selection_output"] else ""
                     print(f"  {name}{picked}: {rs[k]['response']}")
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1273,6 +1270,7 @@ def input_files(cfg: RunConfig) -> list[Path]:
     files = list(data.split_files(cfg.data_dir, variant)[1].values()) if cfg.data_dir else []
     local_model = Path(cfg.model or "") / "config.json"
     return files + ([local_model] if cfg.model and local_model.is_file() else [])
+
 
 def stage_runs(cfg: RunConfig, stage: str) -> bool:
     """False for a stage the variant does without (no SFT: zero-shot; no pairs or DPO without DPO alignment)."""

@@ -69,7 +69,8 @@ def download_personachat(data_dir, url: str = PERSONACHAT_URL, sha256: str | Non
     The download and extraction happen in a temporary directory inside data_dir (same filesystem): the download
     is hashed as it streams, its size checked against `size` and the server's Content-Length, its sha256
     against `sha256`; then the directory that holds the *_self_*.txt files is renamed into place in one step
-    (infra/files.py, atomic_path). On any failure nothing is left behind: data_dir never holds a half file, and a data_dir
+    (infra/files.py, atomic_path). On any failure nothing is left behind: data_dir never holds a half file, and a
+    data_dir
     this call created is removed again. Returns the directory with the files."""
     data_dir = Path(data_dir)
     for cand in (data_dir, data_dir / name):

@@ -338,8 +338,7 @@ def convert_gguf_to_hf(gguf_path, out_dir) -> Path:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt", "source": gguf_path.name})
         write_json(tmp / "config.json", config)
         write_json(tmp / "generation_config.json",
-                            {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                             if config[k] is not None})
+                   {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None})
         write_json(tmp / "tokenizer.json", tok_json)
         write_json(tmp / "tokenizer_config.json", tok_config)
         write_json(tmp / "special_tokens_map.json", special)

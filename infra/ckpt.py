@@ -62,7 +62,8 @@ def save(out_dir: Path, step: int, tensors: dict[str, torch.Tensor], state: dict
     if rank == 0:
         with atomic_path(out_dir / name) as tmp:
             tmp.mkdir()
-            save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(tmp / "trainable.safetensors"))
+            save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()},
+                      str(tmp / "trainable.safetensors"))
             torch.save(state, tmp / "trainer.pt")
     barrier()
     with atomic_path(out_dir / name / f"rng-rank{rank}.pt") as tmp:

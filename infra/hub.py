@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from infra.files import CheckpointError, read_json
 
+
 def hf_cache_dir() -> Path:
     """Hugging Face's hub cache, read from the environment now (huggingface_hub reads it once, at import)."""
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")

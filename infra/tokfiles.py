@@ -145,7 +145,8 @@ def _bpe_roles(specials: dict[str, int], cfg: dict, model_type: str | None) -> d
         bos, eos, pad = bos or "<s>", eos or "</s>", pad or "<pad>"
     elif "<|begin_of_text|>" in specials:                        # Llama 3
         bos, eos = bos or "<|begin_of_text|>", eos or "<|end_of_text|>"
-        pad = pad if pad in specials else "<|finetune_right_pad_id|>" if "<|finetune_right_pad_id|>" in specials else eos
+        right_pad = "<|finetune_right_pad_id|>"
+        pad = pad if pad in specials else right_pad if right_pad in specials else eos
     elif "<|im_start|>" in specials:                             # SmolLM2: eos is <|im_end|>, pad = eos
         bos, eos = bos or "<|im_start|>", eos or "<|im_end|>"
     else:                                                        # GPT-2 / DialoGPT: <|endoftext|> everywhere

@@ -12,7 +12,7 @@ import socket
 
 import pytest
 import torch
-from conftest import LLAMA_BASE, SEED, hf_gpt2, hf_llama, seeded, shared_file
+from conftest import LLAMA_BASE, SEED, hf_gpt2, hf_llama, seeded, shared_file, tiny_llama
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
@@ -558,3 +558,21 @@ def test_save_model_bf16(tmp_path):
     for k, v in ref.state_dict().items():
         if k in sd_ours:
             assert torch.equal(v, sd_ours[k]), k
+
+
+def test_lora_initialisation_follows_its_seed_whatever_ran_before():
+    """add_lora(seed=s) draws every A from its own generator: the same seed gives the same adapters after any use of
+    the global random stream (two runs of one command are identical), another seed other adapters; the global
+    stream is left as it was."""
+    def adapters(seed, burn):
+        torch.manual_seed(burn)
+        torch.rand(burn)  # whatever ran before: model loading, data shuffling
+        m = tiny_llama()
+        state = torch.get_rng_state()
+        M.add_lora(m, r=4, alpha=8, seed=seed)
+        assert torch.equal(torch.get_rng_state(), state)
+        return {k: v.clone() for k, v in M.lora_state_dict(m).items()}
+
+    a, again, other = adapters(7, 1), adapters(7, 123), adapters(8, 1)
+    assert all(torch.equal(a[k], again[k]) for k in a)
+    assert all(not torch.equal(a[k], other[k]) for k in a if k.endswith("lora_A"))

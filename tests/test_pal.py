@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
 
 from conftest import _args, _Recorder
 
@@ -208,3 +210,15 @@ def test_chat_in_the_terminal(tmp_path, tiny_model_dir, data_dir, capsys):
     out = capsys.readouterr().out
     assert "- i love dogs ." in out and "- i work at a bank ." in out
     assert out.count("bot>") == 2 and out.count("[persona:") == 2
+
+
+def test_the_same_command_twice_gives_the_same_lora_run(tmp_path, tiny_model_dir, data_dir):
+    """Two runs of one command (LoRA SFT, then DPO) in two run directories: the exported adapters are equal to the
+    bit, and so are the replies. Before add_lora took --seed, A came from whatever the global stream held."""
+    for name in ("a", "b"):
+        torch.manual_seed(len(name) * 1000 + ord(name))  # the process's random stream differs between the runs
+        pal.main(["all", *_args(tmp_path / name, tiny_model_dir, data_dir, "--lora-r", "4", "--seed", "3")])
+    for stage in ("sft", "dpo"):
+        a, b = (safetensors.torch.load_file(tmp_path / n / stage / "final" / "adapter.safetensors") for n in "ab")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
+    assert (tmp_path / "a" / "generations.jsonl").read_text() == (tmp_path / "b" / "generations.jsonl").read_text()
