@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, shared_file
+from conftest import ROOT, _args, shared_file
 
 import data
 import model as modeling
@@ -32,18 +32,6 @@ def tiny_model_dir(tmp_path_factory):
     os.symlink(tok_dir / "encoder.json", d / "vocab.json")
     os.symlink(tok_dir / "vocab.bpe", d / "merges.txt")
     return d
-
-
-@pytest.fixture(scope="module")
-def data_dir():
-    return str(shared_file("data/personachat/valid_self_original.txt").parent)
-
-
-def _args(run, model_dir, data_dir, *extra):
-    return ["--run-dir", str(run), "--model", str(model_dir), "--data-dir", str(data_dir), "--limit", "4",
-            "--sft-epochs", "1", "--sft-warmup", "1", "--batch-size", "2", "--dpo-steps", "2", "--dpo-warmup", "1",
-            "--eval-every", "1", "--eval-limit", "2", "--max-new-tokens", "5", "--select-max-new-tokens", "5",
-            "--gen-batch", "4", "--max-len", "256", *extra]
 
 
 def _refused(capsys, argv, *expected):
