@@ -81,3 +81,9 @@ def test_core_files_leave_files_hub_locks_and_process_groups_to_infra(name):
 def test_extras_are_imported_by_no_core_or_infra_file():
     for path in [ROOT / f"{name}.py" for name in CORE] + list((ROOT / "infra").glob("*.py")):
         assert "extras" not in roots(imports(path)), path
+
+
+def test_no_test_file_imports_another():
+    """Helpers and fixtures that several test files share live in tests/conftest.py."""
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        assert not {n for n in imports(path) if n.split(".")[0].startswith("test_")}, path

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, _args, shared_file
+from conftest import ROOT, _args, collate_sft, sft_features, shared_file, tiny_gpt2
 
 import data
+import dpo
 import model as modeling
 import pal
 from infra import rundir
@@ -340,8 +341,6 @@ def test_dpo_only_lora_on_the_chosen_layers_and_per_stage_accumulation(tmp_path)
 
 
 def test_export_best_false_exports_the_last_weights_not_the_best_validated(tmp_path):
-    import dpo
-    from test_dpo_train import collate_sft, sft_features, tiny_gpt2
     runs = {}
     for keep_best in (True, False):
         m = tiny_gpt2(dropout=0.0)
