@@ -309,7 +309,7 @@ class NLIClassifier:
 
 
 def load_nli(name_or_path, dtype=torch.float32, device="cpu", label_names: list[str] | None = None) -> NLIClassifier:
-    """NLIClassifier from a local directory or a hub id (e.g. "roberta-large-mnli", via model.resolve_model_dir)
+    """NLIClassifier from a local directory or a hub id (e.g. "roberta-large-mnli", via infra.hub.resolve_model_dir)
     holding config.json, the weights and RoBERTa's tokenizer files. label_names overrides config.json's
     id2label when it is generic (LABEL_0, ...)."""
     d = resolve_model_dir(name_or_path)

@@ -315,8 +315,8 @@ def convert_gguf_to_hf(gguf_path, out_dir) -> Path:
     `load_model(..., dtype=torch.bfloat16)` casts while loading when half the memory is wanted.
 
     The directory is built under a temporary name beside out_dir and renamed into place at the end
-    (model.atomic_path), so a crash never leaves a half-written directory that looks complete. An existing out_dir
-    is replaced.
+    (infra/files.py, atomic_path), so a crash never leaves a half-written directory that looks complete. An
+    existing out_dir is replaced.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
