@@ -146,12 +146,9 @@ def test_resume_on_the_gpu_continues_the_run(tmp_path):
 # ---- the pipeline on tiny models: a byte-level tokenizer written here and the repo's samples/ dialogues --------
 
 def _byte_tokenizer(d):
-    """GPT-2's byte-level BPE with no merges: one token per byte (GPT-2's printable stand-ins), then <|endoftext|>.
-    Returns the vocabulary size (257)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in keep]  # control bytes and the like: chr(256 + k), in byte order
-    symbol = {**{b: chr(b) for b in keep}, **{b: chr(256 + k) for k, b in enumerate(others)}}
-    vocab = {symbol[b]: b for b in range(256)}
+    """GPT-2's byte-level BPE with no merges: one token per byte, then <|endoftext|>. Returns the vocabulary size."""
+    from infra.tokfiles import byte_to_unicode  # GPT-2's printable stand-in of each byte
+    vocab = {ch: b for b, ch in byte_to_unicode().items()}
     vocab["<|endoftext|>"] = 256
     (d / "vocab.json").write_text(json.dumps(vocab))
     (d / "merges.txt").write_text("#version: 0.2\n")
