@@ -98,8 +98,8 @@ def test_lora_plus_groups_B_at_ratio_times_lr_as_peft_does(tmp_path, family):
     groups = dpo.param_groups(ours, lr, ratio)
     assert sorted((g["lr"], tuple(p.shape)) for g in groups for p in g["params"]) == expected
     by_id = {id(p): n for n, p in ours.named_parameters()}
-    assert [sorted({by_id[id(p)].rsplit(".", 1)[1] for p in g["params"]}) for g in groups] == [["lora_A"],
-                                                                                                ["lora_B"]]
+    kinds = [sorted({by_id[id(p)].rsplit(".", 1)[1] for p in g["params"]}) for g in groups]
+    assert kinds == [["lora_A"], ["lora_B"]]
     assert [g["lr"] for g in groups] == [lr, lr * ratio]
     # ratio 1: one group holding every trainable parameter (the optimizer, and checkpoints, as before LoRA+)
     (one,) = dpo.param_groups(ours, lr, 1.0)
