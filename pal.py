@@ -1303,6 +1303,8 @@ def stage_options(cfg: RunConfig, stage: str) -> dict:
     own = STAGE_OPTIONS[stage] if stage != "sft" or cfg.switches()["tasks"] != "none" else DATA_OPTIONS
     if value["tune"] != "prompt":  # the soft prompt's settings shape nothing else
         own = [k for k in own if k not in ("prompt_tokens", "prompt_lr")]
+    if not (value["lora_r"] and value["tasks"] != "none" and value["tune"] == "weights"):  # no SFT adapters
+        own = [k for k in own if k != "dpo_adapters"]
     return {**inherited, **{k: value[k] for k in own}}
 
 
