@@ -83,8 +83,8 @@ def test_dpo_continues_the_sft_adapters_and_its_reference_is_the_model_that_wrot
     assert (rebuilt - wrote).abs().max() > 0  # and DPO did train them
 
 
-def test_fresh_adapters_on_the_merged_sft_weights_remain_an_option(tmp_path, tiny_model_dir, data_dir, monkeypatch,
-                                                                    one_thread):
+def test_fresh_adapters_on_the_merged_sft_weights_remain_an_option(
+        tmp_path, tiny_model_dir, data_dir, monkeypatch, one_thread):
     run, seen = run_lora(tmp_path, tiny_model_dir, data_dir, monkeypatch, "--dpo-adapters", "fresh")
     assert not seen["cfg"].reference_adapters  # the reference: the policy with its (fresh) adapters off
     assert all(torch.count_nonzero(t) == 0 for k, t in seen["adapters"].items() if k.endswith("lora_B"))
@@ -96,10 +96,9 @@ def test_fresh_adapters_on_the_merged_sft_weights_remain_an_option(tmp_path, tin
     torch.testing.assert_close(seen["start"], wrote, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("lora_r, flags, refused", [(4, ["--dpo-adapters", "fresh"], False), (4, [], True),
-                                                    (0, [], False)])
-def test_a_dpo_stage_recorded_before_the_option_resumes_as_it_was_built(tmp_path, tiny_model_dir, data_dir, lora_r,
-                                                                         flags, refused):
+@pytest.mark.parametrize("lora_r, given, refused", [(4, "fresh", False), (4, None, True), (0, None, False)])
+def test_a_dpo_stage_recorded_before_the_option_resumes_as_it_was_built(
+        tmp_path, tiny_model_dir, data_dir, lora_r, given, refused):
     """A DPO stage recorded before --dpo-adapters existed trained fresh adapters. After LoRA SFT, resuming it with
     fresh is accepted and with the new default (continue) refused, naming the option; after full SFT the option
     changes nothing and is not asked for."""
@@ -107,10 +106,12 @@ def test_a_dpo_stage_recorded_before_the_option_resumes_as_it_was_built(tmp_path
                                          "dpo_lora_r": 4})
     old = {k: v for k, v in pal.stage_options(cfg, "dpo").items() if k not in pal.ADDED_LATER}
     records = {"dpo": {"options": old, "started": "then"}}
-    now = pal.stage_options(pal.load_run_config(tmp_path, {**vars(cfg), "dpo_adapters": flags[1] if flags else None}),
-                            "dpo")
-    check = lambda: rundir.check_records(tmp_path, records, {"dpo": now}, {"dpo": False}, pal.STAGE_PATHS, False,
-                                         pal.RESUME_ONLY, pal.ADDED_LATER)  # noqa: E731
+    now = pal.stage_options(pal.load_run_config(tmp_path, {**vars(cfg), "dpo_adapters": given}), "dpo")
+
+    def check():
+        rundir.check_records(tmp_path, records, {"dpo": now}, {"dpo": False}, pal.STAGE_PATHS, False,
+                             pal.RESUME_ONLY, pal.ADDED_LATER)
+
     if refused:
         with pytest.raises(ValueError, match="--dpo-adapters: 'fresh' then, 'continue' now"):
             check()
