@@ -531,8 +531,9 @@ def train(model: nn.Module, cfg: TrainConfig, train_features: list[dict], collat
     """Train `model` in place on `train_features` (encoded dicts of lists) batched by `collate` into
     {"input_ids", "labels"} (B, T) for SFT, or {"chosen_input_ids", "chosen_labels", "rejected_input_ids",
     "rejected_labels"} for DPO, whose reference is `ref_model` (a frozen copy) or, when None, the policy with
-    LoRA off. eval_fn(model) -> score (or a dict with "score"; higher is better) runs on rank 0 every
-    cfg.eval_every steps and drives the best checkpoint and early stopping. Under torchrun it starts the process
+    LoRA off (with cfg.reference_adapters: the policy as it starts, adapters on). eval_fn(model) -> score (or a
+    dict with "score"; higher is better) runs on rank 0 every cfg.eval_every steps and drives the best checkpoint
+    and early stopping. Under torchrun it starts the process
     group itself. The exported model (out_dir/final) gets export_files(dir)'s files too. Returns {"step",
     "best_score", "best_dir", "final_dir", "stopped_early"}."""
     run = set_up(model, cfg, len(train_features), ref_model)
