@@ -229,13 +229,15 @@ def nonempty(rows: list, what: str) -> list:
 
 def load_stage_model(weights, dtype: str, lora: tuple | None = None, trainable: bool = False, seed: int = 0):
     """A model directory (the base, or a stage's exported weights) in `dtype`, for generation or, with
-    trainable=True, for training: fresh LoRA adapters (lora = (r, alpha, dropout, "q,v,...")) or every weight."""
+    trainable=True, for training: fresh LoRA adapters (lora = (r, alpha, dropout, "q,v,...", A's init)) or every
+    weight."""
     if isinstance(weights, Path) and not weights.exists():  # a stage's output, not a base model
         raise FileNotFoundError(f"{weights} does not exist: run the stage that writes it first (`pal.py all` runs "
                                 "every stage in order)")
     m = modeling.load_model(weights, dtype=DTYPES[dtype], device=local_device())
     if trainable and lora:
-        modeling.add_lora(m, r=lora[0], alpha=lora[1], dropout=lora[2], targets=lora[3].split(","), seed=seed)
+        modeling.add_lora(m, r=lora[0], alpha=lora[1], dropout=lora[2], targets=lora[3].split(","), seed=seed,
+                          init=lora[4])
     elif trainable:
         m.requires_grad_(True)
     return m
@@ -247,15 +249,30 @@ def lora_rank(cfg: RunConfig, stage: str) -> int:
 
 
 def trainable_model(cfg: RunConfig, weights, stage: str = "sft", prompt_init: list[int] = ()):
-    """The model a training stage updates: every weight, fresh LoRA adapters, or (prompt tuning, SFT only) a soft
-    prompt started from the embeddings of `prompt_init` with every weight frozen."""
+    """The model a training stage updates: every weight, fresh LoRA adapters, the adapters of a LoRA export
+    (continued_adapters), or (prompt tuning, SFT only) a soft prompt started from the embeddings of `prompt_init`
+    with every weight frozen."""
     if stage == "sft" and cfg.switches()["tune"] == "prompt":
         m = load_stage_model(weights, cfg.dtype)
         modeling.add_soft_prompt(m, cfg.prompt_tokens, list(prompt_init))
         return m
     r = lora_rank(cfg, stage)
-    return load_stage_model(weights, cfg.dtype, (r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) if r
-                            else None, trainable=True, seed=cfg.seed)
+    if continued_adapters(cfg, weights, stage):
+        noted = exports.read_adapter_base(weights)
+        m = load_stage_model(noted["base"], cfg.dtype)
+        modeling.add_lora(m, r=noted["r"], alpha=noted["alpha"], dropout=cfg.lora_dropout,
+                          targets=noted["targets"].split(","))
+        modeling.load_lora(m, weights / "adapter.safetensors")  # add_lora left them (and only them) trainable
+        return m
+    return load_stage_model(weights, cfg.dtype, (r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
+                                                 cfg.lora_init) if r else None, trainable=True, seed=cfg.seed)
+
+
+def continued_adapters(cfg: RunConfig, weights, stage: str) -> bool:
+    """Does the DPO stage go on training the LoRA adapters its start weights were exported with (the SFT model's,
+    on their base: the model that wrote the pairs, unrounded), rather than fresh ones on the merged export?"""
+    noted = exports.read_adapter_base(weights) if isinstance(weights, Path) and weights.exists() else None
+    return stage == "dpo" and cfg.dpo_adapters == "continue" and noted is not None and lora_rank(cfg, "dpo") > 0
 
 
 def generation_model(cfg: RunConfig, weights):
@@ -275,7 +292,12 @@ def generation_model(cfg: RunConfig, weights):
 
 
 def note_adapter_base(out: Path, base, cfg: RunConfig, stage: str = "sft"):
-    """Beside a LoRA stage's adapters, the weights they were trained on (generation_model rebuilds from both)."""
+    """Beside a LoRA stage's adapters, the weights they were trained on (generation_model rebuilds from both).
+    Continued adapters belong on the base of the adapters they continue."""
+    if continued_adapters(cfg, base, stage):
+        noted = exports.read_adapter_base(base)
+        exports.note_adapter_base(out, noted["base"], noted["r"], noted["alpha"], noted["targets"])
+        return
     exports.note_adapter_base(out, base, lora_rank(cfg, stage), cfg.lora_alpha, cfg.lora_targets)
 
 
@@ -393,6 +415,7 @@ def train_config(cfg: RunConfig, mode: str, out_dir: Path, n_features: int) -> d
     common = dict(out_dir=str(out_dir), batch_size=cfg.batch_size, grad_accum=grad_accum(cfg, mode),
                   precision=cfg.precision, seed=cfg.seed, resume=True, save_every=cfg.save_every,
                   save_minutes=cfg.save_minutes, log_every=cfg.log_every, logps=cfg.logps,
+                  lora_plus_ratio=cfg.lora_plus_ratio, grad_clip=cfg.grad_clip or None,
                   group_by_length=True)  # batches of similar lengths: far less padding, the same exact resume
     if mode == "sft":
         lr = cfg.prompt_lr if cfg.switches()["tune"] == "prompt" else cfg.sft_lr
@@ -467,9 +490,14 @@ def stage_dpo(cfg: RunConfig, run: Path):
     tok = load_tokenizer(cfg.model)
     mode = training_prompt(cfg.switches())
     policy = trainable_model(cfg, sft_weights(cfg, run), "dpo")
-    ref = None
-    if align == "dpo" and not lora_rank(cfg, "dpo"):  # full fine-tuning: the reference is a frozen SFT copy
+    # The reference is the SFT model. Full fine-tuning: a frozen copy of it. Fresh LoRA adapters on the SFT weights:
+    # the policy with its adapters off. Continued SFT adapters: the policy as it starts, its log-probs cached
+    # before the first step (switching the adapters off would leave the base model, the authors' reference).
+    ref, continued = None, continued_adapters(cfg, sft_weights(cfg, run), "dpo")
+    if align == "dpo" and not lora_rank(cfg, "dpo"):
         ref = load_stage_model(sft_weights(cfg, run), cfg.dtype)  # in the policy's dtype, not gen_dtype
+    if continued:
+        say("dpo: the SFT adapters go on training on their base; reference = base + SFT adapters, frozen")
     val = splits["valid2"][: cfg.eval_limit]
     nli_model = load_nli(cfg.nli) if is_rank0() else None  # rank 0 scores the validation rows
     context = prompt_context(cfg, policy, tok, splits, lang)
@@ -487,7 +515,7 @@ def stage_dpo(cfg: RunConfig, run: Path):
         say(f"dpo: {len(feats)} pairs; {stats.summary()}")
         nonempty(feats, f"pairs fit --max-len {cfg.max_len} ({stats.summary()})")
         collate = lambda fs: data.collate_dpo(fs, tok.pad_id)
-        tcfg = train_config(cfg, "dpo", run / "dpo", len(feats))
+        tcfg = dataclasses.replace(train_config(cfg, "dpo", run / "dpo", len(feats)), reference_adapters=continued)
     else:  # w/o PC: the same Valid#1 examples, gold responses only, plain SFT
         feats = data.sft_features(tok, splits["valid1"], mode, lang, cfg.max_len)[0]
         collate = lambda fs: data.collate_sft(fs, tok.pad_id)
@@ -652,7 +680,17 @@ class RunConfig:
     lora_r: int = option(0, int, "LoRA rank; 0 = full fine-tuning", low=0)
     lora_alpha: float = option(16.0, float, "LoRA alpha", above=0)
     lora_dropout: float = option(0.05, float, "LoRA dropout", low=0, high=0.9)
-    lora_targets: str = option("q,k,v,o,mlp", str, "layers LoRA wraps, comma-separated from q k v o mlp")
+    lora_targets: str = option("q,k,v,o,mlp", str, "layers LoRA wraps, comma-separated from q k v o mlp (GPT-2's "
+                               "q, k and v are one matrix, c_attn); PEFT's defaults: q,v (Llama), q,k,v (GPT-2)")
+    lora_init: str = option("kaiming", modeling.LORA_INITS, "LoRA A's init: nn.Linear's (kaiming) or N(0, 1/r^2) "
+                            "(gaussian, the authors')")
+    lora_plus_ratio: float = option(1.0, float, "LoRA+: the B matrices learn at this times the learning rate (1: "
+                                    "off; the authors' 16)", above=0)
+    dpo_adapters: str = option("continue", ("continue", "fresh"), "DPO after LoRA SFT: go on training the SFT "
+                               "adapters on their base (the model that wrote the pairs) or fresh ones on the merged "
+                               "SFT weights")
+    grad_clip: float = option(1.0, float, "max gradient norm of a training step (0: no clipping; the authors' 10)",
+                              low=0)
     dpo_lora_r: int | None = option(None, int, "LoRA rank of the DPO stage alone (default: --lora-r); the authors' "
                                     "GPT-2: full SFT, then DPO with LoRA", low=0)
     # SFT (paper: lr 2e-5, 100 warmup steps, 10 epochs)
@@ -718,6 +756,9 @@ def check_options(cfg: RunConfig):
     if sw["tune"] == "prompt" and (sw["tasks"] == "none" or sw["align"] != "none"):
         raise ValueError(f"--tune prompt: prompt tuning trains a soft prompt in the SFT stage and nothing after it; "
                          f"it needs SFT tasks (not --tasks {sw['tasks']}) and --align none (not {sw['align']})")
+    if cfg.dpo_adapters == "continue" and cfg.lora_r and cfg.dpo_lora_r not in (None, 0, cfg.lora_r):
+        raise ValueError(f"--dpo-lora-r {cfg.dpo_lora_r}: --dpo-adapters continue trains the SFT adapters (rank "
+                         f"--lora-r {cfg.lora_r}) on; use one rank or --dpo-adapters fresh")
     if cfg.precision == "fp16" and cfg.dtype == "fp16" and not cfg.lora_r:  # loss scaling needs fp32 masters
         raise ValueError("--precision fp16 with --dtype fp16: fp16 loss scaling needs fp32 trainable weights; use "
                          "--dtype fp32 (autocast computes in fp16) or LoRA (--lora-r, adapters stay fp32)")
@@ -1218,21 +1259,23 @@ OUTPUTS = {"sft": "sft/final", "pairs": "pairs.jsonl", "dpo": "dpo/final", "pred
 # for a stage that has started or finished is refused, so one run never mixes two settings. Options that change
 # nothing but speed or bookkeeping (gen_batch, log_every, save_every, save_minutes, logps) are not listed.
 DATA_OPTIONS = ("model", "data_dir", "personas", "history_turns", "lang", "limit", "labels", "seed", "max_len")
-TRAIN_OPTIONS = ("dtype", "precision", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "batch_size",
-                 "grad_accum")
+TRAIN_OPTIONS = ("dtype", "precision", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_init",
+                 "lora_plus_ratio", "grad_clip", "batch_size", "grad_accum")
 STAGE_OPTIONS = {
     "sft": DATA_OPTIONS + TRAIN_OPTIONS + ("tasks", "fmt", "select_ratio", "select_none_ratio", "sft_lr",
                                            "sft_epochs", "sft_warmup", "sft_reduction", "sft_keep", "eval_limit",
                                            "tune", "prompt_tokens", "prompt_lr"),
     "pairs": ("gen_dtype", "max_new_tokens"),
-    "dpo": TRAIN_OPTIONS + ("dpo_lora_r", "dpo_grad_accum", "align", "strategy", "dpo_lr", "dpo_beta", "dpo_steps",
-                            "dpo_epochs", "dpo_warmup", "eval_every", "patience", "eval_limit", "nli", "gen_dtype",
-                            "max_new_tokens", "select_max_new_tokens", "shots"),
+    "dpo": TRAIN_OPTIONS + ("dpo_lora_r", "dpo_adapters", "dpo_grad_accum", "align", "strategy", "dpo_lr",
+                            "dpo_beta", "dpo_steps", "dpo_epochs", "dpo_warmup", "eval_every", "patience",
+                            "eval_limit", "nli", "gen_dtype", "max_new_tokens", "select_max_new_tokens", "shots"),
     "predict": ("from_run", "strategy", "shots", "gen_dtype", "max_new_tokens", "select_max_new_tokens"),
     "evaluate": ("nli", "metrics_compat"),
 }
 RESUME_ONLY = {"dpo": ("nli",)}  # DPO's validation scorer: checked while DPO runs, free to differ once it is done
-ADDED_LATER = {"tune": "weights", "shots": 0}  # switches newer than some records: what a record without them meant
+# options newer than some records: what a record without them meant
+ADDED_LATER = {"tune": "weights", "shots": 0, "lora_init": "kaiming", "lora_plus_ratio": 1.0, "grad_clip": 1.0,
+               "dpo_adapters": "fresh"}
 
 STAGE_PATHS = {"sft": "sft", "pairs": "pairs.jsonl*", "dpo": "dpo", "predict": "generations.jsonl*",
                "evaluate": "results.*"}  # each stage's outputs, finished or not (glob patterns in RUN_DIR)
@@ -1260,6 +1303,8 @@ def stage_options(cfg: RunConfig, stage: str) -> dict:
     own = STAGE_OPTIONS[stage] if stage != "sft" or cfg.switches()["tasks"] != "none" else DATA_OPTIONS
     if value["tune"] != "prompt":  # the soft prompt's settings shape nothing else
         own = [k for k in own if k not in ("prompt_tokens", "prompt_lr")]
+    if not (value["lora_r"] and value["tasks"] != "none" and value["tune"] == "weights"):  # no SFT adapters
+        own = [k for k in own if k != "dpo_adapters"]
     return {**inherited, **{k: value[k] for k in own}}
 
 
