@@ -1025,15 +1025,21 @@ def paper_tables(named: list[tuple[str, dict]], convention: str = "default", pap
         if convention == "authors" and any(m["dataset"] == "Baidu-Persona-Chat" for m in members):
             conv = "default"  # the authors segment Chinese with jieba, which this project does not reproduce
             title += " (the authors' convention needs jieba word segmentation: the default convention is shown)"
-        keys = list(dict.fromkeys((row_model(m), m["variant"] or m["name"]) for m in members))
+        seen: dict = {}  # a second run of one cell (other options, not another seed) makes a row "#2" of its own
+        for m in members:
+            cell = (row_model(m), m["variant"] or m["name"], group_of(m))
+            m["key"], seen[cell] = cell[:2] + (seen.get(cell, 0),), seen.get(cell, 0) + 1
+        keys = list(dict.fromkeys(m["key"] for m in members))
         order = list(dict.fromkeys(row_model(m) for m in members))
-        keys.sort(key=lambda k: (order.index(k[0]), row_order.index(k[1]) if k[1] in row_order else len(row_order)))
+        keys.sort(key=lambda k: (order.index(k[0]), row_order.index(k[1]) if k[1] in row_order else len(row_order),
+                                 k[2]))
         rows = []
-        for model, row in keys:
-            mine = [next((m for m in members if (row_model(m), m["variant"] or m["name"]) == (model, row)
-                          and group_of(m) == g), None) for g in group_names]
+        for model, row, k in keys:
+            mine = [next((m for m in members if m["key"] == (model, row, k) and group_of(m) == g), None)
+                    for g in group_names]
             ref = [paper.get(ref_key(m, row)) if paper is not None and m and m["ref_model"] else None for m in mine]
-            rows.append((model, ROW_NAMES.get(row, row), [m and m["group"] for m in mine], ref))
+            rows.append((model, ROW_NAMES.get(row, row) + (f" #{k + 1}" if k else ""), [m and m["group"] for m in mine],
+                         ref))
         return layout_block(f"{title}; metrics: {CONVENTIONS[conv]}", group_names, rows, conv, paper)
 
     out = []

@@ -240,8 +240,8 @@ def test_a_run_recorded_before_the_tune_and_shots_switches_still_resumes(tmp_pat
 
 
 @pytest.mark.parametrize("target", ["number", "sentence"])
-def test_the_selection_target_is_a_number_or_the_authors_k_sentence(tmp_path, tiny_model_dir, data_dir, monkeypatch,
-                                                                   target):
+def test_the_selection_target_is_a_number_or_the_authors_k_sentence(
+        tmp_path, tiny_model_dir, data_dir, monkeypatch, target):
     """--select-target: the selection task answers "2" ("0": none), or as the authors' persona_datasets.py does,
     "2.i like cats" ("No personal description."); its prompt asks for that form, and Select then Generate reads
     either back to the sentence."""
