@@ -91,8 +91,8 @@ ALL_WEIGHTS = ["h.0.attn.c_attn.bias"]  # one of the GPT-2's parameters: full fi
 
 
 @pytest.mark.parametrize("variant", list(pal.VARIANTS))
-def test_each_row_trains_freezes_loads_and_prompts_as_the_paper_defines_it(tmp_path, tiny_model_dir, data_dir,
-                                                                          monkeypatch, variant):
+def test_each_row_trains_freezes_loads_and_prompts_as_the_paper_defines_it(
+        tmp_path, tiny_model_dir, data_dir, monkeypatch, variant):
     run, rec = run_row(tmp_path, tiny_model_dir, data_dir, monkeypatch, variant)
     sw = pal.VARIANTS[variant]
     base, sft_final, dpo_final = str(tiny_model_dir), str(run / "sft" / "final"), str(run / "dpo" / "final")
@@ -223,8 +223,8 @@ def test_table_prints_the_rows_in_the_papers_order(tmp_path, tiny_model_dir, dat
     assert "w/o" not in figure.split("| Diagnostics")[0]
 
 
-def test_a_run_recorded_before_the_tune_and_shots_switches_still_resumes(tmp_path, tiny_model_dir, data_dir,
-                                                                          monkeypatch):
+def test_a_run_recorded_before_the_tune_and_shots_switches_still_resumes(
+        tmp_path, tiny_model_dir, data_dir, monkeypatch):
     """stages.json written by an earlier version has no "tune" / "shots": they meant weights / 0, so the run goes
     on; asking that run for prompt tuning is a changed setting and is refused."""
     run, _ = run_row(tmp_path, tiny_model_dir, data_dir, monkeypatch, "wo_pa")
