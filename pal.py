@@ -1325,7 +1325,7 @@ def persona_coverage(responses, personas_per_response, lang: str = "en") -> floa
     return total / len(responses) if len(responses) else 0.0
 
 
-# ---- The paper authors' evaluation, to hold a run against the published numbers (--metrics-compat authors) ----
+# ---- The paper authors' evaluation, to hold a run against the published numbers (results.json metrics.authors) -
 # Their decode.py scores with pycocoevalcap, passing the gold response where the hypothesis goes and the reply
 # as the reference (BLEU and ROUGE-L), on whitespace tokens with case kept, ROUGE-L with beta 1.2; Distinct-n
 # divides distinct n-grams by all *tokens*. Reproduced here as they ran it; the default metrics above do not.
