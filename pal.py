@@ -548,7 +548,7 @@ def stage_evaluate(cfg: RunConfig, run: Path):
     options = stage_options(cfg, "evaluate")
     res.update(variant=cfg.variant, model=cfg.model, **cfg.switches(), lang=lang, seed=cfg.seed,
                dataset=data_name(lang), personas=cfg.personas or "original",
-               options={k: v for k, v in options.items() if k not in ("seed", "nli")})
+               options={k: v for k, v in options.items() if k != "seed"})
     write_json(out, res)
     md = results_table([(run.name, res)])
     write_text(run / "results.md", md + "\n")
