@@ -3,6 +3,8 @@
 #
 #   bash train.sh smol     [--limit N] [--data-dir DIR] [--run-dir DIR] [pal.py options...]   # laptop CPU
 #   bash train.sh smol --variant few_shot    # any row of the paper's tables (pal.py --variant; docs/variants.md)
+#   bash train.sh gpt2 --data-dir DIR --seeds 3   # the row three times (--seed 1, 2, 3 in RUN-seed1..3), then
+#                                                 # pal.py table: mean ± std over the seeds, * where significant
 #   bash train.sh smol-study [--limit N] [--data-dir DIR]   # zero-shot, ft, SFT only, PAL side by side (~1 h CPU)
 #   bash train.sh gpt2     --data-dir DIR                                                      # one GPU
 #   bash train.sh dialogpt --data-dir DIR                                                      # one GPU
@@ -16,7 +18,7 @@ cd "$(dirname "$0")"
 
 preset=${1:-}
 [ -n "$preset" ] && shift
-limit="" data_dir="" run_dir="" nli="" variant="" extra=()
+limit="" data_dir="" run_dir="" nli="" variant="" seeds="" extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --limit) limit=$2; shift 2 ;;
@@ -24,6 +26,7 @@ while [ $# -gt 0 ]; do
     --run-dir) run_dir=$2; shift 2 ;;
     --nli) nli=$2; shift 2 ;;
     --variant) variant=$2; shift 2 ;;
+    --seeds) seeds=$2; shift 2 ;;
     *) extra+=("$1"); shift ;;
   esac
 done
@@ -71,7 +74,8 @@ case "$preset" in
           --dpo-lr 5e-5 --dpo-epochs 1 --dpo-warmup 1 --eval-every 32 --patience 2 --eval-limit 32
           --max-new-tokens 24 --select-max-new-tokens 24 --gen-batch 16 --save-minutes 1 --log-every 1
           --logps chunked   # chunked log-probs: less memory, faster (every preset; docs/measurements.md)
-          --lora-targets q,k,v,o,mlp --lora-init kaiming --lora-plus-ratio 1 --grad-clip 1 --dpo-adapters fresh)
+          --lora-targets q,k,v,o,mlp --lora-init kaiming --lora-plus-ratio 1 --grad-clip 1 --dpo-adapters fresh
+          --select-target number)  # the selection answers a number: at 135M it copied less (docs/variants.md)
     # ^ the set-up the CPU results were measured with (docs/schedules.md: why smol does not take the authors' LoRA)
     if [ -z "$data_dir" ]; then
       if [ -d data/personachat ]; then data_dir=data/personachat
@@ -100,7 +104,8 @@ case "$preset" in
           --dpo-lora-r 16 --lora-alpha 32 --lora-dropout 0 --lora-targets q,k,v --lora-init gaussian
           --lora-plus-ratio 16 --grad-clip 10 --dpo-lr 1e-6 --dpo-beta 0.1 --dpo-epochs 3
           --dpo-warmup 100 --dpo-grad-accum "$dpo_accum" --eval-every 5000 --eval-limit 100000 --patience 5
-          --max-new-tokens 40 --select-max-new-tokens 40 --gen-batch 64 --logps chunked)
+          --max-new-tokens 40 --select-max-new-tokens 40 --gen-batch 64 --logps chunked
+          --select-target sentence)  # the authors' selection answer: "k.sentence" (docs/variants.md)
     [ "$preset" = gpt2-zh ] && opts+=(--lang zh) ;;
   llama)
     model=meta-llama/Llama-3.1-8B-Instruct
@@ -113,7 +118,8 @@ case "$preset" in
           --sft-lr 2e-5 --sft-epochs 3 --sft-warmup 100 --batch-size 4 --grad-accum 16 --sft-keep last
           --dpo-lr 1e-6 --dpo-beta 0.1 --dpo-epochs 3 --dpo-warmup 100 --dpo-grad-accum 8
           --eval-every 5000 --eval-limit 100000 --patience 5
-          --max-new-tokens 40 --select-max-new-tokens 40 --gen-batch 32 --logps chunked) ;;
+          --max-new-tokens 40 --select-max-new-tokens 40 --gen-batch 32 --logps chunked
+          --select-target sentence) ;;
   *)
     echo "usage: bash train.sh {smol|smol-study|gpt2|dialogpt|llama|gpt2-zh|setup} [--limit N] [--data-dir DIR] [--run-dir DIR] [--nli DIR] [pal.py options]" >&2
     exit 2 ;;
@@ -128,7 +134,7 @@ if [ -z "$nli" ] && [ "$preset" != smol ] && [ "$preset" != smol-study ]; then
   echo "          score instead of C.score, unlike the paper (docs/nli.md)" >&2
 fi
 run_dir=${run_dir:-runs/$preset${variant:+-$variant}}   # one directory per row: a run keeps its settings
-# few-shot: three demonstrations (~125 tokens each) need the longer prompts every model here allows
+# few-shot: two demonstration dialogues (~125 tokens each) need the longer prompts every model here allows
 [ "$variant" = few_shot ] && opts+=(--max-len 1024)
 common=(--model "$model" --data-dir "$data_dir" "${opts[@]}")
 [ -n "$variant" ] && common+=(--variant "$variant")
@@ -136,6 +142,26 @@ common=(--model "$model" --data-dir "$data_dir" "${opts[@]}")
 [ -n "$nli" ] && common+=(--nli "$nli")
 common+=("${extra[@]+"${extra[@]}"}")
 
+if [ -n "$seeds" ]; then  # the paper's three runs of a row: one run directory per seed, then the table
+  if [ "$preset" = smol-study ] || ! [[ "$seeds" =~ ^[1-9][0-9]*$ ]]; then
+    echo "train.sh: --seeds $seeds: give a count (1 or more) with a single-row preset, not smol-study" >&2
+    exit 2
+  fi
+  dirs=()
+  for ((s = 1; s <= seeds; s++)); do
+    dirs+=("$run_dir-seed$s")
+    if [ -n "${PAL_DRY_RUN:-}" ]; then
+      echo "${launch[*]} pal.py all --run-dir $run_dir-seed$s ${common[*]} --seed $s"
+    else
+      echo "== seed $s of $seeds: $run_dir-seed$s"
+      "${launch[@]}" pal.py all --run-dir "$run_dir-seed$s" "${common[@]}" --seed "$s"
+    fi
+  done
+  if [ -n "${PAL_DRY_RUN:-}" ]; then echo "$PY pal.py table ${dirs[*]}"; exit 0; fi
+  "$PY" pal.py table "${dirs[@]}" | tee "$run_dir-seeds.md"
+  echo "== $seeds seeds done: $run_dir-seeds.md (mean ± std over the seeds)"
+  exit 0
+fi
 if [ "$preset" = smol-study ]; then
   # The same examples for every row: Train/Valid#1/Valid#2/Test carved (whole dialogues, disjoint) from the data
   # here, --limit examples each. SFT only (w/o PA) is PAL's own SFT model, so it is trained once.

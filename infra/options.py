@@ -71,10 +71,11 @@ def check_precision(precision: str, device_type: str, trainable: dict, warn=prin
              "~10x slower than fp32 here. precision='fp32' is the fast choice.")
 
 
-def load_declared(cls, path: Path, overrides: dict):
+def load_declared(cls, path: Path, overrides: dict, retired=()):
     """An instance of dataclass `cls` from the JSON object saved at `path` (if any), with the options given now
-    (`overrides`, None: not given) on top. A saved key `cls` does not declare is refused, naming the file."""
-    saved = read_json(path) if path.exists() else {}
+    (`overrides`, None: not given) on top. A saved key `cls` does not declare is refused, naming the file, unless
+    it is one of the `retired` options (dropped: an option that no longer exists)."""
+    saved = {k: v for k, v in (read_json(path) if path.exists() else {}).items() if k not in retired}
     known = {f.name for f in dataclasses.fields(cls)}
     if unknown := set(saved) - known:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}")

@@ -107,3 +107,29 @@ def test_lora_targets_are_pefts_defaults_for_the_family(preset):
     peft_targets = pytest.importorskip("peft.utils.constants").TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     family = "llama" if preset == "llama" else "gpt2"
     assert schedule_table()["LoRA targets"][preset] == ", ".join(sorted(peft_targets[family]))
+
+
+def dry_run(*args) -> list[str]:
+    env = {**os.environ, "PAL_DRY_RUN": "1"}
+    return subprocess.run(["bash", "train.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=True).stdout.strip().splitlines()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_gpu_presets_answer_the_selection_task_as_the_authors(preset):
+    last = dry_run(preset, "--data-dir", "DATA", "--nli", "NLI")[-1]
+    assert re.findall(r"--select-target (\S+)", last) == ["sentence"]
+
+
+def test_seeds_run_a_row_in_sibling_directories_then_print_its_table():
+    """--seeds 3: the row with --seed 1, 2, 3 in RUN-seed1..3 (each seed last on its line, so it is the one used),
+    then pal.py table over the three."""
+    lines = dry_run("gpt2", "--data-dir", "DATA", "--nli", "NLI", "--variant", "wo_pa", "--seeds", "3")
+    runs = [ln for ln in lines if " pal.py all " in ln]
+    assert len(runs) == 3
+    for k, ln in enumerate(runs, 1):
+        assert f"--run-dir runs/gpt2-wo_pa-seed{k} " in ln and re.findall(r"--seed (\d+)", ln) == [str(k)]
+    assert lines[-1].endswith("pal.py table runs/gpt2-wo_pa-seed1 runs/gpt2-wo_pa-seed2 runs/gpt2-wo_pa-seed3")
+    bad = subprocess.run(["bash", "train.sh", "gpt2", "--data-dir", "DATA", "--seeds", "x"], cwd=ROOT,
+                         env={**os.environ, "PAL_DRY_RUN": "1"}, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--seeds x: give a count" in bad.stderr
