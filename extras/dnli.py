@@ -26,6 +26,7 @@ import re
 import stat
 import sys
 import tempfile
+import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
@@ -243,8 +244,11 @@ def main(argv=None):
         report = build(cache, args.model, args.url, args.sha256 or None, args.archive, args.limit, epochs=args.epochs,
                        max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
                        eval_every=args.eval_every, seed=args.seed)
+    except urllib.error.URLError as e:  # no network, a refused connection, an HTTP error: one line
+        sys.exit(f"extras/dnli.py: error: could not fetch {args.url}: {e.reason} (fetch dialogue_nli.zip in a "
+                 "browser and pass --archive FILE)")
     except (OSError, ValueError, zipfile.BadZipFile) as e:  # one line naming what failed
-        sys.exit(f"extras/dnli.py: error: {getattr(e, 'reason', None) or e}")
+        sys.exit(f"extras/dnli.py: error: {e}")
     print(json.dumps(report, indent=2))
     print(f"== DNLI test accuracy {100 * report['test_accuracy_after']:.1f}% (paper: {100 * PAPER_TEST_ACCURACY:.1f}%; "
           f"before fine-tuning {100 * report['test_accuracy_before']:.1f}%)")

@@ -223,3 +223,11 @@ def test_train_sh_nli_end_to_end_then_the_preset_finds_it(server, tmp_path, one_
     run = subprocess.run(["bash", "train.sh", "gpt2-zh", "--data-dir", "DATA"], cwd=ROOT, env=dry,
                          capture_output=True, text=True, timeout=120)
     assert "--nli" not in run.stdout.splitlines()[-1] and "Chinese" in run.stderr
+
+
+def test_unreachable_url_named(tmp_path):
+    from conftest import free_port
+    url = f"http://127.0.0.1:{free_port()}/dialogue_nli.zip"
+    with pytest.raises(SystemExit) as e:
+        dnli.main(["--cache", str(tmp_path / "cache"), "--url", url])
+    assert str(e.value).startswith(f"extras/dnli.py: error: could not fetch {url}: ") and "--archive FILE" in str(e.value)
