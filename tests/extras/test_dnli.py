@@ -230,4 +230,5 @@ def test_unreachable_url_named(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/dialogue_nli.zip"
     with pytest.raises(SystemExit) as e:
         dnli.main(["--cache", str(tmp_path / "cache"), "--url", url])
-    assert str(e.value).startswith(f"extras/dnli.py: error: could not fetch {url}: ") and "--archive FILE" in str(e.value)
+    line = str(e.value)
+    assert line.startswith(f"extras/dnli.py: error: could not fetch {url}: ") and "--archive FILE" in line
