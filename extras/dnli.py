@@ -8,7 +8,7 @@ train.sh find it.
 Cache (--cache, default $PAL_CACHE/nli-dnli or ~/.cache/pal/nli-dnli):
     data/dnli/dialogue_nli/dialogue_nli_{train,dev,test,verified_test}.jsonl   the archive's files, unpacked
     model/            the fine-tuned classifier (Hugging Face layout; `pal.py --nli` and transformers read it)
-    train/            the training run (checkpoints: a second call resumes)
+    train/            the training run (checkpoints: an interrupted call resumes from the last one)
     finetune.json     pair counts and accuracies (dev picks the weights; test is only measured)
 `train.sh gpt2|dialogpt|llama` pass `--nli CACHE/model` once finetune.json is there.
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from infra.files import atomic_path  # noqa: E402
+from infra.files import atomic_path, read_json  # noqa: E402
 
 DRIVE_ID = "1WtbXCv3vPB5ql6w0FVDmAEMmWadbrCuG"
 DNLI_URL = f"https://drive.google.com/uc?export=download&id={DRIVE_ID}"
@@ -216,10 +216,17 @@ def build(cache: Path, model: str, url: str = DNLI_URL, sha256: str | None = DNL
     """Fetch, unpack, fine-tune (extras/nli_finetune.finetune: the dev file picks the weights, the test file is only
     measured); returns finetune.json's report."""
     from extras.nli_finetune import finetune  # imports torch and the core: after the cheap checks
+    if (cache / "finetune.json").exists() and (cache / "model").is_dir():
+        print(f"== {cache / 'model'} is built already (delete {cache} to build it again)")
+        return read_json(cache / "finetune.json")
+    if sha256 is None:
+        print("== the archive's sha256 is not checked (--sha256 '')")
     files = prepare_data(cache, url, sha256, archive)
     if limit:
         files = {k: first_pairs(p, limit, cache / "limited" / p.name) for k, p in files.items()}
-    return finetune(model, files["train"], cache, valid_path=files["dev"], test_path=files["test"], **train_opts)
+    # resume: an interrupted run goes on from its last checkpoint (every 10 minutes and at each new best)
+    return finetune(model, files["train"], cache, valid_path=files["dev"], test_path=files["test"], resume=True,
+                    save_minutes=10.0, **train_opts)
 
 
 def main(argv=None):

@@ -210,6 +210,11 @@ def test_train_sh_nli_end_to_end_then_the_preset_finds_it(server, tmp_path, one_
     assert acc >= 0.75, acc
     assert abs(report["test_accuracy_after"] - acc) < 1e-6
 
+    again = subprocess.run(["bash", "train.sh", "nli"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)  # a finished model is reused, not trained again
+    assert again.returncode == 0 and "is built already" in again.stdout
+    assert json.loads((cache / "finetune.json").read_text()) == report
+
     dry = {**env, "PAL_DRY_RUN": "1"}
     run = subprocess.run(["bash", "train.sh", "gpt2", "--data-dir", "DATA"], cwd=ROOT, env=dry, capture_output=True,
                          text=True, timeout=120)
