@@ -216,16 +216,17 @@ def build(cache: Path, model: str, url: str = DNLI_URL, sha256: str | None = DNL
     """Fetch, unpack, fine-tune (extras/nli_finetune.finetune: the dev file picks the weights, the test file is only
     measured); returns finetune.json's report."""
     from extras.nli_finetune import finetune  # imports torch and the core: after the cheap checks
-    if (cache / "finetune.json").exists() and (cache / "model").is_dir():
-        print(f"== {cache / 'model'} is built already (delete {cache} to build it again)")
-        return read_json(cache / "finetune.json")
+    out = cache / f"limit-{limit}" if limit else cache  # a quick check never lands where the presets look
+    if (out / "finetune.json").exists() and (out / "model").is_dir():
+        print(f"== {out / 'model'} is built already (delete {out / 'model'} to build it again)")
+        return read_json(out / "finetune.json")
     if sha256 is None:
         print("== the archive's sha256 is not checked (--sha256 '')")
     files = prepare_data(cache, url, sha256, archive)
     if limit:
-        files = {k: first_pairs(p, limit, cache / "limited" / p.name) for k, p in files.items()}
+        files = {k: first_pairs(p, limit, out / "pairs" / p.name) for k, p in files.items()}
     # resume: an interrupted run goes on from its last checkpoint (every 10 minutes and at each new best)
-    return finetune(model, files["train"], cache, valid_path=files["dev"], test_path=files["test"], resume=True,
+    return finetune(model, files["train"], out, valid_path=files["dev"], test_path=files["test"], resume=True,
                     save_minutes=10.0, **train_opts)
 
 
@@ -238,7 +239,8 @@ def main(argv=None):
                     "fetched from (default: $PAL_DNLI_URL, else ParlAI's Google Drive file)")
     ap.add_argument("--sha256", default=DNLI_SHA256, help="expected sha256 of the archive ('' skips the check)")
     ap.add_argument("--archive", default=None, help="a local dialogue_nli.zip instead of the download")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N pairs of each file (a quick check)")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N pairs of each file, a quick check "
+                    "written to CACHE/limit-N (the presets do not use it)")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=1e-5)
@@ -259,7 +261,10 @@ def main(argv=None):
     print(json.dumps(report, indent=2))
     print(f"== DNLI test accuracy {100 * report['test_accuracy_after']:.1f}% (paper: {100 * PAPER_TEST_ACCURACY:.1f}%; "
           f"before fine-tuning {100 * report['test_accuracy_before']:.1f}%)")
-    print(f"== the C.score model: {report['model_dir']} (train.sh's GPU presets pass it as --nli)")
+    if args.limit:
+        print(f"== a quick check on {args.limit} pairs a file: {report['model_dir']} (the presets do not use it)")
+    else:
+        print(f"== the C.score model: {report['model_dir']} (train.sh's GPU presets pass it as --nli)")
 
 
 if __name__ == "__main__":
