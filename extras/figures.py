@@ -88,14 +88,14 @@ def plot_bars(out: Path, title: str, rows: list[tuple[str, dict]]) -> Path | Non
     metrics = [(label, k) for label, k in METRICS if any(res.get(k) is not None for _, res in rows)]
     if plt is None or not metrics:
         return None
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3 * len(metrics), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3 * len(metrics), 3.2), squeeze=False,
+                             constrained_layout=True)  # room for the labels and the title, no overlaps
     colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
     for ax, (label, k) in zip(axes[0], metrics):
         values = [res.get(k) or 0.0 for _, res in rows]
         ax.bar(range(len(rows)), values, color=colors[:len(rows)])
         ax.set_xticks(range(len(rows)), [name.split(" (")[0] for name, _ in rows], rotation=20)
         ax.set_ylabel(label)
-        ax.set_title(label)
     fig.suptitle(title)
     return save_png(fig, plt, out)
 
@@ -106,12 +106,12 @@ def plot_lines(out: Path, title: str, steps: list[int], results: list[dict]) -> 
     metrics = [(label, k) for label, k in METRICS if any(res.get(k) is not None for res in results)]
     if plt is None or not metrics:
         return None
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3 * len(metrics), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3 * len(metrics), 3.2), squeeze=False,
+                             constrained_layout=True)  # room for the labels and the title, no overlaps
     for ax, (label, k) in zip(axes[0], metrics):
         ax.plot(steps, [res.get(k) for res in results], marker="o")
         ax.set_xlabel("DPO steps")
         ax.set_ylabel(label)
-        ax.set_title(label)
     fig.suptitle(title)
     return save_png(fig, plt, out)
 
