@@ -147,8 +147,10 @@ def score(eval_dir: Path) -> str:
         s, p = read_sheet(eval_dir / name, items)
         sheets.append(s)
         problems += p
-    if problems:
-        raise ValueError("\n".join(problems) + f"\n{len(problems)} problem(s); fix the sheets and run score again")
+    if problems:  # every problem up to 30, then how many more
+        more = f"\n... and {len(problems) - 30} more" if len(problems) > 30 else ""
+        raise ValueError("\n".join(problems[:30]) + more + f"\n{len(problems)} problem(s); fix the sheets and run "
+                         "score again")
     head = "| System | " + " | ".join(label for _, label in CRITERIA) + " |"
     lines = [head, "|---|" + "---:|" * len(CRITERIA)]
     for system in key["systems"]:
