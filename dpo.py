@@ -226,6 +226,7 @@ class TrainConfig:
     patience: int = 0  # stop after this many evals without a better score (0: never stop early)
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end and on a new best)
     save_minutes: float = 0.0  # also a checkpoint when this many minutes passed since the last one (0: off)
+    keep_steps: tuple[int, ...] = ()  # steps whose checkpoints are written and never deleted (Figure 4's sweep)
     lora_export: str = "merged"  # final LoRA weights: "merged" (HF layout) | "adapter" (adapter.safetensors)
     export_best: bool = True  # export the best evaluated weights; False: the last ones (evaluations only logged)
     log_every: int = 1
@@ -471,10 +472,11 @@ def save_time_due(run: Run, minutes: float, since: float) -> bool:
 
 def save_checkpoint(run: Run, model: nn.Module, progress: Progress, cfg: TrainConfig, new_best: bool) -> None:
     """Everything the run needs to go on exactly: trained tensors, optimizer, schedule, loss scale, progress, config,
-    every rank's random streams. The latest checkpoint and the best one are kept."""
+    every rank's random streams. The latest checkpoint, the best one and those of cfg.keep_steps are kept."""
     state = {"optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
              "scaler": run.scaler.state_dict(), **dataclasses.asdict(progress), "config": dataclasses.asdict(cfg)}
-    ckpt.save(run.out_dir, progress.step, _trainable(model), state, keep={progress.best_dir},
+    kept = {progress.best_dir} | {ckpt.ckpt_name(s) for s in cfg.keep_steps}
+    ckpt.save(run.out_dir, progress.step, _trainable(model), state, keep=kept,
               best_score=progress.best_score if new_best else None)
 
 
@@ -565,7 +567,8 @@ def train(model: nn.Module, cfg: TrainConfig, train_features: list[dict], collat
             new_best, stopped_early = progress.record(evaluate(run, model, eval_fn, step), cfg.patience)
         # every rank agrees on each term; the clock is asked at log lines only (under torchrun its answer is a
         # broadcast that the CPU waits for, as it waits for the log line's sums)
-        if (new_best or (cfg.save_every and step % cfg.save_every == 0) or step == stop_at or stopped_early
+        if (new_best or (cfg.save_every and step % cfg.save_every == 0) or step in cfg.keep_steps
+                or step == stop_at or stopped_early
                 or (step % cfg.log_every == 0 and save_time_due(run, cfg.save_minutes, last_save))):
             save_checkpoint(run, model, progress, cfg, new_best)
             last_save = time.monotonic()

@@ -432,7 +432,12 @@ def train_config(cfg: RunConfig, mode: str, out_dir: Path, n_features: int) -> d
         steps = max(1, math.ceil(cfg.dpo_epochs * n_features / global_batch(cfg, "dpo")))
     every = max(1, round(cfg.eval_every / global_batch(cfg, "dpo")))  # --eval-every counts examples
     return dpo.TrainConfig(mode="dpo", max_steps=steps, lr=cfg.dpo_lr, warmup_steps=cfg.dpo_warmup, beta=cfg.dpo_beta,
-                           eval_every=min(every, steps), patience=cfg.patience, **common)
+                           eval_every=min(every, steps), patience=cfg.patience, keep_steps=keep_steps(cfg), **common)
+
+
+def keep_steps(cfg: RunConfig) -> tuple[int, ...]:
+    """--keep-steps "50,100" as (50, 100)."""
+    return tuple(int(s) for s in cfg.keep_steps.split(",")) if cfg.keep_steps else ()
 
 
 def validation_nll(model, feats: list[dict], collate, batch_size: int, chunked: bool = False) -> dict:
@@ -740,6 +745,8 @@ class RunConfig:
     save_every: int = option(0, int, "optimizer steps between training checkpoints (0: off)", low=0)
     save_minutes: float = option(10.0, float, "minutes between training checkpoints (0: off); a kill loses at most "
                                               "this much training", low=0)
+    keep_steps: str | None = option(None, str, "DPO steps whose checkpoints are kept, comma-separated (e.g. "
+                                    "50,100,150: Figure 4's sweep, extras/figures.py fig4)")
     # generation (greedy)
     max_new_tokens: int = option(48, int, "new tokens per reply", low=1)
     select_max_new_tokens: int = option(48, int, "new tokens of the selection step", low=1)
@@ -774,6 +781,8 @@ def check_options(cfg: RunConfig):
         if getattr(cfg, name) + soft >= cfg.max_len:
             extra = f" minus --prompt-tokens {soft}" if soft else ""
             raise ValueError(f"{flag(name)} {getattr(cfg, name)}: must be below --max-len {cfg.max_len}{extra}")
+    if cfg.keep_steps and not all(s.strip().isdigit() and int(s) > 0 for s in cfg.keep_steps.split(",")):
+        raise ValueError(f"--keep-steps {cfg.keep_steps}: expected positive step numbers separated by commas")
     if unknown := set(cfg.lora_targets.split(",")) - {"q", "k", "v", "o", "mlp"}:
         raise ValueError(f"--lora-targets {cfg.lora_targets}: unknown {sorted(unknown)}; choose from q,k,v,o,mlp")
     sw = cfg.switches()

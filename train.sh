@@ -10,6 +10,8 @@
 #   bash train.sh dialogpt --data-dir DIR                                                      # one GPU
 #   bash train.sh llama    --data-dir DIR                              # 4 GPUs, torchrun, LoRA
 #   bash train.sh gpt2-zh  --data-dir DIR_WITH_BAIDU_PERSONA_CHAT                              # one GPU
+#   bash train.sh nli      # the C.score model: Dialogue NLI fetched, roberta-large-mnli fine-tuned on it, cached
+#                          # where the GPU presets above find it (extras/dnli.py; docs/nli.md)
 #   bash train.sh setup    # only install what is missing (torch only when absent; tests/run.sh calls it)
 #
 # Every stage skips work that is complete and resumes work that was interrupted: run the same command again.
@@ -87,6 +89,10 @@ case "$preset" in
         echo "          dialogues written for this project). Pass --data-dir DIR to use PERSONA-CHAT files you have."
       fi
     fi ;;
+  nli)  # the C.score model, once per machine: extras/dnli.py (options after `nli` go to it; --limit N: N pairs a file)
+    ensure_requirements requirements.txt "torch, tiktoken, sentencepiece, safetensors, numpy, huggingface_hub, tqdm"
+    echo "== the C.score model: Dialogue NLI -> roberta-large-mnli fine-tuned -> ${PAL_CACHE:-$HOME/.cache/pal}/nli-dnli"
+    exec "$PY" extras/dnli.py ${limit:+--limit "$limit"} "${extra[@]+"${extra[@]}"}" ;;
   setup)  # what tests/run.sh and the smol presets need, installed and nothing run
     ensure_requirements extras/requirements.txt "$EXTRAS_MODULES"
     ensure_smollm2
@@ -121,7 +127,7 @@ case "$preset" in
           --max-new-tokens 40 --select-max-new-tokens 40 --gen-batch 32 --logps chunked
           --select-target sentence) ;;
   *)
-    echo "usage: bash train.sh {smol|smol-study|gpt2|dialogpt|llama|gpt2-zh|setup} [--limit N] [--data-dir DIR] [--run-dir DIR] [--nli DIR] [pal.py options]" >&2
+    echo "usage: bash train.sh {smol|smol-study|gpt2|dialogpt|llama|gpt2-zh|nli|setup} [--limit N] [--data-dir DIR] [--run-dir DIR] [--nli DIR] [pal.py options]" >&2
     exit 2 ;;
 esac
 ensure_requirements requirements.txt "torch, tiktoken, sentencepiece, safetensors, numpy, huggingface_hub, tqdm"
@@ -129,9 +135,21 @@ if [ -z "$data_dir" ]; then
   echo "train.sh: preset $preset needs --data-dir (PERSONA-CHAT: python3 extras/download.py --data-dir data)" >&2
   exit 2
 fi
+# The C.score model `bash train.sh nli` caches (English: DNLI), used by the English GPU presets unless --nli is given
+nli_cache=${PAL_CACHE:-$HOME/.cache/pal}/nli-dnli
+case "$preset" in gpt2|dialogpt|llama)
+  if [ -z "$nli" ] && [ -f "$nli_cache/finetune.json" ] && [ -d "$nli_cache/model" ]; then
+    nli=$nli_cache/model
+    echo "== C.score model: --nli $nli (made by \`bash train.sh nli\`; --nli DIR picks another)"
+  fi ;;
+esac
 if [ -z "$nli" ] && [ "$preset" != smol ] && [ "$preset" != smol-study ]; then
   echo "train.sh: WARNING: no --nli DIR_OR_HUB_ID: C.score will be n/a and DPO early stopping uses the lexical" >&2
-  echo "          score instead of C.score, unlike the paper (docs/nli.md)" >&2
+  if [ "$preset" = gpt2-zh ]; then
+    echo "          score instead of C.score, unlike the paper (no public Chinese DNLI-style model: docs/nli.md)" >&2
+  else
+    echo "          score instead of C.score, unlike the paper (\`bash train.sh nli\` makes one: docs/nli.md)" >&2
+  fi
 fi
 run_dir=${run_dir:-runs/$preset${variant:+-$variant}}   # one directory per row: a run keeps its settings
 # few-shot: two demonstration dialogues (~125 tokens each) need the longer prompts every model here allows
