@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from infra.files import read_json, write_json
+from infra.files import open_nofollow, read_json, write_json
 from infra.options import flag
 
 
@@ -20,7 +20,7 @@ class RunLock:
 
     def __init__(self, run: Path):
         run.mkdir(parents=True, exist_ok=True)
-        self.f = open(run / ".lock", "a+", encoding="utf-8")
+        self.f = open_nofollow(run / ".lock", "a+")  # a planted link is refused, its target left alone
         try:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -269,3 +269,32 @@ def test_corrupt_best_json_does_not_lose_the_best_checkpoint(tmp_path):
     (tmp_path / "best.json").write_text("")
     assert run(resume=True)["best_dir"] == "ckpt/step-000001"
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-000001", "step-000005"]
+
+
+# ---- issue 23: non-finite values stop training and are never saved ------------------------------------------------
+
+def test_a_non_finite_loss_stops_training_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    """Step 3's logits are NaN (a forward hook): the run stops naming step 3 and the stage, latest.json still names
+    step 2's checkpoint (finite weights), nothing is exported and log.jsonl holds no NaN."""
+    model, calls = tiny_gpt2(), []
+
+    def poison(module, args, out):
+        calls.append(1)
+        return out * float("nan") if len(calls) == 3 else out  # one forward per step: batch 2, no accumulation
+
+    model.register_forward_hook(poison)
+    cfg = sft_cfg(tmp_path, max_steps=6, save_every=1, log_every=1)
+    with pytest.raises(FloatingPointError, match=r"sft: the loss or gradient norm is not finite .* at step 3 in "):
+        dpo.train(model, cfg, sft_features(4), data.collate_sft)
+    assert latest_step(tmp_path) == 2 and not (tmp_path / "final").exists()
+    assert all(torch.isfinite(t).all() for t in trained(tmp_path, 2).values())
+    assert [r["step"] for r in log_records(tmp_path)] == [1, 2]  # json.loads would read NaN: none was written
+
+
+def test_weights_with_nan_are_never_exported(tmp_path):
+    model = tiny_gpt2()
+    with torch.no_grad():
+        model.wte.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=re.escape(f"{tmp_path / 'final'}: not exported")):
+        dpo.export_model(model, tmp_path / "final")
+    assert not (tmp_path / "final").exists()

@@ -4,6 +4,7 @@ predict keeps its picks, and the exported checkpoints load in transformers and a
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,7 +51,8 @@ def _refused(capsys, argv, *expected):
 def test_a_second_process_on_the_run_directory_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, capsys):
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time, pal; from pathlib import Path; "
-                               f"from infra.rundir import RunLock; lock = RunLock(Path({str(run)!r})); print('locked', flush=True); time.sleep(60)"],
+                               f"from infra.rundir import RunLock; lock = RunLock(Path({str(run)!r})); "
+                               "print('locked', flush=True); time.sleep(60)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -65,8 +67,25 @@ def test_a_second_process_on_the_run_directory_is_refused_and_a_killed_one_leave
 
 # ---- a run is what it says it is --------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("name", [".lock", "generations.jsonl.partial", "sft/phase0-mix/log.jsonl"])
+def test_a_link_planted_in_the_run_directory_is_refused_and_its_target_untouched(tmp_path, name):
+    """issue 23: `ln -s ~/notes.txt RUN/.lock` made the lock truncate notes.txt and write a pid into it."""
+    from infra.files import JsonlWriter, append_jsonl
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    link = tmp_path / "run" / name
+    link.parent.mkdir(parents=True)
+    link.symlink_to(notes)
+    open_it = {".lock": lambda: rundir.RunLock(tmp_path / "run"),
+               "generations.jsonl.partial": lambda: JsonlWriter(tmp_path / "run" / "generations.jsonl"),
+               "sft/phase0-mix/log.jsonl": lambda: append_jsonl(link, {"step": 1})}[name]
+    with pytest.raises(ValueError, match=re.escape(f"{link} is a symbolic link: refused")):
+        open_it()
+    assert notes.read_text() == "my notes\n"
+
+
 def test_changed_options_for_a_started_stage_are_refused_then_redone_on_request(tmp_path, tiny_model_dir,
-                                                                                 data_dir, capsys):
+                                                                                data_dir, capsys):
     run = tmp_path / "run"
     pal.main(["sft", *_args(run, tiny_model_dir, data_dir)])
     saved = (run / "run.json").read_bytes()
@@ -118,6 +137,9 @@ def test_a_data_file_changed_under_a_run_is_caught(tmp_path, tiny_model_dir, cap
     ("--sft-epochs", "0", "--sft-epochs 0.0: must be above 0"),
     ("--select-ratio", "1.5", "--select-ratio 1.5: must be between 0 and 1"),
     ("--max-len", "4096", "--max-len 4096: the model"),  # the tiny GPT-2 has 512 positions
+    ("--sft-lr", "inf", "--sft-lr inf: must be a finite number"),  # issue 23: NaN passed every `<` check
+    ("--dpo-beta", "nan", "--dpo-beta nan: must be a finite number"),
+    ("--lora-alpha", "inf", "--lora-alpha inf: must be a finite number"),
 ])
 def test_a_bad_option_leaves_run_json_unchanged(tmp_path, tiny_model_dir, data_dir, capsys, option, value, expect):
     run = tmp_path / "run"
@@ -125,6 +147,21 @@ def test_a_bad_option_leaves_run_json_unchanged(tmp_path, tiny_model_dir, data_d
     saved = (run / "run.json").read_bytes()
     _refused(capsys, ["sft", "--run-dir", str(run), option, value], expect)
     assert (run / "run.json").read_bytes() == saved
+
+
+def test_a_diverging_run_stops_with_the_step_and_writes_no_result(tmp_path, tiny_model_dir, data_dir, capsys):
+    """--sft-lr 1e6 diverges: SFT stops naming its step, nothing is exported, no later stage runs (issue 23)."""
+    run = tmp_path / "run"
+    _refused(capsys, ["all", *_args(run, tiny_model_dir, data_dir, "--sft-lr", "1e6")],
+             "sft: the loss or gradient norm is not finite (NaN or inf) at step", str(run / "sft"))
+    assert not (run / "sft" / "final").exists() and not (run / "results.md").exists()
+
+
+def test_json_files_are_never_written_with_nan_or_infinity(tmp_path):
+    from infra.files import write_json
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'run.json'}: not written: a value is not a finite")):
+        write_json(tmp_path / "run.json", {"sft_lr": float("inf")})
+    assert not (tmp_path / "run.json").exists()
 
 
 def test_a_bad_choice_is_refused_by_the_command_line(tmp_path):
@@ -337,7 +374,8 @@ def test_dpo_only_lora_on_the_chosen_layers_and_per_stage_accumulation(tmp_path)
     assert wrapped and {name.rsplit(".", 1)[-1] for name in wrapped} == {"q", "v"}
     sft, dpo_cfg = pal.train_config(cfg, "sft", Path("x"), 64), pal.train_config(cfg, "dpo", Path("x"), 64)
     assert (sft.grad_accum, dpo_cfg.grad_accum, dpo_cfg.max_steps, dpo_cfg.eval_every) == (8, 2, 16, 16)
-    assert sft.export_best is False and pal.train_config(pal.RunConfig(sft_keep="best"), "sft", Path("x"), 8).export_best
+    assert sft.export_best is False
+    assert pal.train_config(pal.RunConfig(sft_keep="best"), "sft", Path("x"), 8).export_best
 
 
 def test_export_best_false_exports_the_last_weights_not_the_best_validated(tmp_path):
