@@ -274,9 +274,9 @@ def generation_model(cfg: RunConfig, weights):
     return m.eval()
 
 
-def note_adapter_base(out: Path, base, cfg: RunConfig, stage: str = "sft"):
+def note_adapter_base(out: Path, base, cfg: RunConfig, stage: str = "sft", run: Path | None = None):
     """Beside a LoRA stage's adapters, the weights they were trained on (generation_model rebuilds from both)."""
-    exports.note_adapter_base(out, base, lora_rank(cfg, stage), cfg.lora_alpha, cfg.lora_targets)
+    exports.note_adapter_base(out, base, lora_rank(cfg, stage), cfg.lora_alpha, cfg.lora_targets, run)
 
 
 def complete_export(out: Path, cfg: RunConfig, tok: data.Tokenizer):
@@ -341,7 +341,7 @@ def stage_sft(cfg: RunConfig, run: Path):
             eval_fn = (lambda m: validation_nll(m, val_feats, collate, cfg.batch_size, cfg.logps == "chunked")
                        if val_feats else None)
             dpo.train(model, tcfg, feats, collate, eval_fn=eval_fn,
-                      export_files=lambda d: note_adapter_base(d, weights, cfg))
+                      export_files=lambda d: note_adapter_base(d, weights, cfg, run=run))
             del model
         weights = phase_dir / "final"
     if is_rank0():
@@ -494,7 +494,7 @@ def stage_dpo(cfg: RunConfig, run: Path):
         tcfg = dataclasses.replace(train_config(cfg, "dpo", run / "dpo", len(feats)), mode="sft", lr=cfg.sft_lr)
     def export_files(d: Path):
         complete_export(d, cfg, tok)
-        note_adapter_base(d, sft_weights(cfg, run), cfg, "dpo")
+        note_adapter_base(d, sft_weights(cfg, run), cfg, "dpo", run)
 
     dpo.train(policy, tcfg, feats, collate, eval_fn=eval_fn if val else None, ref_model=ref,
               export_files=export_files)

@@ -365,6 +365,29 @@ def _tiny_llama_dir(d):
     return d
 
 
+def test_a_moved_lora_run_uses_its_own_sft_and_replaced_base_weights_are_refused(tmp_path, tiny_model_dir,
+                                                                                 data_dir, capsys):
+    """issue 23: adapter_base.json held an absolute path, so a moved run predicted with whatever sat at the old
+    place; base weights replaced in place went unnoticed; {"base": 3} was looked up as a hub repo."""
+    from infra import exports
+    run, moved = tmp_path / "run", tmp_path / "moved"
+    pal.main(["all", *_args(run, tiny_model_dir, data_dir, "--lora-r", "2")])
+    os.replace(run, moved)
+    assert exports.read_adapter_base(moved / "dpo" / "final")["base"] == str(moved.resolve() / "sft" / "final")
+    (moved / "generations.jsonl").unlink()
+    pal.main(["predict", "--run-dir", str(moved)])  # works where it now lies
+    sft = modeling.load_model(moved / "sft" / "final")
+    with torch.no_grad():
+        sft.wte.weight.mul_(1.5)
+    modeling.save_model(sft, moved / "sft" / "final")  # same config.json, other weights
+    (moved / "generations.jsonl").unlink()
+    _refused(capsys, ["predict", "--run-dir", str(moved)], f"{moved / 'dpo' / 'final' / 'adapter_base.json'}: ",
+             "holds other weights than the adapters were trained on")
+    noted = moved / "dpo" / "final" / "adapter_base.json"
+    noted.write_text(json.dumps({**json.loads(noted.read_text()), "base": 3}))
+    _refused(capsys, ["predict", "--run-dir", str(moved)], f"{noted}: 'base' is 3")
+
+
 def test_dpo_only_lora_on_the_chosen_layers_and_per_stage_accumulation(tmp_path):
     base = _tiny_llama_dir(tmp_path / "base")
     cfg = pal.RunConfig(model=str(base), lora_r=0, dpo_lora_r=4, lora_alpha=8, lora_targets="q,v", batch_size=2,
