@@ -183,14 +183,17 @@ def prompt_context(cfg: RunConfig, model, tok, splits: dict, lang: str) -> dict:
 
 def load_data(data_dir: str | None, limit: int | None = None, labels: str = "lexical", nli_model=None,
               lang: str | None = None, personas: str | None = None,
-              history_turns: int | None = None) -> tuple[dict, str]:
+              history_turns: int | None = None, run: Path | None = None) -> tuple[dict, str]:
     """(splits, lang): the four splits of the paper's Table 1 with persona labels, lexical (data.py) or, with
     labels="nli", the NLI classifier's entailment labels (nli.nli_persona_labels). personas="revised": Train and
-    Valid from the revised persona files, Test original (the paper). history_turns=K: the last K utterances only."""
+    Valid from the revised persona files, Test original (the paper). history_turns=K: the last K utterances only.
+    run: the bytes parsed must be those the run's stages recorded (infra/rundir.py)."""
     if data_dir is None:
         raise ValueError("no data: give --data-dir (a PERSONA-CHAT directory; `python extras/download.py` fetches it)")
     splits, info = data.load_splits(data_dir, limit=limit, personas=personas)
     splits = {k: data.last_turns(v, history_turns) for k, v in splits.items()}
+    if run is not None:
+        rundir.check_parsed(run, {f: d for stats in info.stats.values() for f, d in stats.sha256.items()})
     say(info.message)
     for kind, stats in info.stats.items():  # what the parser met: counts, and the first few with file:line
         say(f"{kind}: {stats.report()}")
@@ -203,9 +206,10 @@ def load_data(data_dir: str | None, limit: int | None = None, labels: str = "lex
     return splits, lang or data.detect_lang(splits["valid1"] or splits["test"])
 
 
-def run_data(cfg: RunConfig) -> tuple[dict, str]:
+def run_data(cfg: RunConfig, run: Path | None = None) -> tuple[dict, str]:
     nli_model = load_nli(cfg.nli) if cfg.labels == "nli" else None  # the classifier is loaded only to label
-    return load_data(cfg.data_dir, cfg.limit, cfg.labels, nli_model, cfg.lang, cfg.personas, cfg.history_turns)
+    return load_data(cfg.data_dir, cfg.limit, cfg.labels, nli_model, cfg.lang, cfg.personas, cfg.history_turns,
+                     run)
 
 
 def load_nli(name_or_path: str | None):
@@ -310,7 +314,7 @@ def stage_sft(cfg: RunConfig, run: Path):
     if cfg.switches()["tasks"] == "none":
         say("sft: this variant has no SFT; the later stages start from the base model")
         return None
-    splits, lang = run_data(cfg)
+    splits, lang = run_data(cfg, run)
     tok = load_tokenizer(cfg.model)
     collate = lambda fs: data.collate_sft(fs, tok.pad_id)
     weights = cfg.model
@@ -429,7 +433,7 @@ def stage_pairs(cfg: RunConfig, run: Path):
     """The SFT model answers each Valid#1 example from the history alone (no persona): the rejected side of
     PAL's preference pairs; the gold response is the chosen side."""
     out = run / "pairs.jsonl"
-    splits, lang = run_data(cfg)
+    splits, lang = run_data(cfg, run)
     nonempty(splits["valid1"], f"Valid#1 examples in {cfg.data_dir}")
     tok = load_tokenizer(cfg.model)
     model = generation_model(cfg, sft_weights(cfg, run))
@@ -463,7 +467,7 @@ def stage_dpo(cfg: RunConfig, run: Path):
     if align == "none":
         say("dpo: this variant has no alignment stage; predict uses the SFT model (or the base model)")
         return None
-    splits, lang = run_data(cfg)
+    splits, lang = run_data(cfg, run)
     tok = load_tokenizer(cfg.model)
     mode = training_prompt(cfg.switches())
     policy = trainable_model(cfg, sft_weights(cfg, run), "dpo")
@@ -511,7 +515,7 @@ def example_from_row(row: dict) -> data.Example:
 def stage_predict(cfg: RunConfig, run: Path):
     """Select then Generate on Test: generations.jsonl (personas, history, selected persona, response, gold)."""
     out = run / "generations.jsonl"
-    splits, lang = run_data(cfg)
+    splits, lang = run_data(cfg, run)
     nonempty(splits["test"], f"Test examples in {cfg.data_dir}")
     tok = load_tokenizer(cfg.model)
     model = generation_model(cfg, final_weights(cfg, run))
@@ -746,7 +750,7 @@ def stage_chat(cfg: RunConfig, run: Path, personas: list[str] | None = None, str
     model = generation_model(cfg, weights)
     lang, splits = cfg.lang or "en", None  # the data is read once, if the demonstrations or a persona need it
     if cfg.switches()["shots"]:
-        splits, lang = run_data(cfg)
+        splits, lang = run_data(cfg, run)
     if not personas:
         print("Persona sentences, one per line; an empty line ends (empty at once: a random Test persona).")
         personas = []

@@ -49,6 +49,18 @@ def file_digests(paths: list[Path]) -> dict:
     return {f"file {os.path.realpath(p)}": hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
 
 
+def check_parsed(run: Path, parsed: dict[str, str]) -> None:
+    """The digests of the bytes a stage's parser read ({path: sha256}) against those the run's stages recorded
+    when they started: a data file edited while a run goes on is refused, so that no run mixes two versions."""
+    recorded = {k: v for r in read_records(run).values() for k, v in r["options"].items() if k.startswith("file ")}
+    for path, digest in parsed.items():
+        then = recorded.get(f"file {os.path.realpath(path)}")
+        if then is not None and then != digest:
+            raise ValueError(f"{path} changed during this run (sha256 {then[:12]} when its stages started, "
+                             f"{digest[:12]} as read now): one run never mixes two versions of its data; restore "
+                             "the file, or add --redo to start again with it")
+
+
 def read_records(run: Path) -> dict:
     """RUN_DIR/stages.json: {stage: {"options": {...}, "started": time}}, {} for a new run."""
     return read_json(run / "stages.json") if (run / "stages.json").exists() else {}

@@ -128,6 +128,27 @@ def test_a_data_file_changed_under_a_run_is_caught(tmp_path, tiny_model_dir, cap
     _refused(capsys, ["evaluate", "--run-dir", str(run)], "stage predict (finished)", f"file {d / src.name}")
 
 
+def test_a_data_file_edited_during_a_run_is_refused_by_the_next_stage_that_parses_it(tmp_path, tiny_model_dir,
+                                                                                     monkeypatch, capsys):
+    """issue 23: the digests were taken once at the start, so SFT trained on one file and pairs on its edit."""
+    src = shared_file("data/personachat/valid_self_original.txt")
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / src.name).write_bytes(src.read_bytes())
+    sft = pal.STAGES["sft"]
+
+    def sft_then_edit(cfg, run):
+        """SFT, then the data file is edited."""
+        sft(cfg, run)
+        with open(d / src.name, "a") as f:  # as if edited by hand at SFT step 20
+            f.write("1 your persona: i was added later .\n2 hi\thello\n")
+
+    monkeypatch.setitem(pal.STAGES, "sft", sft_then_edit)
+    run = tmp_path / "run"
+    _refused(capsys, ["all", *_args(run, tiny_model_dir, d)], f"{d / src.name} changed during this run")
+    assert (run / "sft" / "final").exists() and not (run / "pairs.jsonl").exists()
+
+
 # ---- options are checked before anything is saved ------------------------------------------------------------------
 
 @pytest.mark.parametrize("option,value,expect", [
