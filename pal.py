@@ -203,7 +203,16 @@ def load_data(data_dir: str | None, limit: int | None = None, labels: str = "lex
         splits = {k: data.relabel(v, nli.nli_persona_labels(v, nli_model.predict)) for k, v in splits.items()}
     elif labels != "lexical":
         raise ValueError(f"--labels {labels!r}: choose lexical or nli")
-    return splits, lang or data.detect_lang(splits["valid1"] or splits["test"])
+    return splits, lang or decide_lang(splits)
+
+
+def decide_lang(splits: dict) -> str:
+    """The language of prompts and metrics, by share: 'zh' when most examples hold CJK characters; said."""
+    every = [e for rows in splits.values() for e in rows]
+    lang = data.detect_lang(every)
+    say(f"language: {lang} ({data.cjk_share(every):.0%} of {len(every)} examples hold CJK characters; --lang "
+        "overrides)")
+    return lang
 
 
 def run_data(cfg: RunConfig, run: Path | None = None) -> tuple[dict, str]:
@@ -1327,10 +1336,13 @@ def prepare_run(args, run: Path, cfg: RunConfig) -> tuple[dict, dict]:
         raise ValueError("no model: give --model (a Hugging Face-layout directory or a hub id)")
     if args.stage != "evaluate":
         check_model_fits(cfg)
+    records = rundir.read_records(run)
+    if cfg.lang is None and cfg.data_dir and not records:  # decided once, kept in run.json and the records
+        cfg.lang = decide_lang(data.load_splits(cfg.data_dir, limit=cfg.limit, personas=cfg.personas)[0])
     digests = rundir.file_digests(input_files(cfg))
     now = {s: {**stage_options(cfg, s), **digests} for s in STAGES}
     finished = {s: (run / OUTPUTS[s]).exists() for s in STAGES}
-    records = rundir.check_records(run, rundir.read_records(run), now, finished, STAGE_PATHS,
+    records = rundir.check_records(run, records, now, finished, STAGE_PATHS,
                                    args.redo and args.stage != "chat", RESUME_ONLY, ADDED_LATER, say)
     if args.stage != "chat":
         write_json(run / "run.json", dataclasses.asdict(cfg))

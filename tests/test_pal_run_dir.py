@@ -149,6 +149,23 @@ def test_a_data_file_edited_during_a_run_is_refused_by_the_next_stage_that_parse
     assert (run / "sft" / "final").exists() and not (run / "pairs.jsonl").exists()
 
 
+def test_the_language_is_decided_by_share_said_and_kept_in_run_json(tmp_path, tiny_model_dir, capsys):
+    """issue 23: one CJK word among the first 20 examples switched a whole English run to Chinese."""
+    src = shared_file("data/personachat/valid_self_original.txt")
+    d = tmp_path / "data"
+    d.mkdir()
+    lines = src.read_text().split("\n")
+    for i in (4, 5):  # the first two replies of the first dialogue (both in the run's 16 examples) name a dish
+        lines[i] = lines[i].replace("\t", "\t饺子 ", 1)
+    (d / src.name).write_text("\n".join(lines))
+    capsys.readouterr()
+    pal.main(["sft", *_args(tmp_path / "en", tiny_model_dir, d, "--variant", "zero_shot")])
+    assert "language: en (12% of 16 examples hold CJK characters; --lang overrides)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "en" / "run.json").read_text())["lang"] == "en"
+    pal.main(["sft", *_args(tmp_path / "zh", tiny_model_dir, d, "--variant", "zero_shot", "--lang", "zh")])
+    assert json.loads((tmp_path / "zh" / "run.json").read_text())["lang"] == "zh"
+
+
 # ---- options are checked before anything is saved ------------------------------------------------------------------
 
 @pytest.mark.parametrize("option,value,expect", [
