@@ -61,7 +61,7 @@ from infra.dist import barrier, gather_rows, is_rank0, local_device, rank_world,
 from infra.dist import start as start_ranks
 from infra.dist import write_rows_shared
 from infra.files import JsonlWriter, atomic_path, read_json, read_jsonl, write_json, write_text
-from infra.hub import resolve_model_dir
+from infra.hub import resolve_model_dir, weights_digest
 from infra.options import add_flags, check_declared, flag, load_declared, option
 
 
@@ -1244,8 +1244,13 @@ STAGE_OPTIONS = {
     "predict": ("from_run", "strategy", "shots", "gen_dtype", "max_new_tokens", "select_max_new_tokens"),
     "evaluate": ("nli", "metrics_compat"),
 }
-RESUME_ONLY = {"dpo": ("nli",)}  # DPO's validation scorer: checked while DPO runs, free to differ once it is done
-ADDED_LATER = {"tune": "weights", "shots": 0}  # switches newer than some records: what a record without them meant
+# Checked while a stage runs, free to differ once it is done: DPO's validation scorer; the global batch (sequences
+# per optimizer step over every rank: a resume by another number of processes would change the schedule).
+RESUME_ONLY = {"sft": ("global batch (sft)",), "dpo": ("nli", "global batch (dpo)")}
+# What a record without an option meant (inputs it did not note then are not checked)
+ADDED_LATER = {"tune": "weights", "shots": 0, "global batch (sft)": rundir.UNRECORDED,
+               "global batch (dpo)": rundir.UNRECORDED, "weights digest": rundir.UNRECORDED,
+               "nli (labels)": rundir.UNRECORDED}
 
 STAGE_PATHS = {"sft": "sft", "pairs": "pairs.jsonl*", "dpo": "dpo", "predict": "generations.jsonl*",
                "evaluate": "results.*"}  # each stage's outputs, finished or not (glob patterns in RUN_DIR)
@@ -1273,7 +1278,11 @@ def stage_options(cfg: RunConfig, stage: str) -> dict:
     own = STAGE_OPTIONS[stage] if stage != "sft" or cfg.switches()["tasks"] != "none" else DATA_OPTIONS
     if value["tune"] != "prompt":  # the soft prompt's settings shape nothing else
         own = [k for k in own if k not in ("prompt_tokens", "prompt_lr")]
-    return {**inherited, **{k: value[k] for k in own}}
+    inherited = {k: v for k, v in inherited.items() if not k.startswith("global batch")}  # the trainer's own
+    trains = {"global batch (sft)": global_batch(cfg, "sft")} if stage == "sft" and "sft_lr" in own else {}
+    if stage == "dpo":
+        trains = {"global batch (dpo)": global_batch(cfg, "dpo")}
+    return {**inherited, **{k: value[k] for k in own}, **trains}
 
 
 def input_files(cfg: RunConfig) -> list[Path]:
@@ -1283,6 +1292,18 @@ def input_files(cfg: RunConfig) -> list[Path]:
     files = list(data.split_files(cfg.data_dir, variant)[1].values()) if cfg.data_dir else []
     local_model = Path(cfg.model or "") / "config.json"
     return files + ([local_model] if cfg.model and local_model.is_file() else [])
+
+
+def input_digests(cfg: RunConfig) -> dict:
+    """The weights a run reads, by digest (infra/hub.py caches it beside them): the base model's when it is a local
+    directory, and the NLI labeller (path and weights) when --labels nli, whose labels shape SFT, pairs and DPO."""
+    local = cfg.model and Path(cfg.model).is_dir()
+    labeller = None
+    if cfg.labels == "nli" and cfg.nli:
+        where = resolve_model_dir(cfg.nli)
+        labeller = {"nli": os.path.realpath(cfg.nli) if Path(cfg.nli).exists() else cfg.nli,
+                    "weights": weights_digest(where)}
+    return {"weights digest": weights_digest(cfg.model) if local else None, "nli (labels)": labeller}
 
 
 def stage_runs(cfg: RunConfig, stage: str) -> bool:
@@ -1336,10 +1357,11 @@ def prepare_run(args, run: Path, cfg: RunConfig) -> tuple[dict, dict]:
         raise ValueError("no model: give --model (a Hugging Face-layout directory or a hub id)")
     if args.stage != "evaluate":
         check_model_fits(cfg)
+    rundir.check_untracked(run, list(STAGE_PATHS.values()), args.trust_outputs)
     records = rundir.read_records(run)
     if cfg.lang is None and cfg.data_dir and not records:  # decided once, kept in run.json and the records
         cfg.lang = decide_lang(data.load_splits(cfg.data_dir, limit=cfg.limit, personas=cfg.personas)[0])
-    digests = rundir.file_digests(input_files(cfg))
+    digests = {**rundir.file_digests(input_files(cfg)), **input_digests(cfg)}
     now = {s: {**stage_options(cfg, s), **digests} for s in STAGES}
     finished = {s: (run / OUTPUTS[s]).exists() for s in STAGES}
     records = rundir.check_records(run, records, now, finished, STAGE_PATHS,
@@ -1361,6 +1383,8 @@ def main(argv=None):
         p.add_argument("--run-dir", required=True, help="directory of this run (created; holds run.json)")
         p.add_argument("--redo", action="store_true", help="a stage was built with other options: move its outputs "
                        "and the later stages' to RUN_DIR/superseded/ and start them again (default: refuse)")
+        p.add_argument("--trust-outputs", action="store_true", help="a run directory with outputs but no "
+                       "stages.json: take them as built with these options (default: refuse)")
         p.add_argument("--debug", action="store_true", help="show the traceback of an error")
         add_flags(p, RunConfig, aliases={"from_run": "--from"})  # the paper's "--from RUN_DIR"
         if name == "chat":

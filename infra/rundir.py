@@ -66,13 +66,27 @@ def read_records(run: Path) -> dict:
     return read_json(run / "stages.json") if (run / "stages.json").exists() else {}
 
 
+UNRECORDED = "(not recorded)"  # added_later's value for an input older records did not note: not checked
+
+
+def check_untracked(run: Path, output_globs: list[str], trust: bool) -> None:
+    """A run directory with stage outputs but no stages.json (made by hand, or by a version that kept no records)
+    says nothing of what its outputs were built from: refused, unless the user trusts them (--trust-outputs)."""
+    found = sorted(p.name for g in output_globs for p in run.glob(g))
+    if found and not (run / "stages.json").exists() and not trust:
+        raise ValueError(f"{run} holds outputs ({', '.join(found)}) but no stages.json recording what they were "
+                         "built from: add --trust-outputs to take them as built with these options, or use another "
+                         "--run-dir")
+
+
 def check_records(run: Path, records: dict, now: dict[str, dict], finished: dict[str, bool],
                   outputs: dict[str, str], redo: bool, resume_only: dict | None = None,
                   added_later: dict | None = None, say=print) -> dict:
     """Compare the options each started stage would be built from now (`now`, in stage order) with what it recorded.
     A difference is refused, naming it; with redo=True that stage's and every later stage's outputs (`outputs`: glob
     patterns in RUN_DIR) move to RUN_DIR/superseded/TIME and their records are dropped. resume_only: options checked
-    only while a stage is unfinished; added_later: what a record without an option meant. -> the valid records."""
+    only while a stage is unfinished; added_later: what a record without an option meant (UNRECORDED: it was not
+    recorded then, and is not checked). -> the valid records."""
     stages = list(now)
     for k, stage in enumerate(stages):
         if stage not in records:
@@ -80,10 +94,11 @@ def check_records(run: Path, records: dict, now: dict[str, dict], finished: dict
         then = {**{n: v for n, v in (added_later or {}).items() if n in now[stage]}, **records[stage]["options"]}
         state = "finished" if finished[stage] else "started"
         ignored = (resume_only or {}).get(stage, ()) if finished[stage] else ()
-        changed = [n for n in {**then, **now[stage]} if now[stage].get(n) != then.get(n) and n not in ignored]
+        changed = [n for n in {**then, **now[stage]} if now[stage].get(n) != then.get(n) and n not in ignored
+                   and then.get(n) != UNRECORDED]
         if not changed:
             continue
-        what = "; ".join(f"{n if n.startswith('file') else flag(n)}: {then.get(n)!r} then, {now[stage].get(n)!r} now"
+        what = "; ".join(f"{n if ' ' in n else flag(n)}: {then.get(n)!r} then, {now[stage].get(n)!r} now"
                          for n in changed)
         if not redo:
             raise ValueError(f"{run}: stage {stage} ({state}) was built with other settings ({what}). Keep them, "

@@ -166,6 +166,60 @@ def test_the_language_is_decided_by_share_said_and_kept_in_run_json(tmp_path, ti
     assert json.loads((tmp_path / "zh" / "run.json").read_text())["lang"] == "zh"
 
 
+def test_base_weights_replaced_in_place_are_caught_by_their_digest(tmp_path, tiny_model_dir, data_dir, capsys):
+    """issue 23: only config.json was hashed, so new weights under the same config regenerated every pair."""
+    import shutil
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base, symlinks=True)
+    run = tmp_path / "run"
+    pal.main(["sft", *_args(run, base, data_dir)])
+    m = modeling.load_model(base)
+    with torch.no_grad():
+        m.wte.weight.mul_(2)
+    modeling.save_model(m, base)
+    _refused(capsys, ["pairs", "--run-dir", str(run)], "stage sft (finished) was built with other settings",
+             "weights digest")
+
+
+def test_the_nli_labeller_and_the_global_batch_are_recorded(tmp_path, monkeypatch):
+    """issue 23: with --labels nli a later --nli B was taken (SFT on A's labels, pairs on B's); a run of two ranks
+    resumed by one process silently doubled its steps."""
+    nli_dirs = []
+    for name in ("A", "B"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        (d / "model.safetensors").write_bytes(name.encode() * 64)  # hashed, never parsed here
+        nli_dirs.append(str(d))
+
+    def now(cfg):
+        return {s: {**pal.stage_options(cfg, s), **pal.input_digests(cfg)} for s in pal.STAGES}
+
+    a = pal.RunConfig(model="gpt2", labels="nli", nli=nli_dirs[0])
+    records = {"sft": {"options": now(a)["sft"]}}
+    done = {s: False for s in pal.STAGES}
+    with pytest.raises(ValueError, match=r"stage sft \(started\).*nli \(labels\)"):
+        rundir.check_records(tmp_path, dict(records), now(pal.RunConfig(model="gpt2", labels="nli",
+                                                                         nli=nli_dirs[1])), done, {}, False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    records = {"sft": {"options": now(a)["sft"]}}
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match=r"global batch \(sft\): 16 then, 8 now"):
+        rundir.check_records(tmp_path, dict(records), now(a), done, {}, False, pal.RESUME_ONLY, pal.ADDED_LATER)
+    rundir.check_records(tmp_path, dict(records), now(a), {**done, "sft": True}, {}, False, pal.RESUME_ONLY,
+                         pal.ADDED_LATER)  # a finished SFT does not care
+
+
+def test_a_run_directory_with_outputs_but_no_records_is_refused_unless_trusted(tmp_path, tiny_model_dir, data_dir,
+                                                                               capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "pairs.jsonl").write_text("")
+    _refused(capsys, ["sft", *_args(run, tiny_model_dir, data_dir, "--variant", "zero_shot")],
+             f"{run} holds outputs (pairs.jsonl) but no stages.json", "--trust-outputs")
+    pal.main(["sft", *_args(run, tiny_model_dir, data_dir, "--variant", "zero_shot", "--trust-outputs")])
+
+
 # ---- options are checked before anything is saved ------------------------------------------------------------------
 
 @pytest.mark.parametrize("option,value,expect", [
