@@ -86,11 +86,13 @@ def select_then_generate(model, tok, examples: list, lang: str, *, strategy: str
     examples are appended to it."""
     rows = list(writer.done_rows) if writer else []
     todo = examples[len(rows):]
+    stats = data.EncodeStats()  # history dropped and prompts cut to fit max_len, said below
     # 1. selection: greedy decoding of the selection prompt, parsed back to one of the persona sentences
     picks = None
     if strategy == "select" and mode == "generate":
         room = max_len - select_max_new_tokens - len(prefix)  # oldest history turns are dropped beyond this
-        ids = [list(prefix) + data.encode_generation_prompt(tok, e, "select", lang, max_len=room)[0] for e in todo]
+        ids = [list(prefix) + data.encode_generation_prompt(tok, e, "select", lang, max_len=room, stats=stats)[0]
+               for e in todo]
         picks = generate_texts(model, tok, ids, select_max_new_tokens, batch, f"{desc}: select")
         selected = [data.parse_selection(t, e.personas, lang) for t, e in zip(picks, todo)]
     elif strategy == "random":  # one draw per example, seeded by the example: a resumed or sharded run picks alike
@@ -101,8 +103,10 @@ def select_then_generate(model, tok, examples: list, lang: str, *, strategy: str
         mode = "personas" if mode == "generate" else mode  # Not Select: the persona list, nothing highlighted
     # 2. generation with the selected persona highlighted
     room = max_len - max_new_tokens - len(prefix)
-    ids = [list(prefix) + data.encode_generation_prompt(tok, e, mode, lang, persona=p, max_len=room, shots=shots)[0]
-           for e, p in zip(todo, selected)]
+    ids = [list(prefix) + data.encode_generation_prompt(tok, e, mode, lang, persona=p, max_len=room, shots=shots,
+                                                        stats=stats)[0] for e, p in zip(todo, selected)]
+    if todo and (desc != "validate" or stats.truncated or stats.cut):  # validation: only when something was lost
+        say(f"{desc}: prompts {stats.summary()}")
 
     def write(idx, texts):
         for i, t in zip(idx, texts):
@@ -452,7 +456,9 @@ def stage_pairs(cfg: RunConfig, run: Path):
         todo = examples[len(writer.done_rows):]
         if writer.done_rows:
             say(f"pairs: resuming after {len(writer.done_rows)} of {len(examples)} examples")
-        ids = [data.encode_generation_prompt(tok, e, "history", lang, max_len=room)[0] for e in todo]
+        stats = data.EncodeStats()
+        ids = [data.encode_generation_prompt(tok, e, "history", lang, max_len=room, stats=stats)[0] for e in todo]
+        say(f"pairs: prompts {stats.summary()}")
 
         def write(idx, texts):
             for i, t in zip(idx, texts):
@@ -484,6 +490,11 @@ def stage_dpo(cfg: RunConfig, run: Path):
     if align == "dpo" and not lora_rank(cfg, "dpo"):  # full fine-tuning: the reference is a frozen SFT copy
         ref = load_stage_model(sft_weights(cfg, run), cfg.dtype)  # in the policy's dtype, not gen_dtype
     val = splits["valid2"][: cfg.eval_limit]
+    if cfg.eval_limit and not val:  # DPO would train blind: no best checkpoint, no early stopping
+        raise ValueError(f"no Valid#2 examples in {cfg.data_dir}: DPO validates and stops early on Valid#2; give "
+                         "data with more validation dialogues, or --eval-limit 0 to train without validation")
+    if not val:
+        say("dpo: --eval-limit 0: no validation; the last weights are exported")
     nli_model = load_nli(cfg.nli) if is_rank0() else None  # rank 0 scores the validation rows
     context = prompt_context(cfg, policy, tok, splits, lang)
 
@@ -497,7 +508,8 @@ def stage_dpo(cfg: RunConfig, run: Path):
         rows = nonempty(read_jsonl(run / "pairs.jsonl"), f"pairs in {run / 'pairs.jsonl'}")
         feats, stats = data.dpo_features(tok, [example_from_row(r) for r in rows], [r["rejected"] for r in rows],
                                          mode, lang, cfg.max_len)
-        say(f"dpo: {len(feats)} pairs; {stats.summary()}")
+        empty = sum(not r["rejected"].strip() for r in rows)  # the SFT model stopped at once: nothing to reject
+        say(f"dpo: {len(feats)} pairs ({empty} of {len(rows)} with an empty rejected reply); {stats.summary()}")
         nonempty(feats, f"pairs fit --max-len {cfg.max_len} ({stats.summary()})")
         collate = lambda fs: data.collate_dpo(fs, tok.pad_id)
         tcfg = train_config(cfg, "dpo", run / "dpo", len(feats))

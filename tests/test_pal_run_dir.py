@@ -199,8 +199,8 @@ def test_the_nli_labeller_and_the_global_batch_are_recorded(tmp_path, monkeypatc
     records = {"sft": {"options": now(a)["sft"]}}
     done = {s: False for s in pal.STAGES}
     with pytest.raises(ValueError, match=r"stage sft \(started\).*nli \(labels\)"):
-        rundir.check_records(tmp_path, dict(records), now(pal.RunConfig(model="gpt2", labels="nli",
-                                                                         nli=nli_dirs[1])), done, {}, False)
+        b = pal.RunConfig(model="gpt2", labels="nli", nli=nli_dirs[1])
+        rundir.check_records(tmp_path, dict(records), now(b), done, {}, False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     records = {"sft": {"options": now(a)["sft"]}}
     monkeypatch.setenv("WORLD_SIZE", "1")
@@ -218,6 +218,32 @@ def test_a_run_directory_with_outputs_but_no_records_is_refused_unless_trusted(t
     _refused(capsys, ["sft", *_args(run, tiny_model_dir, data_dir, "--variant", "zero_shot")],
              f"{run} holds outputs (pairs.jsonl) but no stages.json", "--trust-outputs")
     pal.main(["sft", *_args(run, tiny_model_dir, data_dir, "--variant", "zero_shot", "--trust-outputs")])
+
+
+def test_predict_counts_the_prompts_it_cuts(tmp_path, tiny_model_dir, data_dir, capsys):
+    """issue 23: predict cut prompts to their last tokens (instruction and personas gone) without a count."""
+    capsys.readouterr()
+    pal.main(["predict", *_args(tmp_path / "run", tiny_model_dir, data_dir, "--variant", "zero_shot", "--max-len",
+                                "40")])
+    said = re.search(r"predict: prompts (\d+) encoded, .*\((\d+) left out, (\d+) prompts cut\)",
+                     capsys.readouterr().err)
+    assert said and said[1] == said[3] == "4", said  # 4 Test examples, not one fits 35 tokens
+
+
+def test_an_empty_valid2_is_refused_and_empty_rejected_replies_are_counted(tmp_path, tiny_model_dir, data_dir,
+                                                                           monkeypatch, capsys):
+    """issue 23: an empty Valid#2 ran DPO without validation, silently; empty rejected replies were not counted."""
+    run_data = pal.run_data
+    monkeypatch.setattr(pal, "run_data", lambda cfg, run=None: ({**run_data(cfg, run)[0], "valid2": []}, "en"))
+    run = tmp_path / "run"
+    _refused(capsys, ["all", *_args(run, tiny_model_dir, data_dir)], "no Valid#2 examples in", "--eval-limit 0")
+    rows = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
+    (run / "pairs.jsonl").write_text("".join(json.dumps({**r, "rejected": "" if i == 0 else r["rejected"]}) + "\n"
+                                             for i, r in enumerate(rows)))
+    monkeypatch.undo()  # Valid#2 is back
+    capsys.readouterr()
+    pal.main(["dpo", "--run-dir", str(run)])
+    assert f"(1 of {len(rows)} with an empty rejected reply)" in capsys.readouterr().err
 
 
 # ---- options are checked before anything is saved ------------------------------------------------------------------
@@ -267,7 +293,7 @@ def test_zero_rows_are_an_error_not_a_table_of_zeros(tmp_path, capsys):
     run.mkdir()
     (run / "run.json").write_text(json.dumps({"model": "gpt2"}))
     (run / "generations.jsonl").write_text("")
-    _refused(capsys, ["evaluate", "--run-dir", str(run)], "no generated rows", "generations.jsonl")
+    _refused(capsys, ["evaluate", "--run-dir", str(run), "--trust-outputs"], "no generated rows", "generations.jsonl")
     assert not (run / "results.json").exists()
 
 
