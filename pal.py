@@ -312,7 +312,12 @@ def final_weights(cfg: RunConfig, run: Path):
     with --from-run, that run's (same base model: the tokenizer comes from it)."""
     if cfg.from_run:
         source = Path(cfg.from_run)
+        if source.resolve() == run.resolve():
+            raise ValueError(f"--from-run {source}: that is this run; name the run that trained the model")
         trained = load_run_config(source, {})
+        if trained.from_run:  # a chain of inference-only runs (or a loop): name the run that trained
+            raise ValueError(f"--from-run {source}: that run trained nothing either (its --from-run is "
+                             f"{trained.from_run}); name the run that trained the model")
         if trained.model != cfg.model:
             raise ValueError(f"--from-run {source}: trained from {trained.model}, this run's --model is {cfg.model}")
         return final_weights(trained, source)
@@ -1264,6 +1269,7 @@ ADDED_LATER = {"tune": "weights", "shots": 0, "global batch (sft)": rundir.UNREC
                "global batch (dpo)": rundir.UNRECORDED, "weights digest": rundir.UNRECORDED,
                "nli (labels)": rundir.UNRECORDED}
 
+CHAT_DECODING = ("strategy", "shots", "gen_dtype", "max_new_tokens", "select_max_new_tokens")  # chat: free
 STAGE_PATHS = {"sft": "sft", "pairs": "pairs.jsonl*", "dpo": "dpo", "predict": "generations.jsonl*",
                "evaluate": "results.*"}  # each stage's outputs, finished or not (glob patterns in RUN_DIR)
 
@@ -1369,12 +1375,18 @@ def prepare_run(args, run: Path, cfg: RunConfig) -> tuple[dict, dict]:
         raise ValueError("no model: give --model (a Hugging Face-layout directory or a hub id)")
     if args.stage != "evaluate":
         check_model_fits(cfg)
+    if cfg.from_run:
+        final_weights(cfg, run)  # another run's model, checked before anything is recorded
     rundir.check_untracked(run, list(STAGE_PATHS.values()), args.trust_outputs)
     records = rundir.read_records(run)
     if cfg.lang is None and cfg.data_dir and not records:  # decided once, kept in run.json and the records
         cfg.lang = decide_lang(data.load_splits(cfg.data_dir, limit=cfg.limit, personas=cfg.personas)[0])
     digests = {**rundir.file_digests(input_files(cfg)), **input_digests(cfg)}
-    now = {s: {**stage_options(cfg, s), **digests} for s in STAGES}
+    checked = cfg  # chat writes nothing: it may decode otherwise than the run did
+    if args.stage == "chat":
+        saved = load_declared(RunConfig, run / "run.json", {})
+        checked = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in CHAT_DECODING})
+    now = {s: {**stage_options(checked, s), **digests} for s in STAGES}
     finished = {s: (run / OUTPUTS[s]).exists() for s in STAGES}
     records = rundir.check_records(run, records, now, finished, STAGE_PATHS,
                                    args.redo and args.stage != "chat", RESUME_ONLY, ADDED_LATER, say)

@@ -13,6 +13,17 @@ class CheckpointError(ValueError):
     """A file whose content is not what it should be: damaged JSON, a truncated checkpoint, shapes that do not fit."""
 
 
+def readable_by_all(path: Path) -> None:
+    """The modes a plain open() or mkdir() would give under the umask (0644 / 0755 with the usual 022), for `path` and
+    everything in it: safetensors writes its files 0600 and a copied read-only file stays 0444, so that an export
+    could not be read by another user or overwritten by its owner's tools."""
+    mask = os.umask(0)
+    os.umask(mask)  # reading the umask means setting it; set back at once
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary sibling of `path` for the caller to create a file or directory at; on success rename it onto
@@ -22,6 +33,7 @@ def atomic_path(path):
     tmp = path.with_name(f".tmp-{os.getpid()}-{os.urandom(4).hex()}-{path.name}")
     try:
         yield tmp
+        readable_by_all(tmp)
         if path.is_dir() and tmp.is_dir():  # rename() cannot replace a non-empty directory: move it aside
             old = path.with_name(f".old-{os.getpid()}-{os.urandom(4).hex()}-{path.name}")
             os.replace(path, old)

@@ -130,13 +130,15 @@ def load_plain(path: Path, mmap: bool = False):
     """torch.load of tensors and plain containers only (weights_only=True): a pickle that names any other global,
     i.e. that would run code while loading, is refused, and so is a corrupt file; the error names the file. The
     one reader of torch files here (pytorch_model.bin; dpo.py's trainer state, random streams, reference cache)."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:   # what weights_only raises on a global it does not allow
         why = re.search(r"Unsupported (global: GLOBAL [\w.]+|operand \w+)", str(e))  # e.g. GLOBAL os.system
         raise CheckpointError(f"{path}: refusing to unpickle arbitrary objects ({why[0] if why else 'not plain data'}"
                               "); loading would run code: delete it unless you trust its source") from None
-    except (EOFError, RuntimeError) as e:  # empty; a zip archive cut short
+    except (EOFError, RuntimeError, OSError) as e:  # empty; a zip archive cut short (OSError: EINVAL past its end)
         raise CheckpointError(f"{path}: corrupt or truncated torch file (an interrupted download?): {e}") from None
 
 

@@ -79,6 +79,11 @@ def check_untracked(run: Path, output_globs: list[str], trust: bool) -> None:
                          "--run-dir")
 
 
+def wrote_anything(run: Path, pattern: str) -> bool:
+    """Is there a file at the glob `pattern` in RUN_DIR, or under a directory it matches?"""
+    return any(p.is_file() or any(q.is_file() for q in p.rglob("*")) for p in run.glob(pattern))
+
+
 def check_records(run: Path, records: dict, now: dict[str, dict], finished: dict[str, bool],
                   outputs: dict[str, str], redo: bool, resume_only: dict | None = None,
                   added_later: dict | None = None, say=print) -> dict:
@@ -97,6 +102,11 @@ def check_records(run: Path, records: dict, now: dict[str, dict], finished: dict
         changed = [n for n in {**then, **now[stage]} if now[stage].get(n) != then.get(n) and n not in ignored
                    and then.get(n) != UNRECORDED]
         if not changed:
+            continue
+        if not finished[stage] and not wrote_anything(run, outputs[stage]):  # it failed while loading its inputs
+            records.pop(stage)
+            write_json(run / "stages.json", records)
+            say(f"{stage}: started before with other settings but wrote nothing; it starts with these")
             continue
         what = "; ".join(f"{n if ' ' in n else flag(n)}: {then.get(n)!r} then, {now[stage].get(n)!r} now"
                          for n in changed)

@@ -246,6 +246,38 @@ def test_an_empty_valid2_is_refused_and_empty_rejected_replies_are_counted(tmp_p
     assert f"(1 of {len(rows)} with an empty rejected reply)" in capsys.readouterr().err
 
 
+def test_from_run_naming_the_run_itself_is_refused(tmp_path, tiny_model_dir, data_dir, capsys):
+    """issue 23: it recursed until Python's limit."""
+    run = tmp_path / "run"
+    _refused(capsys, ["predict", *_args(run, tiny_model_dir, data_dir, "--variant", "random", "--from-run", str(run))],
+             f"--from-run {run}: that is this run")
+
+
+def test_a_stage_that_failed_while_loading_starts_again_once_its_input_is_fixed(tmp_path, tiny_model_dir, capsys):
+    """issue 23: the stage was recorded before it read its data, so the fixed file needed --redo."""
+    src = shared_file("data/personachat/valid_self_original.txt").read_text().split("\n")[:300]
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "valid_self_original.txt").write_text("\n".join(["oops"] + src) + "\n")
+    run = tmp_path / "run"
+    args = _args(run, tiny_model_dir, d, "--variant", "zero_shot", "--lang", "en")  # no data read before the stage
+    _refused(capsys, ["predict", *args], f"{d / 'valid_self_original.txt'}:1: expected a line starting with its number")
+    (d / "valid_self_original.txt").write_text("\n".join(src) + "\n")
+    pal.main(["predict", *args])
+    assert "predict: started before with other settings but wrote nothing" in capsys.readouterr().err
+    assert (run / "generations.jsonl").exists()
+
+
+def test_chat_takes_other_decoding_options(tmp_path, tiny_model_dir, data_dir, monkeypatch, capsys):
+    """issue 23: chat was refused for --max-new-tokens other than predict's (a stage record it does not write)."""
+    run = tmp_path / "run"
+    pal.main(["predict", *_args(run, tiny_model_dir, data_dir, "--variant", "zero_shot")])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n\n"))
+    capsys.readouterr()
+    pal.main(["chat", "--run-dir", str(run), "--max-new-tokens", "7", "--persona", "i like cats ."])
+    assert "bot> " in capsys.readouterr().out
+
+
 # ---- options are checked before anything is saved ------------------------------------------------------------------
 
 @pytest.mark.parametrize("option,value,expect", [

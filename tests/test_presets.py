@@ -64,3 +64,9 @@ def test_a_row_of_the_tables_gets_its_own_run_directory(variant):
     assert f"--run-dir runs/gpt2-{variant} " in out and out.count("--variant") == 1 and f"--variant {variant}" in out
     lengths = re.findall(r"--max-len (\d+)", out)
     assert lengths[-1] == ("1024" if variant == "few_shot" else "512")
+
+
+def test_a_train_sh_option_without_its_value_is_one_clear_line():
+    """issue 23: `train.sh smol --limit` died with "unbound variable"."""
+    out = subprocess.run(["bash", "train.sh", "smol", "--limit"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip() == "train.sh: --limit needs a value", out.stderr
