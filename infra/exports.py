@@ -77,10 +77,10 @@ def read_adapter_base(export) -> dict | None:
     if not noted.exists():
         return None
     info = read_json(noted)
-    kinds = {"base": str, "r": int, "alpha": (int, float), "targets": str}
-    if wrong := [k for k, t in kinds.items() if not isinstance(info.get(k), t) or isinstance(info.get(k), bool)]:
-        raise CheckpointError(f"{noted}: {wrong[0]!r} is {info.get(wrong[0])!r}; expected a {kinds[wrong[0]]} "
-                              "(the file note_adapter_base writes)")
+    kinds = {"base": (str, "a path or hub id"), "r": (int, "a whole number"), "alpha": ((int, float), "a number"),
+             "targets": (str, "layer names such as q,v")}
+    if wrong := [k for k, (t, _) in kinds.items() if not isinstance(info.get(k), t) or isinstance(info.get(k), bool)]:
+        raise CheckpointError(f"{noted}: {wrong[0]!r} is {info.get(wrong[0])!r}; expected {kinds[wrong[0]][1]}")
     base = info["base"]
     if info.get("in_run"):
         root = run_root(export)

@@ -198,16 +198,19 @@ def test_the_nli_labeller_and_the_global_batch_are_recorded(tmp_path, monkeypatc
     a = pal.RunConfig(model="gpt2", labels="nli", nli=nli_dirs[0])
     records = {"sft": {"options": now(a)["sft"]}}
     done = {s: False for s in pal.STAGES}
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "log.jsonl").write_text("")  # SFT has begun writing
     with pytest.raises(ValueError, match=r"stage sft \(started\).*nli \(labels\)"):
         b = pal.RunConfig(model="gpt2", labels="nli", nli=nli_dirs[1])
-        rundir.check_records(tmp_path, dict(records), now(b), done, {}, False)
+        rundir.check_records(tmp_path, dict(records), now(b), done, pal.STAGE_PATHS, False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     records = {"sft": {"options": now(a)["sft"]}}
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ValueError, match=r"global batch \(sft\): 16 then, 8 now"):
-        rundir.check_records(tmp_path, dict(records), now(a), done, {}, False, pal.RESUME_ONLY, pal.ADDED_LATER)
-    rundir.check_records(tmp_path, dict(records), now(a), {**done, "sft": True}, {}, False, pal.RESUME_ONLY,
-                         pal.ADDED_LATER)  # a finished SFT does not care
+        rundir.check_records(tmp_path, dict(records), now(a), done, pal.STAGE_PATHS, False, pal.RESUME_ONLY,
+                             pal.ADDED_LATER)
+    rundir.check_records(tmp_path, dict(records), now(a), {**done, "sft": True}, pal.STAGE_PATHS, False,
+                         pal.RESUME_ONLY, pal.ADDED_LATER)  # a finished SFT does not care
 
 
 def test_a_run_directory_with_outputs_but_no_records_is_refused_unless_trusted(tmp_path, tiny_model_dir, data_dir,
