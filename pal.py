@@ -221,8 +221,13 @@ def decide_lang(splits: dict) -> str:
 
 def run_data(cfg: RunConfig, run: Path | None = None) -> tuple[dict, str]:
     nli_model = load_nli(cfg.nli) if cfg.labels == "nli" else None  # the classifier is loaded only to label
-    return load_data(cfg.data_dir, cfg.limit, cfg.labels, nli_model, cfg.lang, cfg.personas, cfg.history_turns,
-                     run)
+    splits, lang = load_data(cfg.data_dir, cfg.limit, cfg.labels, nli_model, cfg.lang, cfg.personas,
+                             cfg.history_turns, run)
+    if stage_runs(cfg, "dpo") and cfg.eval_limit and not splits["valid2"]:  # said before SFT, not after it
+        raise ValueError(f"no Valid#2 examples in {cfg.data_dir}: the second stage validates and stops early on "
+                         "Valid#2; give data with more validation dialogues, or --eval-limit 0 to train without "
+                         "validation")
+    return splits, lang
 
 
 def load_nli(name_or_path: str | None):
@@ -495,9 +500,6 @@ def stage_dpo(cfg: RunConfig, run: Path):
     if align == "dpo" and not lora_rank(cfg, "dpo"):  # full fine-tuning: the reference is a frozen SFT copy
         ref = load_stage_model(sft_weights(cfg, run), cfg.dtype)  # in the policy's dtype, not gen_dtype
     val = splits["valid2"][: cfg.eval_limit]
-    if cfg.eval_limit and not val:  # DPO would train blind: no best checkpoint, no early stopping
-        raise ValueError(f"no Valid#2 examples in {cfg.data_dir}: DPO validates and stops early on Valid#2; give "
-                         "data with more validation dialogues, or --eval-limit 0 to train without validation")
     if not val:
         say("dpo: --eval-limit 0: no validation; the last weights are exported")
     nli_model = load_nli(cfg.nli) if is_rank0() else None  # rank 0 scores the validation rows

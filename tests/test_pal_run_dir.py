@@ -236,14 +236,17 @@ def test_predict_counts_the_prompts_it_cuts(tmp_path, tiny_model_dir, data_dir, 
 def test_an_empty_valid2_is_refused_and_empty_rejected_replies_are_counted(tmp_path, tiny_model_dir, data_dir,
                                                                            monkeypatch, capsys):
     """issue 23: an empty Valid#2 ran DPO without validation, silently; empty rejected replies were not counted."""
-    run_data = pal.run_data
-    monkeypatch.setattr(pal, "run_data", lambda cfg, run=None: ({**run_data(cfg, run)[0], "valid2": []}, "en"))
+    load_data = pal.load_data
+    monkeypatch.setattr(pal, "load_data", lambda *a: ({**load_data(*a)[0], "valid2": []}, "en"))
     run = tmp_path / "run"
     _refused(capsys, ["all", *_args(run, tiny_model_dir, data_dir)], "no Valid#2 examples in", "--eval-limit 0")
+    assert not (run / "sft").exists()  # said before SFT trains, not after
+    monkeypatch.undo()
+    pal.main(["sft", *_args(run, tiny_model_dir, data_dir)])
+    pal.main(["pairs", "--run-dir", str(run)])
     rows = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
     (run / "pairs.jsonl").write_text("".join(json.dumps({**r, "rejected": "" if i == 0 else r["rejected"]}) + "\n"
                                              for i, r in enumerate(rows)))
-    monkeypatch.undo()  # Valid#2 is back
     capsys.readouterr()
     pal.main(["dpo", "--run-dir", str(run)])
     assert f"(1 of {len(rows)} with an empty rejected reply)" in capsys.readouterr().err
