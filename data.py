@@ -722,12 +722,16 @@ def parse_selection(text: str, personas: Sequence[str], lang: str = "en") -> str
     return personas[i] if i is not None else None
 
 
+def cjk_share(examples: Sequence[Example]) -> float:
+    """The share of examples whose response or personas hold a CJK character."""
+    has = [bool(CJK_CHAR.search(e.response) or any(CJK_CHAR.search(p) for p in e.personas)) for e in examples]
+    return sum(has) / max(len(has), 1)
+
+
 def detect_lang(examples: Sequence[Example]) -> str:
-    """'zh' if the first examples contain CJK characters, else 'en'."""
-    for e in examples[:20]:
-        if CJK_CHAR.search(e.response) or any(CJK_CHAR.search(p) for p in e.personas):
-            return "zh"
-    return "en"
+    """'zh' when most examples hold CJK characters, else 'en': a CJK name in a few English dialogues (or a
+    few English lines in Chinese ones) does not switch a run's prompts and metrics."""
+    return "zh" if cjk_share(examples) > 0.5 else "en"
 
 
 # ----------------------------------------------------------------------------------------------------

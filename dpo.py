@@ -37,7 +37,7 @@ from infra import ckpt
 from infra.files import append_jsonl, atomic_path
 from infra.hub import read_safetensors
 from infra.options import check_precision
-from infra.trainlog import RunningSums, log_record
+from infra.trainlog import FirstNonFinite, RunningSums, log_record
 from model import SOFT_PROMPT_DIR, lora_disabled, save_lora, save_model, save_soft_prompt
 
 
@@ -514,7 +514,11 @@ def export_model(model: nn.Module, out: Path, lora_export: str = "merged", add_f
     """Write the model for use outside training, atomically: Hugging Face layout (model.save_model folds LoRA
     into the weights without touching the model), and with LoRA the fp32 adapters beside it (the base + these
     is the trained model exactly; a merge into bf16 weights rounds a small delta away), or the adapters alone.
-    add_files(dir) may add files (a tokenizer, a generation config) before the directory appears under its name."""
+    add_files(dir) may add files (a tokenizer, a generation config) before the directory appears under its name.
+    Weights holding NaN or inf are refused: they would reply "!!!!!" and score a row that looks like a result."""
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise FloatingPointError(f"{out}: not exported: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]})")
     with atomic_path(out) as tmp:
         tmp.mkdir()
         if has_lora(model):
@@ -525,6 +529,17 @@ def export_model(model: nn.Module, out: Path, lora_export: str = "merged", add_f
             save_model(model, tmp)
         if add_files is not None:
             add_files(tmp)
+
+
+def stop_if_nonfinite(run: Run, cfg: TrainConfig, first: int | None) -> None:
+    """Training cannot go on from NaN or inf: stop, naming the step; nothing after it was saved or exported."""
+    if first is not None:
+        pointer = run.out_dir / "latest.json"
+        kept = run.out_dir / ckpt.read_pointer(pointer)["dir"] if pointer.exists() else None
+        raise FloatingPointError(
+            f"{cfg.mode}: the loss or gradient norm is not finite (NaN or inf) at step {first} in {run.out_dir}; "
+            f"stopped, nothing exported, the last good checkpoint is {kept or 'none (step 0)'}: lower the learning "
+            "rate (or check the data) and start again")
 
 
 def train(model: nn.Module, cfg: TrainConfig, train_features: list[dict], collate: Callable,
@@ -550,26 +565,32 @@ def train(model: nn.Module, cfg: TrainConfig, train_features: list[dict], collat
     bar = tqdm(total=run.total_steps, initial=progress.step, desc=cfg.mode, dynamic_ncols=True,
                disable=run.rank != 0 or not cfg.progress)
     sums, stopped_early = RunningSums(), False
+    nonfinite = FirstNonFinite(run.device, check_grad_norm=cfg.precision != "fp16")
     last_save = time.monotonic()  # cfg.save_minutes counts from the start and from each checkpoint
     while progress.step < stop_at and not stopped_early:
         idx = global_batch_indices(len(train_features), run.global_batch, cfg.seed, progress.step, lengths)
         lr, grad_norm = optimizer_step(run, cfg, model, train_features, collate, idx, ref_model, ref_cache, sums)
         progress.step += 1
         step = progress.step
-        if step % cfg.log_every == 0 or step == stop_at:
+        nonfinite.add(step, sums.loss, grad_norm)
+        logged = step % cfg.log_every == 0 or step == stop_at
+        evaluated = eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == run.total_steps)
+        if logged or evaluated or (cfg.save_every and step % cfg.save_every == 0) or step in cfg.keep_steps:
+            # before anything is written
+            stop_if_nonfinite(run, cfg, nonfinite.step())
+        if logged:
             rec = log_record(sums, step, lr, grad_norm, run.device, run.steps_per_epoch, run.dpo)
             write_log(run, rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             sums = RunningSums()
         bar.update(1)
         new_best = False
-        if eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == run.total_steps):
+        if evaluated:
             new_best, stopped_early = progress.record(evaluate(run, model, eval_fn, step), cfg.patience)
         # every rank agrees on each term; the clock is asked at log lines only (under torchrun its answer is a
         # broadcast that the CPU waits for, as it waits for the log line's sums)
         if (new_best or (cfg.save_every and step % cfg.save_every == 0) or step in cfg.keep_steps
-                or step == stop_at or stopped_early
-                or (step % cfg.log_every == 0 and save_time_due(run, cfg.save_minutes, last_save))):
+                or step == stop_at or stopped_early or (logged and save_time_due(run, cfg.save_minutes, last_save))):
             save_checkpoint(run, model, progress, cfg, new_best)
             last_save = time.monotonic()
     bar.close()

@@ -61,7 +61,7 @@ from infra.dist import barrier, gather_rows, is_rank0, local_device, rank_world,
 from infra.dist import start as start_ranks
 from infra.dist import write_rows_shared
 from infra.files import JsonlWriter, atomic_path, read_json, read_jsonl, write_json, write_text
-from infra.hub import resolve_model_dir
+from infra.hub import resolve_model_dir, weights_digest
 from infra.options import add_flags, check_declared, flag, load_declared, option
 
 
@@ -88,11 +88,12 @@ def select_then_generate(model, tok, examples: list, lang: str, *, strategy: str
     the remaining examples are appended to it."""
     rows = list(writer.done_rows) if writer else []
     todo = examples[len(rows):]
+    stats = data.EncodeStats()  # history dropped and prompts cut to fit max_len, said below
     # 1. selection: greedy decoding of the selection prompt, parsed back to one of the persona sentences
     picks = None
     if strategy == "select" and mode == "generate":
         room = max_len - select_max_new_tokens - len(prefix)  # oldest history turns are dropped beyond this
-        ids = [list(prefix) + data.encode_generation_prompt(tok, e, select_mode, lang, max_len=room)[0]
+        ids = [list(prefix) + data.encode_generation_prompt(tok, e, select_mode, lang, max_len=room, stats=stats)[0]
                for e in todo]
         picks = generate_texts(model, tok, ids, select_max_new_tokens, batch, f"{desc}: select")
         selected = [data.parse_selection(t, e.personas, lang) for t, e in zip(picks, todo)]
@@ -104,8 +105,10 @@ def select_then_generate(model, tok, examples: list, lang: str, *, strategy: str
         mode = "personas" if mode == "generate" else mode  # Not Select: the persona list, nothing highlighted
     # 2. generation with the selected persona highlighted
     room = max_len - max_new_tokens - len(prefix)
-    ids = [list(prefix) + data.encode_generation_prompt(tok, e, mode, lang, persona=p, max_len=room, shots=shots)[0]
-           for e, p in zip(todo, selected)]
+    ids = [list(prefix) + data.encode_generation_prompt(tok, e, mode, lang, persona=p, max_len=room, shots=shots,
+                                                        stats=stats)[0] for e, p in zip(todo, selected)]
+    if todo and (desc != "validate" or stats.truncated or stats.cut):  # validation: only when something was lost
+        say(f"{desc}: prompts {stats.summary()}")
 
     def write(idx, texts):
         for i, t in zip(idx, texts):
@@ -187,14 +190,17 @@ def prompt_context(cfg: RunConfig, model, tok, splits: dict, lang: str) -> dict:
 
 def load_data(data_dir: str | None, limit: int | None = None, labels: str = "lexical", nli_model=None,
               lang: str | None = None, personas: str | None = None,
-              history_turns: int | None = None) -> tuple[dict, str]:
+              history_turns: int | None = None, run: Path | None = None) -> tuple[dict, str]:
     """(splits, lang): the four splits of the paper's Table 1 with persona labels, lexical (data.py) or, with
     labels="nli", the NLI classifier's entailment labels (nli.nli_persona_labels). personas="revised": Train and
-    Valid from the revised persona files, Test original (the paper). history_turns=K: the last K utterances only."""
+    Valid from the revised persona files, Test original (the paper). history_turns=K: the last K utterances only.
+    run: the bytes parsed must be those the run's stages recorded (infra/rundir.py)."""
     if data_dir is None:
         raise ValueError("no data: give --data-dir (a PERSONA-CHAT directory; `python extras/download.py` fetches it)")
     splits, info = data.load_splits(data_dir, limit=limit, personas=personas)
     splits = {k: data.last_turns(v, history_turns) for k, v in splits.items()}
+    if run is not None:
+        rundir.check_parsed(run, {f: d for stats in info.stats.values() for f, d in stats.sha256.items()})
     say(info.message)
     for kind, stats in info.stats.items():  # what the parser met: counts, and the first few with file:line
         say(f"{kind}: {stats.report()}")
@@ -204,12 +210,27 @@ def load_data(data_dir: str | None, limit: int | None = None, labels: str = "lex
         splits = {k: data.relabel(v, nli.nli_persona_labels(v, nli_model.predict)) for k, v in splits.items()}
     elif labels != "lexical":
         raise ValueError(f"--labels {labels!r}: choose lexical or nli")
-    return splits, lang or data.detect_lang(splits["valid1"] or splits["test"])
+    return splits, lang or decide_lang(splits)
 
 
-def run_data(cfg: RunConfig) -> tuple[dict, str]:
+def decide_lang(splits: dict) -> str:
+    """The language of prompts and metrics, by share: 'zh' when most examples hold CJK characters; said."""
+    every = [e for rows in splits.values() for e in rows]
+    lang = data.detect_lang(every)
+    say(f"language: {lang} ({data.cjk_share(every):.0%} of {len(every)} examples hold CJK characters; --lang "
+        "overrides)")
+    return lang
+
+
+def run_data(cfg: RunConfig, run: Path | None = None) -> tuple[dict, str]:
     nli_model = load_nli(cfg.nli) if cfg.labels == "nli" else None  # the classifier is loaded only to label
-    return load_data(cfg.data_dir, cfg.limit, cfg.labels, nli_model, cfg.lang, cfg.personas, cfg.history_turns)
+    splits, lang = load_data(cfg.data_dir, cfg.limit, cfg.labels, nli_model, cfg.lang, cfg.personas,
+                             cfg.history_turns, run)
+    if stage_runs(cfg, "dpo") and cfg.eval_limit and not splits["valid2"]:  # said before SFT, not after it
+        raise ValueError(f"no Valid#2 examples in {cfg.data_dir}: the second stage validates and stops early on "
+                         "Valid#2; give data with more validation dialogues, or --eval-limit 0 to train without "
+                         "validation")
+    return splits, lang
 
 
 def load_nli(name_or_path: str | None):
@@ -295,14 +316,14 @@ def generation_model(cfg: RunConfig, weights):
     return m.eval()
 
 
-def note_adapter_base(out: Path, base, cfg: RunConfig, stage: str = "sft"):
+def note_adapter_base(out: Path, base, cfg: RunConfig, stage: str = "sft", run: Path | None = None):
     """Beside a LoRA stage's adapters, the weights they were trained on (generation_model rebuilds from both).
     Continued adapters belong on the base of the adapters they continue."""
     if continued_adapters(cfg, base, stage):
         noted = exports.read_adapter_base(base)
-        exports.note_adapter_base(out, noted["base"], noted["r"], noted["alpha"], noted["targets"])
+        exports.note_adapter_base(out, noted["base"], noted["r"], noted["alpha"], noted["targets"], run)
         return
-    exports.note_adapter_base(out, base, lora_rank(cfg, stage), cfg.lora_alpha, cfg.lora_targets)
+    exports.note_adapter_base(out, base, lora_rank(cfg, stage), cfg.lora_alpha, cfg.lora_targets, run)
 
 
 def complete_export(out: Path, cfg: RunConfig, tok: data.Tokenizer):
@@ -321,7 +342,12 @@ def final_weights(cfg: RunConfig, run: Path):
     with --from-run, that run's (same base model: the tokenizer comes from it)."""
     if cfg.from_run:
         source = Path(cfg.from_run)
+        if source.resolve() == run.resolve():
+            raise ValueError(f"--from-run {source}: that is this run; name the run that trained the model")
         trained = load_run_config(source, {})
+        if trained.from_run:  # a chain of inference-only runs (or a loop): name the run that trained
+            raise ValueError(f"--from-run {source}: that run trained nothing either (its --from-run is "
+                             f"{trained.from_run}); name the run that trained the model")
         if trained.model != cfg.model:
             raise ValueError(f"--from-run {source}: trained from {trained.model}, this run's --model is {cfg.model}")
         return final_weights(trained, source)
@@ -336,7 +362,7 @@ def stage_sft(cfg: RunConfig, run: Path):
     if cfg.switches()["tasks"] == "none":
         say("sft: this variant has no SFT; the later stages start from the base model")
         return None
-    splits, lang = run_data(cfg)
+    splits, lang = run_data(cfg, run)
     tok = load_tokenizer(cfg.model)
     collate = lambda fs: data.collate_sft(fs, tok.pad_id)
     weights = cfg.model
@@ -368,7 +394,7 @@ def stage_sft(cfg: RunConfig, run: Path):
             eval_fn = (lambda m: validation_nll(m, val_feats, collate, cfg.batch_size, cfg.logps == "chunked")
                        if val_feats else None)
             dpo.train(model, tcfg, feats, collate, eval_fn=eval_fn,
-                      export_files=lambda d: note_adapter_base(d, weights, cfg))
+                      export_files=lambda d: note_adapter_base(d, weights, cfg, run=run))
             del model
         weights = phase_dir / "final"
     if is_rank0():
@@ -462,7 +488,7 @@ def stage_pairs(cfg: RunConfig, run: Path):
     """The SFT model answers each Valid#1 example from the history alone (no persona): the rejected side of
     PAL's preference pairs; the gold response is the chosen side."""
     out = run / "pairs.jsonl"
-    splits, lang = run_data(cfg)
+    splits, lang = run_data(cfg, run)
     nonempty(splits["valid1"], f"Valid#1 examples in {cfg.data_dir}")
     tok = load_tokenizer(cfg.model)
     model = generation_model(cfg, sft_weights(cfg, run))
@@ -472,7 +498,9 @@ def stage_pairs(cfg: RunConfig, run: Path):
         todo = examples[len(writer.done_rows):]
         if writer.done_rows:
             say(f"pairs: resuming after {len(writer.done_rows)} of {len(examples)} examples")
-        ids = [data.encode_generation_prompt(tok, e, "history", lang, max_len=room)[0] for e in todo]
+        stats = data.EncodeStats()
+        ids = [data.encode_generation_prompt(tok, e, "history", lang, max_len=room, stats=stats)[0] for e in todo]
+        say(f"pairs: prompts {stats.summary()}")
 
         def write(idx, texts):
             for i, t in zip(idx, texts):
@@ -496,7 +524,7 @@ def stage_dpo(cfg: RunConfig, run: Path):
     if align == "none":
         say("dpo: this variant has no alignment stage; predict uses the SFT model (or the base model)")
         return None
-    splits, lang = run_data(cfg)
+    splits, lang = run_data(cfg, run)
     tok = load_tokenizer(cfg.model)
     mode = training_prompt(cfg.switches())
     policy = trainable_model(cfg, sft_weights(cfg, run), "dpo")
@@ -509,6 +537,8 @@ def stage_dpo(cfg: RunConfig, run: Path):
     if continued:
         say("dpo: the SFT adapters go on training on their base; reference = base + SFT adapters, frozen")
     val = splits["valid2"][: cfg.eval_limit]
+    if not val:
+        say("dpo: --eval-limit 0: no validation; the last weights are exported")
     nli_model = load_nli(cfg.nli) if is_rank0() else None  # rank 0 scores the validation rows
     context = prompt_context(cfg, policy, tok, splits, lang)
 
@@ -522,7 +552,8 @@ def stage_dpo(cfg: RunConfig, run: Path):
         rows = nonempty(read_jsonl(run / "pairs.jsonl"), f"pairs in {run / 'pairs.jsonl'}")
         feats, stats = data.dpo_features(tok, [example_from_row(r) for r in rows], [r["rejected"] for r in rows],
                                          mode, lang, cfg.max_len)
-        say(f"dpo: {len(feats)} pairs; {stats.summary()}")
+        empty = sum(not r["rejected"].strip() for r in rows)  # the SFT model stopped at once: nothing to reject
+        say(f"dpo: {len(feats)} pairs ({empty} of {len(rows)} with an empty rejected reply); {stats.summary()}")
         nonempty(feats, f"pairs fit --max-len {cfg.max_len} ({stats.summary()})")
         collate = lambda fs: data.collate_dpo(fs, tok.pad_id)
         tcfg = dataclasses.replace(train_config(cfg, "dpo", run / "dpo", len(feats)), reference_adapters=continued)
@@ -530,9 +561,10 @@ def stage_dpo(cfg: RunConfig, run: Path):
         feats = data.sft_features(tok, splits["valid1"], mode, lang, cfg.max_len)[0]
         collate = lambda fs: data.collate_sft(fs, tok.pad_id)
         tcfg = dataclasses.replace(train_config(cfg, "dpo", run / "dpo", len(feats)), mode="sft", lr=cfg.sft_lr)
+
     def export_files(d: Path):
         complete_export(d, cfg, tok)
-        note_adapter_base(d, sft_weights(cfg, run), cfg, "dpo")
+        note_adapter_base(d, sft_weights(cfg, run), cfg, "dpo", run)
 
     dpo.train(policy, tcfg, feats, collate, eval_fn=eval_fn if val else None, ref_model=ref,
               export_files=export_files)
@@ -549,7 +581,7 @@ def example_from_row(row: dict) -> data.Example:
 def stage_predict(cfg: RunConfig, run: Path):
     """Select then Generate on Test: generations.jsonl (personas, history, selected persona, response, gold)."""
     out = run / "generations.jsonl"
-    splits, lang = run_data(cfg)
+    splits, lang = run_data(cfg, run)
     nonempty(splits["test"], f"Test examples in {cfg.data_dir}")
     tok = load_tokenizer(cfg.model)
     model = generation_model(cfg, final_weights(cfg, run))
@@ -675,7 +707,7 @@ class RunConfig:
     """Everything a run depends on; stored in RUN_DIR/run.json by the first stage. Each field is the option
     --field-name of every stage; an option left out keeps run.json's value."""
     model: str | None = option(None, str, "model directory in Hugging Face layout, or a hub id "
-                                           "(`python extras/smol.py` makes SmolLM2's)")
+                               "(`python extras/smol.py` makes SmolLM2's)")
     data_dir: str | None = option(None, str, "PERSONA-CHAT (ParlAI *_self_*.txt) or Baidu-Persona-Chat (*.jsonl) "
                                              "directory")
     variant: str = option("pal", tuple(VARIANTS), "baseline / ablation preset; the four switches default from it")
@@ -820,7 +852,7 @@ def stage_chat(cfg: RunConfig, run: Path, personas: list[str] | None = None, str
     model = generation_model(cfg, weights)
     lang, splits = cfg.lang or "en", None  # the data is read once, if the demonstrations or a persona need it
     if cfg.switches()["shots"]:
-        splits, lang = run_data(cfg)
+        splits, lang = run_data(cfg, run)
     if not personas:
         print("Persona sentences, one per line; an empty line ends (empty at once: a random Test persona).")
         personas = []
@@ -1512,14 +1544,20 @@ STAGE_OPTIONS = {
                 "select_target"),
     "evaluate": ("nli",),
 }
-RESUME_ONLY = {"dpo": ("nli",)}  # DPO's validation scorer: checked while DPO runs, free to differ once it is done
-# options newer than some records: what a record without them meant
+# Checked while a stage runs, free to differ once it is done: DPO's validation scorer; the global batch (sequences
+# per optimizer step over every rank: a resume by another number of processes would change the schedule).
+RESUME_ONLY = {"sft": ("global batch (sft)",), "dpo": ("nli", "global batch (dpo)")}
+# What a record without an option meant (inputs it did not note then are not checked)
 ADDED_LATER = {"tune": "weights", "shots": 0, "lora_init": "kaiming", "lora_plus_ratio": 1.0, "grad_clip": 1.0,
-               "dpo_adapters": "fresh", "select_target": "number"}
+               "dpo_adapters": "fresh", "select_target": "number", "global batch (sft)": rundir.UNRECORDED,
+               "global batch (dpo)": rundir.UNRECORDED, "weights digest": rundir.UNRECORDED,
+               "nli (labels)": rundir.UNRECORDED}
 # options that no longer exist, dropped from older run.json files and stage records: evaluate writes both metric
 # conventions now (--metrics-compat chose one)
 RETIRED = ("metrics_compat",)
 
+
+CHAT_DECODING = ("strategy", "shots", "gen_dtype", "max_new_tokens", "select_max_new_tokens")  # chat: free
 STAGE_PATHS = {"sft": "sft", "pairs": "pairs.jsonl*", "dpo": "dpo", "predict": "generations.jsonl*",
                "evaluate": "results.*"}  # each stage's outputs, finished or not (glob patterns in RUN_DIR)
 
@@ -1548,7 +1586,11 @@ def stage_options(cfg: RunConfig, stage: str) -> dict:
         own = [k for k in own if k not in ("prompt_tokens", "prompt_lr")]
     if not (value["lora_r"] and value["tasks"] != "none" and value["tune"] == "weights"):  # no SFT adapters
         own = [k for k in own if k != "dpo_adapters"]
-    return {**inherited, **{k: value[k] for k in own}}
+    inherited = {k: v for k, v in inherited.items() if not k.startswith("global batch")}  # the trainer's own
+    trains = {"global batch (sft)": global_batch(cfg, "sft")} if stage == "sft" and "sft_lr" in own else {}
+    if stage == "dpo":
+        trains = {"global batch (dpo)": global_batch(cfg, "dpo")}
+    return {**inherited, **{k: value[k] for k in own}, **trains}
 
 
 def input_files(cfg: RunConfig) -> list[Path]:
@@ -1558,6 +1600,18 @@ def input_files(cfg: RunConfig) -> list[Path]:
     files = list(data.split_files(cfg.data_dir, variant)[1].values()) if cfg.data_dir else []
     local_model = Path(cfg.model or "") / "config.json"
     return files + ([local_model] if cfg.model and local_model.is_file() else [])
+
+
+def input_digests(cfg: RunConfig) -> dict:
+    """The weights a run reads, by digest (infra/hub.py caches it beside them): the base model's when it is a local
+    directory, and the NLI labeller (path and weights) when --labels nli, whose labels shape SFT, pairs and DPO."""
+    local = cfg.model and Path(cfg.model).is_dir()
+    labeller = None
+    if cfg.labels == "nli" and cfg.nli:
+        where = resolve_model_dir(cfg.nli)
+        labeller = {"nli": os.path.realpath(cfg.nli) if Path(cfg.nli).exists() else cfg.nli,
+                    "weights": weights_digest(where)}
+    return {"weights digest": weights_digest(cfg.model) if local else None, "nli (labels)": labeller}
 
 
 def stage_runs(cfg: RunConfig, stage: str) -> bool:
@@ -1611,11 +1665,21 @@ def prepare_run(args, run: Path, cfg: RunConfig) -> tuple[dict, dict]:
         raise ValueError("no model: give --model (a Hugging Face-layout directory or a hub id)")
     if args.stage != "evaluate":
         check_model_fits(cfg)
-    digests = rundir.file_digests(input_files(cfg))
-    now = {s: {**stage_options(cfg, s), **digests} for s in STAGES}
+    if cfg.from_run:
+        final_weights(cfg, run)  # another run's model, checked before anything is recorded
+    rundir.check_untracked(run, list(STAGE_PATHS.values()), args.trust_outputs)
+    records = rundir.read_records(run)
+    if cfg.lang is None and cfg.data_dir and not records:  # decided once, kept in run.json and the records
+        cfg.lang = decide_lang(data.load_splits(cfg.data_dir, limit=cfg.limit, personas=cfg.personas)[0])
+    digests = {**rundir.file_digests(input_files(cfg)), **input_digests(cfg)}
+    checked = cfg  # chat writes nothing: it may decode otherwise than the run did
+    if args.stage == "chat":
+        saved = load_declared(RunConfig, run / "run.json", {})
+        checked = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in CHAT_DECODING})
+    now = {s: {**stage_options(checked, s), **digests} for s in STAGES}
     finished = {s: (run / OUTPUTS[s]).exists() for s in STAGES}
     records = {s: {**r, "options": {k: v for k, v in r["options"].items() if k not in RETIRED}}
-               for s, r in rundir.read_records(run).items()}
+               for s, r in records.items()}
     records = rundir.check_records(run, records, now, finished, STAGE_PATHS,
                                    args.redo and args.stage != "chat", RESUME_ONLY, ADDED_LATER, say)
     if args.stage != "chat":
@@ -1635,6 +1699,8 @@ def main(argv=None):
         p.add_argument("--run-dir", required=True, help="directory of this run (created; holds run.json)")
         p.add_argument("--redo", action="store_true", help="a stage was built with other options: move its outputs "
                        "and the later stages' to RUN_DIR/superseded/ and start them again (default: refuse)")
+        p.add_argument("--trust-outputs", action="store_true", help="a run directory with outputs but no "
+                       "stages.json: take them as built with these options (default: refuse)")
         p.add_argument("--debug", action="store_true", help="show the traceback of an error")
         add_flags(p, RunConfig, aliases={"from_run": "--from"})  # the paper's "--from RUN_DIR"
         if name == "chat":

@@ -23,6 +23,12 @@ preset=${1:-}
 limit="" data_dir="" run_dir="" nli="" variant="" seeds="" extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
+    --limit|--data-dir|--run-dir|--nli|--variant|--seeds)  # each takes a value
+      if [ $# -lt 2 ] || [ "${2#--}" != "$2" ]; then
+        echo "train.sh: $1 needs a value" >&2; exit 2
+      fi ;;
+  esac
+  case "$1" in
     --limit) limit=$2; shift 2 ;;
     --data-dir) data_dir=$2; shift 2 ;;
     --run-dir) run_dir=$2; shift 2 ;;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -36,6 +37,8 @@ def check_declared(cfg) -> None:
             continue
         if not isinstance(value, (int, float) if kind is float else kind) or isinstance(value, bool):
             raise ValueError(f"{flag(f.name)} {value!r}: expected {kind.__name__}")
+        if kind in (int, float) and not math.isfinite(value):  # NaN passes every comparison below; inf too
+            raise ValueError(f"{flag(f.name)} {value}: must be a finite number")
         if m["low"] is not None and value < m["low"] or m["high"] is not None and value > m["high"]:
             bounds = f"at least {m['low']}" if m["high"] is None else f"between {m['low']} and {m['high']}"
             raise ValueError(f"{flag(f.name)} {value}: must be {bounds}")

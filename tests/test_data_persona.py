@@ -272,6 +272,13 @@ def test_carve_and_load_splits(tmp_path, pc_valid, capsys):
     assert "valid_self_original.txt (all of it):" in out and "of 7801 examples" in out
 
 
+def test_data_stats_refuses_a_limit_below_one(capsys):
+    """issue 23: --limit -1 was a slice [:-1]: one example dropped per split, without a word."""
+    with pytest.raises(SystemExit) as e:
+        data_stats.main(["--data-dir", "x", "--limit", "-1"])
+    assert e.value.code == 2 and "--limit: '-1': must be a whole number of at least 1" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------
 # persona labels
 

@@ -133,3 +133,9 @@ def test_seeds_run_a_row_in_sibling_directories_then_print_its_table():
     bad = subprocess.run(["bash", "train.sh", "gpt2", "--data-dir", "DATA", "--seeds", "x"], cwd=ROOT,
                          env={**os.environ, "PAL_DRY_RUN": "1"}, capture_output=True, text=True)
     assert bad.returncode == 2 and "--seeds x: give a count" in bad.stderr
+
+
+def test_a_train_sh_option_without_its_value_is_one_clear_line():
+    """issue 23: `train.sh smol --limit` died with "unbound variable"."""
+    out = subprocess.run(["bash", "train.sh", "smol", "--limit"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip() == "train.sh: --limit needs a value", out.stderr
