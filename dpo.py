@@ -333,6 +333,8 @@ def set_up(model: nn.Module, cfg: TrainConfig, n_examples: int, ref_model: nn.Mo
     rank, world = infra.dist.rank_world()
     device = infra.dist.local_device() if cfg.device == "auto" else torch.device(cfg.device)
     if device.type == "cuda":
+        if device.index is None:  # "cuda": the current GPU, named by its index (set_device needs one)
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     out_dir = Path(cfg.out_dir)
     if rank == 0:
@@ -350,7 +352,9 @@ def set_up(model: nn.Module, cfg: TrainConfig, n_examples: int, ref_model: nn.Mo
 
     params = param_groups(model, cfg.lr, cfg.lora_plus_ratio)
     if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        # fused on a GPU: one kernel for every parameter's update (the same arithmetic as the loop of kernels)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                fused=device.type == "cuda")
     else:
         opt = torch.optim.RMSprop(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
     global_batch = cfg.batch_size * cfg.grad_accum * world
@@ -419,8 +423,11 @@ def optimizer_step(run: Run, cfg: TrainConfig, model: nn.Module, features: list[
         run.scaler.unscale_(run.opt)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for g in run.opt.param_groups for p in g["params"]],
                                                    cfg.grad_clip)  # one norm over every group, as the authors
+    scale = run.scaler.get_scale() if run.scaler.is_enabled() else None  # fp16: the loss scale of this step
     run.scaler.step(run.opt)
     run.scaler.update()
+    if scale is not None:  # GradScaler lowers its scale exactly when it skipped the update (inf/NaN gradients)
+        sums.skipped_steps = (sums.skipped_steps or 0) + int(run.scaler.get_scale() < scale)
     run.opt.zero_grad(set_to_none=True)
     lr = run.sched.get_last_lr()[0]
     run.sched.step()

@@ -166,6 +166,12 @@ def attend(q, k, v, mask, is_causal: bool, dropout_p: float = 0.0):
         qg = q.view(B, Hkv, H // Hkv, D)                                        # (B, Hkv, H/Hkv, D)
         y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, dropout_p=dropout_p)
         return y.view(B, H, 1, D)
+    if mask is not None and Hkv != H:
+        # A mask with GQA (a left-padded prefill): CUDA's flash kernel takes no mask and its memory-efficient one no
+        # enable_gqa, so SDPA would fall back to the math kernel and hold the (B, H, T, S) scores in fp32. K/V
+        # repeated to H heads (B, H, S, D) let the memory-efficient kernel run; the result is the same.
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                           enable_gqa=Hkv != H)
 
@@ -550,7 +556,10 @@ class LoRALinear(nn.Module):
             return y
         # The adapter in fp32, added in the base's dtype. Under autocast its matmuls run in the autocast dtype like
         # every other; the gradients still land on the fp32 A and B, which are what the optimizer updates.
-        low = F.linear(self.dropout(x.float()), self.lora_A)                # (..., in) -> (..., r)
+        # Under autocast x stays in its dtype (F.linear casts it to the autocast dtype anyway: an fp32 copy of x
+        # would only cost memory and time); outside it, x meets the fp32 A in fp32.
+        xa = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.dtype)
+        low = F.linear(self.dropout(xa), self.lora_A)                       # (..., in) -> (..., r)
         return y + (self.scale * F.linear(low, self.lora_B)).to(y.dtype)    # (..., r) -> (..., out)
 
     def extra_repr(self):

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -59,6 +60,7 @@ import nli
 from infra import exports, rundir
 from infra.dist import barrier, gather_rows, is_rank0, local_device, rank_world, sum_across, world_size
 from infra.dist import start as start_ranks
+from infra.dist import stop as stop_ranks
 from infra.dist import write_rows_shared
 from infra.files import JsonlWriter, atomic_path, read_json, read_jsonl, write_json, write_text
 from infra.hub import resolve_model_dir, weights_digest
@@ -316,6 +318,19 @@ def generation_model(cfg: RunConfig, weights):
     return m.eval()
 
 
+def in_generation_dtype(m: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+    """The model under training as predict will rebuild it: weights in --gen-dtype, LoRA adapters fp32 (a copy when
+    the dtypes differ, so that DPO's validation picks the checkpoint on the replies predict will give)."""
+    dtype = DTYPES[cfg.gen_dtype or cfg.dtype]
+    if dtype == DTYPES[cfg.dtype]:
+        return m
+    g = copy.deepcopy(m)
+    for name, p in g.named_parameters():
+        if "lora_" not in name:  # the adapters stay fp32, as generation_model loads them
+            p.data = p.data.to(dtype)
+    return g
+
+
 def note_adapter_base(out: Path, base, cfg: RunConfig, stage: str = "sft", run: Path | None = None):
     """Beside a LoRA stage's adapters, the weights they were trained on (generation_model rebuilds from both).
     Continued adapters belong on the base of the adapters they continue."""
@@ -544,7 +559,8 @@ def stage_dpo(cfg: RunConfig, run: Path):
 
     def eval_fn(m):  # every rank generates its share of Valid#2; rank 0 scores them all
         rank, world = rank_world()
-        mine = select_then_generate(m, tok, val[rank::world], lang, desc="validate", **decoding(cfg), **context)
+        g = in_generation_dtype(m, cfg)  # GPT-2 presets: trained in fp32, predicted in fp16
+        mine = select_then_generate(g, tok, val[rank::world], lang, desc="validate", **decoding(cfg), **context)
         rows = gather_rows(mine, len(val))
         return validation_score(rows, lang, nli_model) if rank == 0 else {"score": 0.0}  # rank 0's counts
 
@@ -1656,6 +1672,7 @@ def run_stages(args) -> None:
                 STAGES[s](cfg, run)
             say(f"{s}: done in {time.time() - t0:.0f} s")
         barrier()
+    stop_ranks()  # every rank is done: leave the process group (infra/dist.py)
 
 
 def prepare_run(args, run: Path, cfg: RunConfig) -> tuple[dict, dict]:

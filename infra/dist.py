@@ -22,6 +22,9 @@ def timeout_minutes(minutes: float | None = None) -> float:
     return minutes or float(os.environ.get("PAL_DIST_TIMEOUT_MIN", DEFAULT_TIMEOUT_MIN))
 
 
+_started: list[bool] = []  # [True] once start() made the group: stop() leaves only a group made here
+
+
 def start(minutes: float | None = None) -> None:
     """Under torchrun (WORLD_SIZE set, also for one process), join the process group: nccl on GPUs, gloo on CPUs.
     A group the caller already started is kept."""
@@ -31,6 +34,15 @@ def start(minutes: float | None = None) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                             timeout=timedelta(minutes=timeout_minutes(minutes)))
+    _started.append(True)
+
+
+def stop() -> None:
+    """Leave the process group start() made, at the end of a run that went well (a failed rank just exits: its
+    peers' collectives time out). A caller's group is the caller's to end; without a group, a no-op."""
+    if _started and dist.is_initialized():
+        dist.destroy_process_group()
+        _started.clear()
 
 
 def rank_world() -> tuple[int, int]:

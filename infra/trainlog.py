@@ -24,6 +24,7 @@ class RunningSums:
     rejected: torch.Tensor | float = 0.0
     real_tokens: int = 0  # this rank's input tokens, from the features' lengths
     padded_tokens: int = 0  # the same with the padding the model ran over
+    skipped_steps: int | None = None  # fp16: steps whose update the loss scaler skipped (None: no loss scaling)
     since: float = dataclasses.field(default_factory=time.perf_counter)
 
     def add_rewards(self, chosen: torch.Tensor, rejected: torch.Tensor):
@@ -53,6 +54,8 @@ def log_record(sums: RunningSums, step: int, lr: float, grad_norm: torch.Tensor 
     rec = {"step": step, "epoch": step / max(steps_per_epoch, 1), "lr": lr, "loss": s["loss"] / n,
            "grad_norm": grad_norm, "tokens_per_s": s["padded_tokens"] / seconds,
            "real_token_share": s["real_tokens"] / max(s["padded_tokens"], 1)}
+    if sums.skipped_steps is not None:  # the same on every rank (gradients are all-reduced before the check)
+        rec["skipped_steps"] = sums.skipped_steps
     if dpo:
         rec.update(reward_accuracy=s["correct"] / n, reward_margin=s["margin"] / n,
                    chosen_reward=s["chosen"] / n, rejected_reward=s["rejected"] / n)
