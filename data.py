@@ -591,16 +591,21 @@ def table1(splits: dict[str, list[Example]]) -> str:
 # Prompts (our own wording; structure follows the paper's four uses)
 #
 #   select    numbered personas + history              -> the number of the relevant persona sentence, or 0
+#   select_sentence  the same question                 -> "k.sentence" (the authors' target), or SELECT_NONE
 #   generate  personas + history + highlighted persona  -> the response (training: gold label's persona;
 #             select-then-generate: the persona the model selected — pass it as `persona=`)
-#   personas  personas + history, nothing highlighted   -> the response (zero-shot, Not Select, only DG)
+#   personas  personas + history, nothing highlighted   -> the response (zero-shot, Not Select, +Prompting)
 #   history   history only                              -> the response (samples DPO's rejected responses)
 #   noprompt  personas and history as plain lines       -> the response (fine-tuning without prompts)
 # Every prompt ends with a newline and the target starts right after it, so that for BPE tokenizers the
 # prompt's tokens are a prefix of the tokens of prompt + target (checked in encode_prompt_target).
 
 NO_PERSONA = {"en": "No persona sentence applies.", "zh": "没有相关的人设。"}
-MODES = ("select", "generate", "personas", "history", "noprompt")
+# The selection task's answer, two ways (--select-target): the sentence's number ("2"; "0": none), or the authors'
+# "k.sentence" ("2.i like cats"; their Chinese "2。..."), with their words for none.
+SELECT_MODES = {"number": "select", "sentence": "select_sentence"}
+SELECT_NONE = {"en": "No personal description.", "zh": "无需个性化信息。"}
+MODES = ("select", "select_sentence", "generate", "personas", "history", "noprompt")
 
 _TEXT = {
     "en": {
@@ -609,6 +614,10 @@ _TEXT = {
                    "about yourself should your next reply build on? Answer with its number, or 0 if none of them "
                    "fits.\n\nAbout you:\n{personas}\n\nConversation:\n{history}\n\nNumber of the sentence to "
                    "build on:\n"),
+        "select_sentence": ("Here is what you know about yourself and the conversation so far. Which single "
+                            "sentence about yourself should your next reply build on? Answer with that sentence as "
+                            "it is numbered below, or \"No personal description.\" if none of them fits.\n\n"
+                            "About you:\n{personas}\n\nConversation:\n{history}\n\nThe sentence to build on:\n"),
         "generate": ("You are taking part in a conversation as the person described below.\n\nAbout you:\n"
                      "{personas}\n\nConversation:\n{history}\n\nKeep this in mind for your reply: {persona}\n"
                      "Write your next reply.\nReply:\n"),
@@ -620,6 +629,9 @@ _TEXT = {
         "partner": "对方", "you": "你", "empty": "（还没有人说话）",
         "select": ("下面是关于你自己的描述和目前的对话。你接下来的回复应该以哪一句描述为依据？请写出它的编号；"
                    "如果都不合适，请写 0。\n\n关于你：\n{personas}\n\n对话：\n{history}\n\n依据的句子编号：\n"),
+        "select_sentence": ("下面是关于你自己的描述和目前的对话。你接下来的回复应该以哪一句描述为依据？请照下面的编号"
+                            "写出那一句；如果都不合适，请写“无需个性化信息。”\n\n关于你：\n{personas}\n\n对话：\n"
+                            "{history}\n\n依据的句子：\n"),
         "generate": ("你正在以下面描述的身份参与一段对话。\n\n关于你：\n{personas}\n\n对话：\n{history}\n\n"
                      "回复时请记住：{persona}\n请写出你的下一句回复。\n回复：\n"),
         "personas": "你正在以下面描述的身份参与一段对话。\n\n关于你：\n{personas}\n\n对话：\n{history}\n\n请写出你的下一句回复。\n回复：\n",
@@ -637,11 +649,13 @@ def build_prompt(mode: str, personas: Sequence[str], history: Sequence[str], lan
     t = _TEXT[lang]
     if mode == "noprompt":
         return "".join(p + "\n" for p in personas) + "".join(u + "\n" for u in history)
-    if mode not in ("select", "generate", "personas", "history"):
+    if mode not in MODES:
         raise ValueError(f"unknown prompt mode {mode!r}, expected one of {MODES}")
     n = len(history)  # the last utterance is the partner's; speakers alternate backwards from there
     hist = "\n".join(f"{t['partner'] if (n - 1 - i) % 2 == 0 else t['you']}: {u}" for i, u in enumerate(history))
-    bullets = [f"{k}. " if mode == "select" else "- " for k in range(1, len(personas) + 1)]  # select answers a number
+    # select answers a number; select_sentence copies one line of the list, written as its target is ("2.i like cats")
+    bullets = [{"select": f"{k}. ", "select_sentence": selection_label(k, lang)}.get(mode, "- ")
+               for k in range(1, len(personas) + 1)]
     return t[mode].format(personas="\n".join(b + p for b, p in zip(bullets, personas)) or "-",
                           history=hist or t["empty"], persona=persona if persona is not None else NO_PERSONA[lang])
 
@@ -665,19 +679,28 @@ def gold_persona(ex: Example, lang: str = "en") -> str:
 
 def prompt_and_target(ex: Example, mode: str, lang: str = "en", persona: str | None | _Gold = GOLD,
                       history: Sequence[str] | None = None) -> tuple[str, str]:
-    """(prompt, target) for an example. select's target is the gold persona's number (1-based; "0": none); the
+    """(prompt, target) for an example. The selection modes' target names the gold persona (selection_target); the
     other modes' target is the response. generate highlights `persona`: GOLD (default, training) = the gold
     label's sentence, a string = that sentence (select-then-generate), None = the NO_PERSONA sentinel.
     `history` overrides the example's history (used by truncation)."""
     persona = gold_persona(ex, lang) if persona is GOLD else persona
     prompt = build_prompt(mode, ex.personas, ex.history if history is None else history, lang, persona)
-    return prompt, selection_target(ex) if mode == "select" else ex.response
+    return prompt, selection_target(ex, mode, lang) if mode in SELECT_MODES.values() else ex.response
 
 
-def selection_target(ex: Example) -> str:
-    """What the selection task answers: the labelled persona sentence's number in the prompt's list, 1-based, or
-    "0" when no persona applies. A number, not the sentence: trained to copy a sentence out of its prompt, a
-    small model copies sentences into its replies too (docs/measurements.md, "PAL's effect at small scale")."""
+def selection_label(k: int, lang: str = "en") -> str:
+    """How the authors write the k-th persona sentence's place before it: "2." (Chinese "2。")."""
+    return f"{k}{'。' if lang == 'zh' else '.'}"
+
+
+def selection_target(ex: Example, mode: str = "select", lang: str = "en") -> str:
+    """What the selection task answers. mode "select": the labelled persona sentence's number in the prompt's
+    list, 1-based, or "0" when no persona applies. mode "select_sentence" (the authors'): "k.sentence", or
+    SELECT_NONE. On SmolLM2 the number helped: trained to copy a sentence out of its prompt, the 135M model copied
+    sentences into its replies too (docs/measurements.md, "PAL's effect at small scale")."""
+    if mode == "select_sentence":
+        k = ex.persona_label
+        return selection_label(k + 1, lang) + ex.personas[k] if k is not None else SELECT_NONE[lang]
     return str(ex.persona_label + 1) if ex.persona_label is not None else "0"
 
 
@@ -690,7 +713,7 @@ def parse_selection(text: str, personas: Sequence[str], lang: str = "en") -> str
     if number:
         k = int(number.group())
         return personas[k - 1] if 1 <= k <= len(personas) else None
-    if not s or s in NO_PERSONA.values():
+    if not s or s in NO_PERSONA.values() or s in SELECT_NONE.values():
         return None
     for p in personas:
         if s == p.strip():
@@ -699,12 +722,16 @@ def parse_selection(text: str, personas: Sequence[str], lang: str = "en") -> str
     return personas[i] if i is not None else None
 
 
+def cjk_share(examples: Sequence[Example]) -> float:
+    """The share of examples whose response or personas hold a CJK character."""
+    has = [bool(CJK_CHAR.search(e.response) or any(CJK_CHAR.search(p) for p in e.personas)) for e in examples]
+    return sum(has) / max(len(has), 1)
+
+
 def detect_lang(examples: Sequence[Example]) -> str:
-    """'zh' if the first examples contain CJK characters, else 'en'."""
-    for e in examples[:20]:
-        if CJK_CHAR.search(e.response) or any(CJK_CHAR.search(p) for p in e.personas):
-            return "zh"
-    return "en"
+    """'zh' when most examples hold CJK characters, else 'en': a CJK name in a few English dialogues (or a
+    few English lines in Chinese ones) does not switch a run's prompts and metrics."""
+    return "zh" if cjk_share(examples) > 0.5 else "en"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -739,10 +766,17 @@ def encode_prompt(tok, prompt: str, shots: Sequence[tuple[str, str]] = ()) -> li
     return _encode_text(tok, prompt, None, shots)
 
 
-def demonstrations(examples: Sequence[Example], lang: str = "en", turns: int = 2) -> list[tuple[str, str]]:
-    """Few-shot demonstrations: (the persona-list prompt of an example with its last `turns` history utterances,
-    its gold reply) -- short enough that k of them leave room for the prompt they precede."""
-    return [(build_prompt("personas", e.personas, e.history[-turns:], lang), e.response) for e in examples]
+def demonstrations(examples: Sequence[Example], k: int, seed: int = 0, lang: str = "en",
+                   turns: int = 2) -> list[tuple[str, str]]:
+    """Few-shot demonstrations from k different dialogues (drawn with `seed`), one turn of each (drawn too):
+    (the persona-list prompt of that turn with its last `turns` history utterances, its gold reply) -- short
+    enough that k of them leave room for the prompt they precede."""
+    dialogues = _group_by_dialogue(examples)
+    if k > len(dialogues):
+        raise ValueError(f"{k} demonstrations: there are only {len(dialogues)} dialogues to draw them from")
+    rng = random.Random(seed)
+    shown = [rng.choice(d) for d in rng.sample(dialogues, k)]
+    return [(build_prompt("personas", e.personas, e.history[-turns:], lang), e.response) for e in shown]
 
 
 def encode_prompt_target(tok, prompt: str, target: str) -> tuple[list[int], list[int]]:
@@ -886,13 +920,14 @@ def sft_features(tok, examples: Sequence[Example], mode: str = "generate", lang:
 
 
 def mixed_task_features(tok, examples: Sequence[Example], select_ratio: float = 1.0, seed: int = 0,
-                        lang: str = "en", max_len: int | None = None, select_none_ratio: float = 1.0
-                        ) -> tuple[list[dict], EncodeStats]:
+                        lang: str = "en", max_len: int | None = None, select_none_ratio: float = 1.0,
+                        select_mode: str = "select") -> tuple[list[dict], EncodeStats]:
     """PAL's mixed-task SFT data: a persona-enhanced generation feature for every example plus a persona
     selection feature for a `select_ratio` share of them (1.0: every example; the chosen ones are drawn with
     `seed`), shuffled together with `seed` so both tasks are interleaved. Each feature carries "task".
     select_none_ratio: the share of unlabelled examples ("no persona applies", the most frequent selection
     target) that keep their selection feature (the authors' "mixture_R" data mode; 1.0 = all of them).
+    select_mode: the selection prompt and target, "select" (a number) or "select_sentence" (SELECT_MODES).
     Features over max_len are left out (see _fitting)."""
     for name, r in (("select_ratio", select_ratio), ("select_none_ratio", select_none_ratio)):
         if not 0.0 <= r <= 1.0:
@@ -906,7 +941,7 @@ def mixed_task_features(tok, examples: Sequence[Example], select_ratio: float = 
     for k, ex in _progress(enumerate(examples), len(examples), "encode mixed"):
         feats.append({**encode_example(tok, ex, "generate", lang, max_len, stats=stats), "task": "generate"})
         if k in chosen:
-            feats.append({**encode_example(tok, ex, "select", lang, max_len, stats=stats), "task": "select"})
+            feats.append({**encode_example(tok, ex, select_mode, lang, max_len, stats=stats), "task": "select"})
     feats = _fitting(feats, max_len, stats)
     rng.shuffle(feats)
     return feats, stats

@@ -3,7 +3,8 @@
 Read top to bottom:
   1. losses       pure functions of tensors: sequence_logps -> sft_loss -> dpo_loss
   2. log-probs    of a model on a batch; chosen and rejected in one forward
-  3. reference    DPO's reference log-probs: a frozen copy, or the policy with its LoRA adapters off; cached once
+  3. reference    DPO's reference log-probs: a frozen copy, the policy with its LoRA adapters off, or the policy as
+                  it starts (adapters it continues to train, frozen at their start values); cached once
   4. training     TrainConfig, the data order, set_up, one optimizer step, train()
   appendix        chunked log-probs: the same numbers without the (B, T, V) logits (opt-in: logps="chunked")
 
@@ -36,7 +37,7 @@ from infra import ckpt
 from infra.files import append_jsonl, atomic_path
 from infra.hub import read_safetensors
 from infra.options import check_precision
-from infra.trainlog import RunningSums, log_record
+from infra.trainlog import FirstNonFinite, RunningSums, log_record
 from model import SOFT_PROMPT_DIR, lora_disabled, save_lora, save_model, save_soft_prompt
 
 
@@ -136,25 +137,26 @@ def has_lora(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def reference_logps(ref: nn.Module | None, policy: nn.Module, batch: dict,
-                    chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_logps(ref: nn.Module | None, policy: nn.Module, batch: dict, chunked: bool = False,
+                    adapters: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference (chosen, rejected) log-probs: from `ref` (a frozen copy) or, when None, from the policy with
-    its LoRA adapters switched off (the base model *is* the reference: no second copy in memory)."""
+    its LoRA adapters switched off (the base model *is* the reference: no second copy in memory), or with
+    adapters=True from the policy as it is (only right before its first step: cached_reference_logps)."""
     if ref is not None:
         return concatenated_forward(ref, batch, chunked)
-    with lora_disabled(policy):
+    with contextlib.nullcontext() if adapters else lora_disabled(policy):
         return concatenated_forward(policy, batch, chunked)
 
 
-def _fingerprint(model: nn.Module, features: list[dict], precision: str) -> str:
+def _fingerprint(model: nn.Module, features: list[dict], precision: str, adapters: bool = False) -> str:
     """Identity of a reference cache: the pairs' token ids, the reference weights (names, shapes and two float64
-    moments per tensor; adapters are off for the reference, so their values do not count), the precision."""
+    moments per tensor; the adapters count only when the reference keeps them on), the precision."""
     h = hashlib.sha256()
     for f in features:
         for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
             h.update(np.asarray(f[k], dtype=np.int64).tobytes() + b"|")
     for name, t in model.state_dict().items():
-        if "lora_" not in name:
+        if adapters or "lora_" not in name:
             t64 = t.detach().double()
             h.update(f"{name}{tuple(t.shape)}{t.dtype}{t64.sum().item():.12e}{t64.abs().sum().item():.12e}".encode())
     return h.hexdigest() + precision
@@ -163,11 +165,12 @@ def _fingerprint(model: nn.Module, features: list[dict], precision: str) -> str:
 def cached_reference_logps(policy: nn.Module, ref: nn.Module | None, features: list[dict], collate: Callable,
                            cache_path: str | os.PathLike, batch_size: int = 8, autocast=contextlib.nullcontext,
                            device="cpu", rank: int = 0, world: int = 1, precision: str = "fp32",
-                           chunked: bool = False) -> torch.Tensor:
+                           chunked: bool = False, adapters: bool = False) -> torch.Tensor:
     """Reference log-probs of every DPO pair, (N, 2) fp32 (chosen, rejected), computed once and stored at
     cache_path with a key of (features, reference weights, precision: the name of what `autocast` does); a stale
-    cache is recomputed. Under DDP each rank computes every world-th pair and the parts are summed."""
-    key = _fingerprint(ref if ref is not None else policy, features, precision)
+    cache is recomputed. Under DDP each rank computes every world-th pair and the parts are summed. adapters: the
+    reference is the policy with its LoRA adapters on, as they are now (call it before the first step)."""
+    key = _fingerprint(ref if ref is not None else policy, features, precision, adapters and ref is None)
     cached = ckpt.read_cached_logps(Path(cache_path), key, (len(features), 2))
     if cached is not None:
         return cached
@@ -179,7 +182,7 @@ def cached_reference_logps(policy: nn.Module, ref: nn.Module | None, features: l
         idx = mine[s:s + batch_size]
         batch = _to_device(collate([features[i] for i in idx]), device)
         with autocast():
-            c, r = reference_logps(ref, policy, batch, chunked)
+            c, r = reference_logps(ref, policy, batch, chunked, adapters)
         out[idx, 0], out[idx, 1] = c.float().cpu(), r.float().cpu()
     policy.train(was_training)
     if world > 1:  # each pair was computed by exactly one rank; the others hold zeros
@@ -204,23 +207,26 @@ class TrainConfig:
     stop_at: int | None = None  # leave the loop after this step, as if killed (the schedule still spans the run)
     seed: int = 0
     lr: float = 2e-5
+    lora_plus_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): the B matrices learn at this times lr (1: off)
     optimizer: str = "adamw"  # "adamw" | "rmsprop"
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_steps: int = 100
     schedule: str = "constant"  # after warmup: "constant" | "linear" (decay to 0 at the last step)
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = 1.0  # max global gradient norm (None or 0: no clipping)
     precision: str = "fp32"  # "fp32" | "bf16" (autocast, CPU or GPU) | "fp16" (autocast + loss scaling, GPU)
     sft_reduction: str = "sum"  # "sum": NLL summed per sequence (PAL) | "mean": per target token
     beta: float = 0.1  # DPO temperature
     reference: str = "cache"  # DPO reference: "cache" (precomputed once) | "live" (computed each step)
+    reference_adapters: bool = False  # no ref_model: the reference is the policy with its start adapters on, not off
     logps: str = "plain"  # "plain": log-softmax of the full logits | "chunked": the appendix's memory-saving path
     dropout: bool | None = None  # None: on for SFT, off for DPO (policy and reference must agree)
     eval_every: int = 0  # optimizer steps between eval_fn calls (0: never)
     patience: int = 0  # stop after this many evals without a better score (0: never stop early)
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end and on a new best)
     save_minutes: float = 0.0  # also a checkpoint when this many minutes passed since the last one (0: off)
+    keep_steps: tuple[int, ...] = ()  # steps whose checkpoints are written and never deleted (Figure 4's sweep)
     lora_export: str = "merged"  # final LoRA weights: "merged" (HF layout) | "adapter" (adapter.safetensors)
     export_best: bool = True  # export the best evaluated weights; False: the last ones (evaluations only logged)
     log_every: int = 1
@@ -241,6 +247,10 @@ class TrainConfig:
         for k in ("save_every", "save_minutes"):
             if not getattr(self, k) >= 0:  # written so that NaN fails too
                 raise ValueError(f"TrainConfig.{k} must be >= 0 (0: off), got {getattr(self, k)!r}")
+        if not self.lora_plus_ratio > 0:
+            raise ValueError(f"TrainConfig.lora_plus_ratio must be > 0, got {self.lora_plus_ratio!r}")
+        if self.reference_adapters and self.reference != "cache":  # a live reference would follow the training
+            raise ValueError("TrainConfig.reference_adapters needs reference='cache' (computed before the first step)")
         if self.dist_timeout_min is not None and not self.dist_timeout_min > 0:
             raise ValueError(f"TrainConfig.dist_timeout_min must be > 0 (or None), got {self.dist_timeout_min!r}")
 
@@ -302,6 +312,21 @@ class Run:
     total_steps: int
 
 
+def param_groups(model: nn.Module, lr: float, lora_plus_ratio: float = 1.0) -> list[dict]:
+    """The optimizer's parameter groups. LoRA+ (ratio != 1): every LoRA B matrix at lr * ratio, everything else
+    trainable at lr, as PEFT's create_loraplus_optimizer groups a LoRA model (the authors' trainers.py, ratio 16;
+    PEFT also counts 1-D parameters as "B", which a LoRA model here never trains). Ratio 1: one group, the plain
+    optimizer (and the layout of checkpoints written before LoRA+)."""
+    named = _trainable(model)
+    if not named:
+        raise ValueError("dpo.py: the model has no trainable parameters")
+    b = [p for n, p in named.items() if n.endswith("lora_B")]
+    if lora_plus_ratio == 1 or not b:
+        return [{"params": list(named.values()), "lr": lr}]
+    rest = [p for n, p in named.items() if not n.endswith("lora_B")]
+    return [{"params": rest, "lr": lr}, {"params": b, "lr": lr * lora_plus_ratio}]
+
+
 def set_up(model: nn.Module, cfg: TrainConfig, n_examples: int, ref_model: nn.Module | None) -> Run:
     """Device and process group (torchrun: nccl on GPU, gloo on CPU), precision, optimizer, lr schedule, DDP."""
     infra.dist.start(cfg.dist_timeout_min)  # under torchrun; a caller's process group is kept
@@ -325,9 +350,7 @@ def set_up(model: nn.Module, cfg: TrainConfig, n_examples: int, ref_model: nn.Mo
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
-    params = list(_trainable(model).values())
-    if not params:
-        raise ValueError("dpo.py: the model has no trainable parameters")
+    params = param_groups(model, cfg.lr, cfg.lora_plus_ratio)
     if cfg.optimizer == "adamw":
         # fused on a GPU: one kernel for every parameter's update (the same arithmetic as the loop of kernels)
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
@@ -398,7 +421,8 @@ def optimizer_step(run: Run, cfg: TrainConfig, model: nn.Module, features: list[
     grad_norm = None
     if cfg.grad_clip:
         run.scaler.unscale_(run.opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.opt.param_groups[0]["params"], cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in run.opt.param_groups for p in g["params"]],
+                                                   cfg.grad_clip)  # one norm over every group, as the authors
     scale = run.scaler.get_scale() if run.scaler.is_enabled() else None  # fp16: the loss scale of this step
     run.scaler.step(run.opt)
     run.scaler.update()
@@ -455,10 +479,11 @@ def save_time_due(run: Run, minutes: float, since: float) -> bool:
 
 def save_checkpoint(run: Run, model: nn.Module, progress: Progress, cfg: TrainConfig, new_best: bool) -> None:
     """Everything the run needs to go on exactly: trained tensors, optimizer, schedule, loss scale, progress, config,
-    every rank's random streams. The latest checkpoint and the best one are kept."""
+    every rank's random streams. The latest checkpoint, the best one and those of cfg.keep_steps are kept."""
     state = {"optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
              "scaler": run.scaler.state_dict(), **dataclasses.asdict(progress), "config": dataclasses.asdict(cfg)}
-    ckpt.save(run.out_dir, progress.step, _trainable(model), state, keep={progress.best_dir},
+    kept = {progress.best_dir} | {ckpt.ckpt_name(s) for s in cfg.keep_steps}
+    ckpt.save(run.out_dir, progress.step, _trainable(model), state, keep=kept,
               best_score=progress.best_score if new_best else None)
 
 
@@ -496,7 +521,11 @@ def export_model(model: nn.Module, out: Path, lora_export: str = "merged", add_f
     """Write the model for use outside training, atomically: Hugging Face layout (model.save_model folds LoRA
     into the weights without touching the model), and with LoRA the fp32 adapters beside it (the base + these
     is the trained model exactly; a merge into bf16 weights rounds a small delta away), or the adapters alone.
-    add_files(dir) may add files (a tokenizer, a generation config) before the directory appears under its name."""
+    add_files(dir) may add files (a tokenizer, a generation config) before the directory appears under its name.
+    Weights holding NaN or inf are refused: they would reply "!!!!!" and score a row that looks like a result."""
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise FloatingPointError(f"{out}: not exported: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]})")
     with atomic_path(out) as tmp:
         tmp.mkdir()
         if has_lora(model):
@@ -509,47 +538,66 @@ def export_model(model: nn.Module, out: Path, lora_export: str = "merged", add_f
             add_files(tmp)
 
 
+def stop_if_nonfinite(run: Run, cfg: TrainConfig, first: int | None) -> None:
+    """Training cannot go on from NaN or inf: stop, naming the step; nothing after it was saved or exported."""
+    if first is not None:
+        pointer = run.out_dir / "latest.json"
+        kept = run.out_dir / ckpt.read_pointer(pointer)["dir"] if pointer.exists() else None
+        raise FloatingPointError(
+            f"{cfg.mode}: the loss or gradient norm is not finite (NaN or inf) at step {first} in {run.out_dir}; "
+            f"stopped, nothing exported, the last good checkpoint is {kept or 'none (step 0)'}: lower the learning "
+            "rate (or check the data) and start again")
+
+
 def train(model: nn.Module, cfg: TrainConfig, train_features: list[dict], collate: Callable,
           eval_fn: Callable[[nn.Module], float | dict] | None = None, ref_model: nn.Module | None = None,
           export: bool = True, export_files: Callable[[Path], None] | None = None) -> dict:
     """Train `model` in place on `train_features` (encoded dicts of lists) batched by `collate` into
     {"input_ids", "labels"} (B, T) for SFT, or {"chosen_input_ids", "chosen_labels", "rejected_input_ids",
     "rejected_labels"} for DPO, whose reference is `ref_model` (a frozen copy) or, when None, the policy with
-    LoRA off. eval_fn(model) -> score (or a dict with "score"; higher is better) runs on rank 0 every
-    cfg.eval_every steps and drives the best checkpoint and early stopping. Under torchrun it starts the process
+    LoRA off (with cfg.reference_adapters: the policy as it starts, adapters on). eval_fn(model) -> score (or a
+    dict with "score"; higher is better) runs on rank 0 every cfg.eval_every steps and drives the best checkpoint
+    and early stopping. Under torchrun it starts the process
     group itself. The exported model (out_dir/final) gets export_files(dir)'s files too. Returns {"step",
     "best_score", "best_dir", "final_dir", "stopped_early"}."""
     run = set_up(model, cfg, len(train_features), ref_model)
-    progress = resume(run, model, cfg)
-    ref_cache = None  # DPO reference log-probs of every pair, computed once (the model's train mode is kept)
-    if run.dpo and cfg.reference == "cache":
+    ref_cache = None  # DPO reference log-probs of every pair, computed once (the model's train mode is kept),
+    if run.dpo and cfg.reference == "cache":  # from the start weights: before resume() loads trained ones
         ref_cache = cached_reference_logps(model, ref_model, train_features, collate, run.out_dir / "ref_logps.pt",
                                            cfg.batch_size, run.autocast, run.device, run.rank, run.world,
-                                           cfg.precision, cfg.logps == "chunked")
+                                           cfg.precision, cfg.logps == "chunked", cfg.reference_adapters)
+    progress = resume(run, model, cfg)
     lengths = row_lengths(train_features, run.dpo) if cfg.group_by_length else None  # (N,) for batching
     stop_at = min(run.total_steps, cfg.stop_at) if cfg.stop_at is not None else run.total_steps
     bar = tqdm(total=run.total_steps, initial=progress.step, desc=cfg.mode, dynamic_ncols=True,
                disable=run.rank != 0 or not cfg.progress)
     sums, stopped_early = RunningSums(), False
+    nonfinite = FirstNonFinite(run.device, check_grad_norm=cfg.precision != "fp16")
     last_save = time.monotonic()  # cfg.save_minutes counts from the start and from each checkpoint
     while progress.step < stop_at and not stopped_early:
         idx = global_batch_indices(len(train_features), run.global_batch, cfg.seed, progress.step, lengths)
         lr, grad_norm = optimizer_step(run, cfg, model, train_features, collate, idx, ref_model, ref_cache, sums)
         progress.step += 1
         step = progress.step
-        if step % cfg.log_every == 0 or step == stop_at:
+        nonfinite.add(step, sums.loss, grad_norm)
+        logged = step % cfg.log_every == 0 or step == stop_at
+        evaluated = eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == run.total_steps)
+        if logged or evaluated or (cfg.save_every and step % cfg.save_every == 0) or step in cfg.keep_steps:
+            # before anything is written
+            stop_if_nonfinite(run, cfg, nonfinite.step())
+        if logged:
             rec = log_record(sums, step, lr, grad_norm, run.device, run.steps_per_epoch, run.dpo)
             write_log(run, rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             sums = RunningSums()
         bar.update(1)
         new_best = False
-        if eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == run.total_steps):
+        if evaluated:
             new_best, stopped_early = progress.record(evaluate(run, model, eval_fn, step), cfg.patience)
         # every rank agrees on each term; the clock is asked at log lines only (under torchrun its answer is a
         # broadcast that the CPU waits for, as it waits for the log line's sums)
-        if (new_best or (cfg.save_every and step % cfg.save_every == 0) or step == stop_at or stopped_early
-                or (step % cfg.log_every == 0 and save_time_due(run, cfg.save_minutes, last_save))):
+        if (new_best or (cfg.save_every and step % cfg.save_every == 0) or step in cfg.keep_steps
+                or step == stop_at or stopped_early or (logged and save_time_due(run, cfg.save_minutes, last_save))):
             save_checkpoint(run, model, progress, cfg, new_best)
             last_save = time.monotonic()
     bar.close()

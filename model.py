@@ -490,7 +490,11 @@ def build_model(cfg) -> nn.Module:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 5. LoRA: W x + (alpha / r) * B A x, with A (r, in) random and B (out, r) zero, so training starts from the base model;
-#    A and B in fp32.
+#    A and B in fp32. A is drawn as nn.Linear's weights ("kaiming", PEFT's default) or from N(0, 1/r^2) ("gaussian",
+#    PEFT's init_lora_weights="gaussian", which the authors' train_lora.py uses).
+
+
+LORA_INITS = ("kaiming", "gaussian")
 
 
 class LoRALinear(nn.Module):
@@ -501,16 +505,21 @@ class LoRALinear(nn.Module):
     fine-tuning (AdamW at lr 1e-6 moves an entry of 0.05 by about 1e-6; bf16's spacing there is 2.4e-4)."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, init: str = "kaiming"):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank must be positive, got {r}")
+        if init not in LORA_INITS:
+            raise ValueError(f"LoRA init must be one of {LORA_INITS}, got {init!r}")
         self.base = base
         self.r, self.alpha, self.scale = r, alpha, alpha / r
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)  # nn.Linear's weight init
+        if init == "gaussian":  # N(0, 1/r^2) whatever the width (PEFT's "gaussian")
+            nn.init.normal_(self.lora_A, std=1 / r, generator=generator)
+        else:  # nn.Linear's weight init: uniform, bound 1/sqrt(in)
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged, self.disabled = False, False   # disabled (set by lora_disabled): act as the base alone
         base.requires_grad_(False)
@@ -572,10 +581,11 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-             targets=("q", "k", "v", "o", "mlp"), seed: int | None = None) -> list[str]:
+             targets=("q", "k", "v", "o", "mlp"), seed: int | None = None, init: str = "kaiming") -> list[str]:
     """Wrap the targeted nn.Linear layers of every block in LoRALinear and freeze everything else (only lora_A /
     lora_B require grad afterwards). seed: the A matrices are drawn from their own generator, so that the same seed
-    gives the same adapters whatever ran before (None: the global random stream). Returns the wrapped names."""
+    gives the same adapters whatever ran before (None: the global random stream). init: how A is drawn,
+    "kaiming" or "gaussian" (LORA_INITS). Returns the wrapped names."""
     table = LORA_TARGETS[model.family]
     if unknown := set(targets) - set(table):
         raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; known: {sorted(table)}")
@@ -590,7 +600,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
         for suffix in suffixes:
             parent_name, _, leaf = suffix.rpartition(".")
             parent = block.get_submodule(parent_name)
-            setattr(parent, leaf, LoRALinear(getattr(parent, leaf), r, alpha, dropout, gen))
+            setattr(parent, leaf, LoRALinear(getattr(parent, leaf), r, alpha, dropout, gen, init))
             wrapped.append(f"{prefix}.{i}.{suffix}")
     return wrapped
 

@@ -17,7 +17,7 @@ inference, first asks the model for the persona sentence, then generates with th
     python pal.py evaluate --run-dir R [--nli DIR]                 # 5. BLEU / ROUGE-L / Entropy / C.score
     python pal.py all      --run-dir R ...                         # 1-5 in order
     python pal.py chat     --run-dir R                             # talk to the trained model
-    python pal.py table    R1 R2 ...                               # runs in the paper's table layout
+    python pal.py table    R1 R2 ... [--paper]                     # runs in the paper's table layout
 
 Every stage writes into one run directory and skips work that is already complete; an interrupted stage
 resumes (training from its last checkpoint, generation after the last line written). The options given to the
@@ -63,7 +63,7 @@ from infra.dist import start as start_ranks
 from infra.dist import stop as stop_ranks
 from infra.dist import write_rows_shared
 from infra.files import JsonlWriter, atomic_path, read_json, read_jsonl, write_json, write_text
-from infra.hub import resolve_model_dir
+from infra.hub import resolve_model_dir, weights_digest
 from infra.options import add_flags, check_declared, flag, load_declared, option
 
 
@@ -79,20 +79,24 @@ def say(msg: str):
 def select_then_generate(model, tok, examples: list, lang: str, *, strategy: str = "select", mode: str = "generate",
                          max_len: int = 512, max_new_tokens: int = 48, select_max_new_tokens: int = 48,
                          batch: int = 16, seed: int = 0, desc: str = "predict", prefix: list[int] = (),
-                         shots: list[tuple[str, str]] = (), writer: JsonlWriter | None = None) -> list[dict]:
+                         shots: list[tuple[str, str]] = (), select_mode: str = "select",
+                         writer: JsonlWriter | None = None) -> list[dict]:
     """PAL's inference for each example: 1. the model picks the persona sentence the reply should use
     (selection prompt), 2. it replies with *that* sentence highlighted. Never the gold label.
     strategy "random" highlights a random persona sentence, "none" highlights nothing (Not Select).
     prefix: ids before every prompt (a soft prompt's virtual ids); shots: few-shot demonstrations before the
-    reply prompt (prompt_context gives both). With a writer, rows it already holds are kept and the remaining
-    examples are appended to it."""
+    reply prompt (prompt_context gives both); select_mode: the selection prompt, asking for a number ("select")
+    or for the sentence ("select_sentence", data.SELECT_MODES). With a writer, rows it already holds are kept and
+    the remaining examples are appended to it."""
     rows = list(writer.done_rows) if writer else []
     todo = examples[len(rows):]
+    stats = data.EncodeStats()  # history dropped and prompts cut to fit max_len, said below
     # 1. selection: greedy decoding of the selection prompt, parsed back to one of the persona sentences
     picks = None
     if strategy == "select" and mode == "generate":
         room = max_len - select_max_new_tokens - len(prefix)  # oldest history turns are dropped beyond this
-        ids = [list(prefix) + data.encode_generation_prompt(tok, e, "select", lang, max_len=room)[0] for e in todo]
+        ids = [list(prefix) + data.encode_generation_prompt(tok, e, select_mode, lang, max_len=room, stats=stats)[0]
+               for e in todo]
         picks = generate_texts(model, tok, ids, select_max_new_tokens, batch, f"{desc}: select")
         selected = [data.parse_selection(t, e.personas, lang) for t, e in zip(picks, todo)]
     elif strategy == "random":  # one draw per example, seeded by the example: a resumed or sharded run picks alike
@@ -103,8 +107,10 @@ def select_then_generate(model, tok, examples: list, lang: str, *, strategy: str
         mode = "personas" if mode == "generate" else mode  # Not Select: the persona list, nothing highlighted
     # 2. generation with the selected persona highlighted
     room = max_len - max_new_tokens - len(prefix)
-    ids = [list(prefix) + data.encode_generation_prompt(tok, e, mode, lang, persona=p, max_len=room, shots=shots)[0]
-           for e, p in zip(todo, selected)]
+    ids = [list(prefix) + data.encode_generation_prompt(tok, e, mode, lang, persona=p, max_len=room, shots=shots,
+                                                        stats=stats)[0] for e, p in zip(todo, selected)]
+    if todo and (desc != "validate" or stats.truncated or stats.cut):  # validation: only when something was lost
+        say(f"{desc}: prompts {stats.summary()}")
 
     def write(idx, texts):
         for i, t in zip(idx, texts):
@@ -146,29 +152,30 @@ def prompt_mode(fmt: str) -> str:
 
 def training_prompt(switches: dict) -> str:
     """The prompt of replies in training (DPO pairs, w/o PC's SFT): PAL's persona-enhanced prompt with the gold
-    persona highlighted; the persona list alone for generation-only SFT (only DG, +Prompting: nothing selects a
-    persona to highlight, at training or at inference); plain lines for ft."""
+    persona highlighted (only DG too); the persona list alone for generation from the list (tasks "gen": +Prompting,
+    only_dg_list: nothing selects a persona to highlight, at training or at inference); plain lines for ft."""
     if switches["fmt"] == "plain":
         return "noprompt"
-    return "personas" if switches["tasks"] == "dg" else "generate"
+    return "personas" if switches["tasks"] == "gen" else "generate"
 
 
 def decoding(cfg: RunConfig) -> dict:
     """A run's generation settings, as select_then_generate's keyword arguments."""
     return dict(strategy=cfg.switches()["strategy"], mode=prompt_mode(cfg.switches()["fmt"]), max_len=cfg.max_len,
                 max_new_tokens=cfg.max_new_tokens, select_max_new_tokens=cfg.select_max_new_tokens,
-                batch=cfg.gen_batch, seed=cfg.seed)
+                batch=cfg.gen_batch, seed=cfg.seed, select_mode=data.SELECT_MODES[cfg.select_target])
 
 
 def prompt_context(cfg: RunConfig, model, tok, splits: dict, lang: str) -> dict:
     """What comes before each inference prompt, as select_then_generate's keyword arguments: the soft prompt's
-    virtual ids (a prompt-tuned model) and the few-shot demonstrations (--shots Train examples, drawn once with
-    the seed, the same for every prompt). The demonstrations may take half of a prompt's room at most: beyond
-    that the example's own personas would not fit."""
+    virtual ids (a prompt-tuned model) and the few-shot demonstrations (--shots Train dialogues, one turn of each,
+    drawn once with the seed, the same for every prompt: data.demonstrations). The demonstrations may take half of
+    a prompt's room at most: beyond that the example's own personas would not fit."""
     k = cfg.switches()["shots"]
-    if k > len(splits["train"]):
-        raise ValueError(f"--shots {k}: there are only {len(splits['train'])} Train examples to show")
-    shots = data.demonstrations(random.Random(cfg.seed).sample(splits["train"], k), lang)
+    dialogues = len({e.dialogue_id for e in splits["train"]})
+    if k > dialogues:
+        raise ValueError(f"--shots {k}: there are only {dialogues} Train dialogues to draw demonstrations from")
+    shots = data.demonstrations(splits["train"], k, cfg.seed, lang)
     size = len(data.encode_prompt(tok, "", shots)) - len(data.encode_prompt(tok, ""))
     room = cfg.max_len - cfg.max_new_tokens
     if size > room // 2:
@@ -185,14 +192,17 @@ def prompt_context(cfg: RunConfig, model, tok, splits: dict, lang: str) -> dict:
 
 def load_data(data_dir: str | None, limit: int | None = None, labels: str = "lexical", nli_model=None,
               lang: str | None = None, personas: str | None = None,
-              history_turns: int | None = None) -> tuple[dict, str]:
+              history_turns: int | None = None, run: Path | None = None) -> tuple[dict, str]:
     """(splits, lang): the four splits of the paper's Table 1 with persona labels, lexical (data.py) or, with
     labels="nli", the NLI classifier's entailment labels (nli.nli_persona_labels). personas="revised": Train and
-    Valid from the revised persona files, Test original (the paper). history_turns=K: the last K utterances only."""
+    Valid from the revised persona files, Test original (the paper). history_turns=K: the last K utterances only.
+    run: the bytes parsed must be those the run's stages recorded (infra/rundir.py)."""
     if data_dir is None:
         raise ValueError("no data: give --data-dir (a PERSONA-CHAT directory; `python extras/download.py` fetches it)")
     splits, info = data.load_splits(data_dir, limit=limit, personas=personas)
     splits = {k: data.last_turns(v, history_turns) for k, v in splits.items()}
+    if run is not None:
+        rundir.check_parsed(run, {f: d for stats in info.stats.values() for f, d in stats.sha256.items()})
     say(info.message)
     for kind, stats in info.stats.items():  # what the parser met: counts, and the first few with file:line
         say(f"{kind}: {stats.report()}")
@@ -202,12 +212,27 @@ def load_data(data_dir: str | None, limit: int | None = None, labels: str = "lex
         splits = {k: data.relabel(v, nli.nli_persona_labels(v, nli_model.predict)) for k, v in splits.items()}
     elif labels != "lexical":
         raise ValueError(f"--labels {labels!r}: choose lexical or nli")
-    return splits, lang or data.detect_lang(splits["valid1"] or splits["test"])
+    return splits, lang or decide_lang(splits)
 
 
-def run_data(cfg: RunConfig) -> tuple[dict, str]:
+def decide_lang(splits: dict) -> str:
+    """The language of prompts and metrics, by share: 'zh' when most examples hold CJK characters; said."""
+    every = [e for rows in splits.values() for e in rows]
+    lang = data.detect_lang(every)
+    say(f"language: {lang} ({data.cjk_share(every):.0%} of {len(every)} examples hold CJK characters; --lang "
+        "overrides)")
+    return lang
+
+
+def run_data(cfg: RunConfig, run: Path | None = None) -> tuple[dict, str]:
     nli_model = load_nli(cfg.nli) if cfg.labels == "nli" else None  # the classifier is loaded only to label
-    return load_data(cfg.data_dir, cfg.limit, cfg.labels, nli_model, cfg.lang, cfg.personas, cfg.history_turns)
+    splits, lang = load_data(cfg.data_dir, cfg.limit, cfg.labels, nli_model, cfg.lang, cfg.personas,
+                             cfg.history_turns, run)
+    if stage_runs(cfg, "dpo") and cfg.eval_limit and not splits["valid2"]:  # said before SFT, not after it
+        raise ValueError(f"no Valid#2 examples in {cfg.data_dir}: the second stage validates and stops early on "
+                         "Valid#2; give data with more validation dialogues, or --eval-limit 0 to train without "
+                         "validation")
+    return splits, lang
 
 
 def load_nli(name_or_path: str | None):
@@ -231,13 +256,15 @@ def nonempty(rows: list, what: str) -> list:
 
 def load_stage_model(weights, dtype: str, lora: tuple | None = None, trainable: bool = False, seed: int = 0):
     """A model directory (the base, or a stage's exported weights) in `dtype`, for generation or, with
-    trainable=True, for training: fresh LoRA adapters (lora = (r, alpha, dropout, "q,v,...")) or every weight."""
+    trainable=True, for training: fresh LoRA adapters (lora = (r, alpha, dropout, "q,v,...", A's init)) or every
+    weight."""
     if isinstance(weights, Path) and not weights.exists():  # a stage's output, not a base model
         raise FileNotFoundError(f"{weights} does not exist: run the stage that writes it first (`pal.py all` runs "
                                 "every stage in order)")
     m = modeling.load_model(weights, dtype=DTYPES[dtype], device=local_device())
     if trainable and lora:
-        modeling.add_lora(m, r=lora[0], alpha=lora[1], dropout=lora[2], targets=lora[3].split(","), seed=seed)
+        modeling.add_lora(m, r=lora[0], alpha=lora[1], dropout=lora[2], targets=lora[3].split(","), seed=seed,
+                          init=lora[4])
     elif trainable:
         m.requires_grad_(True)
     return m
@@ -249,15 +276,30 @@ def lora_rank(cfg: RunConfig, stage: str) -> int:
 
 
 def trainable_model(cfg: RunConfig, weights, stage: str = "sft", prompt_init: list[int] = ()):
-    """The model a training stage updates: every weight, fresh LoRA adapters, or (prompt tuning, SFT only) a soft
-    prompt started from the embeddings of `prompt_init` with every weight frozen."""
+    """The model a training stage updates: every weight, fresh LoRA adapters, the adapters of a LoRA export
+    (continued_adapters), or (prompt tuning, SFT only) a soft prompt started from the embeddings of `prompt_init`
+    with every weight frozen."""
     if stage == "sft" and cfg.switches()["tune"] == "prompt":
         m = load_stage_model(weights, cfg.dtype)
         modeling.add_soft_prompt(m, cfg.prompt_tokens, list(prompt_init))
         return m
     r = lora_rank(cfg, stage)
-    return load_stage_model(weights, cfg.dtype, (r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) if r
-                            else None, trainable=True, seed=cfg.seed)
+    if continued_adapters(cfg, weights, stage):
+        noted = exports.read_adapter_base(weights)
+        m = load_stage_model(noted["base"], cfg.dtype)
+        modeling.add_lora(m, r=noted["r"], alpha=noted["alpha"], dropout=cfg.lora_dropout,
+                          targets=noted["targets"].split(","))
+        modeling.load_lora(m, weights / "adapter.safetensors")  # add_lora left them (and only them) trainable
+        return m
+    return load_stage_model(weights, cfg.dtype, (r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
+                                                 cfg.lora_init) if r else None, trainable=True, seed=cfg.seed)
+
+
+def continued_adapters(cfg: RunConfig, weights, stage: str) -> bool:
+    """Does the DPO stage go on training the LoRA adapters its start weights were exported with (the SFT model's,
+    on their base: the model that wrote the pairs, unrounded), rather than fresh ones on the merged export?"""
+    noted = exports.read_adapter_base(weights) if isinstance(weights, Path) and weights.exists() else None
+    return stage == "dpo" and cfg.dpo_adapters == "continue" and noted is not None and lora_rank(cfg, "dpo") > 0
 
 
 def generation_model(cfg: RunConfig, weights):
@@ -289,9 +331,14 @@ def in_generation_dtype(m: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
     return g
 
 
-def note_adapter_base(out: Path, base, cfg: RunConfig, stage: str = "sft"):
-    """Beside a LoRA stage's adapters, the weights they were trained on (generation_model rebuilds from both)."""
-    exports.note_adapter_base(out, base, lora_rank(cfg, stage), cfg.lora_alpha, cfg.lora_targets)
+def note_adapter_base(out: Path, base, cfg: RunConfig, stage: str = "sft", run: Path | None = None):
+    """Beside a LoRA stage's adapters, the weights they were trained on (generation_model rebuilds from both).
+    Continued adapters belong on the base of the adapters they continue."""
+    if continued_adapters(cfg, base, stage):
+        noted = exports.read_adapter_base(base)
+        exports.note_adapter_base(out, noted["base"], noted["r"], noted["alpha"], noted["targets"], run)
+        return
+    exports.note_adapter_base(out, base, lora_rank(cfg, stage), cfg.lora_alpha, cfg.lora_targets, run)
 
 
 def complete_export(out: Path, cfg: RunConfig, tok: data.Tokenizer):
@@ -310,7 +357,12 @@ def final_weights(cfg: RunConfig, run: Path):
     with --from-run, that run's (same base model: the tokenizer comes from it)."""
     if cfg.from_run:
         source = Path(cfg.from_run)
+        if source.resolve() == run.resolve():
+            raise ValueError(f"--from-run {source}: that is this run; name the run that trained the model")
         trained = load_run_config(source, {})
+        if trained.from_run:  # a chain of inference-only runs (or a loop): name the run that trained
+            raise ValueError(f"--from-run {source}: that run trained nothing either (its --from-run is "
+                             f"{trained.from_run}); name the run that trained the model")
         if trained.model != cfg.model:
             raise ValueError(f"--from-run {source}: trained from {trained.model}, this run's --model is {cfg.model}")
         return final_weights(trained, source)
@@ -325,11 +377,12 @@ def stage_sft(cfg: RunConfig, run: Path):
     if cfg.switches()["tasks"] == "none":
         say("sft: this variant has no SFT; the later stages start from the base model")
         return None
-    splits, lang = run_data(cfg)
+    splits, lang = run_data(cfg, run)
     tok = load_tokenizer(cfg.model)
     collate = lambda fs: data.collate_sft(fs, tok.pad_id)
     weights = cfg.model
-    for k, (name, modes) in enumerate(sft_phases(cfg.switches()["tasks"], cfg.switches()["fmt"])):
+    phases = sft_phases(cfg.switches()["tasks"], cfg.switches()["fmt"], data.SELECT_MODES[cfg.select_target])
+    for k, (name, modes) in enumerate(phases):
         phase_dir = run / "sft" / f"phase{k}-{name}"
         if not (phase_dir / "final").exists():
             train = nonempty(splits["train"], f"Train examples in {cfg.data_dir}")
@@ -339,9 +392,9 @@ def stage_sft(cfg: RunConfig, run: Path):
             if prefix:
                 say(f"prompt tuning: {len(prefix)} trainable vectors before every prompt, every weight frozen")
             room = cfg.max_len - len(prefix)
-            if modes == ["select", "generate"]:
+            if len(modes) == 2:  # PAL's two tasks, interleaved
                 feats, stats = data.mixed_task_features(tok, splits["train"], cfg.select_ratio, cfg.seed, lang,
-                                                        room, cfg.select_none_ratio)
+                                                        room, cfg.select_none_ratio, modes[0])
             else:
                 feats, stats = data.sft_features(tok, splits["train"], modes[0], lang, room)
             say(f"SFT features ({'+'.join(modes)}): {stats.summary()}")
@@ -356,7 +409,7 @@ def stage_sft(cfg: RunConfig, run: Path):
             eval_fn = (lambda m: validation_nll(m, val_feats, collate, cfg.batch_size, cfg.logps == "chunked")
                        if val_feats else None)
             dpo.train(model, tcfg, feats, collate, eval_fn=eval_fn,
-                      export_files=lambda d: note_adapter_base(d, weights, cfg))
+                      export_files=lambda d: note_adapter_base(d, weights, cfg, run=run))
             del model
         weights = phase_dir / "final"
     if is_rank0():
@@ -366,15 +419,15 @@ def stage_sft(cfg: RunConfig, run: Path):
     return out
 
 
-def sft_phases(tasks: str, fmt: str) -> list[tuple[str, list[str]]]:
-    """The SFT phases of a run: (name, prompt modes trained together). w/o Mix trains the two tasks one
-    after the other instead of interleaved."""
+def sft_phases(tasks: str, fmt: str, select: str = "select") -> list[tuple[str, list[str]]]:
+    """The SFT phases of a run: (name, prompt modes trained together); `select`: the selection task's prompt mode
+    (data.SELECT_MODES). --tasks seq trains the two tasks one after the other instead of interleaved."""
     if tasks == "none":
         return []
     if fmt == "plain":
         return [("dg", ["noprompt"])]
-    return {"mix": [("mix", ["select", "generate"])], "dg": [("dg", ["personas"])], "ps": [("ps", ["select"])],
-            "seq": [("ps", ["select"]), ("dg", ["generate"])]}[tasks]
+    return {"mix": [("mix", [select, "generate"])], "dg": [("dg", ["generate"])], "gen": [("gen", ["personas"])],
+            "ps": [("ps", [select])], "seq": [("ps", [select]), ("dg", ["generate"])]}[tasks]
 
 
 def soft_prompt_init(tok, lang: str) -> list[int]:
@@ -408,6 +461,7 @@ def train_config(cfg: RunConfig, mode: str, out_dir: Path, n_features: int) -> d
     common = dict(out_dir=str(out_dir), batch_size=cfg.batch_size, grad_accum=grad_accum(cfg, mode),
                   precision=cfg.precision, seed=cfg.seed, resume=True, save_every=cfg.save_every,
                   save_minutes=cfg.save_minutes, log_every=cfg.log_every, logps=cfg.logps,
+                  lora_plus_ratio=cfg.lora_plus_ratio, grad_clip=cfg.grad_clip or None,
                   group_by_length=True)  # batches of similar lengths: far less padding, the same exact resume
     if mode == "sft":
         lr = cfg.prompt_lr if cfg.switches()["tune"] == "prompt" else cfg.sft_lr
@@ -419,7 +473,12 @@ def train_config(cfg: RunConfig, mode: str, out_dir: Path, n_features: int) -> d
         steps = max(1, math.ceil(cfg.dpo_epochs * n_features / global_batch(cfg, "dpo")))
     every = max(1, round(cfg.eval_every / global_batch(cfg, "dpo")))  # --eval-every counts examples
     return dpo.TrainConfig(mode="dpo", max_steps=steps, lr=cfg.dpo_lr, warmup_steps=cfg.dpo_warmup, beta=cfg.dpo_beta,
-                           eval_every=min(every, steps), patience=cfg.patience, **common)
+                           eval_every=min(every, steps), patience=cfg.patience, keep_steps=keep_steps(cfg), **common)
+
+
+def keep_steps(cfg: RunConfig) -> tuple[int, ...]:
+    """--keep-steps "50,100" as (50, 100)."""
+    return tuple(int(s) for s in cfg.keep_steps.split(",")) if cfg.keep_steps else ()
 
 
 def validation_nll(model, feats: list[dict], collate, batch_size: int, chunked: bool = False) -> dict:
@@ -444,7 +503,7 @@ def stage_pairs(cfg: RunConfig, run: Path):
     """The SFT model answers each Valid#1 example from the history alone (no persona): the rejected side of
     PAL's preference pairs; the gold response is the chosen side."""
     out = run / "pairs.jsonl"
-    splits, lang = run_data(cfg)
+    splits, lang = run_data(cfg, run)
     nonempty(splits["valid1"], f"Valid#1 examples in {cfg.data_dir}")
     tok = load_tokenizer(cfg.model)
     model = generation_model(cfg, sft_weights(cfg, run))
@@ -454,7 +513,9 @@ def stage_pairs(cfg: RunConfig, run: Path):
         todo = examples[len(writer.done_rows):]
         if writer.done_rows:
             say(f"pairs: resuming after {len(writer.done_rows)} of {len(examples)} examples")
-        ids = [data.encode_generation_prompt(tok, e, "history", lang, max_len=room)[0] for e in todo]
+        stats = data.EncodeStats()
+        ids = [data.encode_generation_prompt(tok, e, "history", lang, max_len=room, stats=stats)[0] for e in todo]
+        say(f"pairs: prompts {stats.summary()}")
 
         def write(idx, texts):
             for i, t in zip(idx, texts):
@@ -478,14 +539,21 @@ def stage_dpo(cfg: RunConfig, run: Path):
     if align == "none":
         say("dpo: this variant has no alignment stage; predict uses the SFT model (or the base model)")
         return None
-    splits, lang = run_data(cfg)
+    splits, lang = run_data(cfg, run)
     tok = load_tokenizer(cfg.model)
     mode = training_prompt(cfg.switches())
     policy = trainable_model(cfg, sft_weights(cfg, run), "dpo")
-    ref = None
-    if align == "dpo" and not lora_rank(cfg, "dpo"):  # full fine-tuning: the reference is a frozen SFT copy
+    # The reference is the SFT model. Full fine-tuning: a frozen copy of it. Fresh LoRA adapters on the SFT weights:
+    # the policy with its adapters off. Continued SFT adapters: the policy as it starts, its log-probs cached
+    # before the first step (switching the adapters off would leave the base model, the authors' reference).
+    ref, continued = None, continued_adapters(cfg, sft_weights(cfg, run), "dpo")
+    if align == "dpo" and not lora_rank(cfg, "dpo"):
         ref = load_stage_model(sft_weights(cfg, run), cfg.dtype)  # in the policy's dtype, not gen_dtype
+    if continued:
+        say("dpo: the SFT adapters go on training on their base; reference = base + SFT adapters, frozen")
     val = splits["valid2"][: cfg.eval_limit]
+    if not val:
+        say("dpo: --eval-limit 0: no validation; the last weights are exported")
     nli_model = load_nli(cfg.nli) if is_rank0() else None  # rank 0 scores the validation rows
     context = prompt_context(cfg, policy, tok, splits, lang)
 
@@ -500,17 +568,19 @@ def stage_dpo(cfg: RunConfig, run: Path):
         rows = nonempty(read_jsonl(run / "pairs.jsonl"), f"pairs in {run / 'pairs.jsonl'}")
         feats, stats = data.dpo_features(tok, [example_from_row(r) for r in rows], [r["rejected"] for r in rows],
                                          mode, lang, cfg.max_len)
-        say(f"dpo: {len(feats)} pairs; {stats.summary()}")
+        empty = sum(not r["rejected"].strip() for r in rows)  # the SFT model stopped at once: nothing to reject
+        say(f"dpo: {len(feats)} pairs ({empty} of {len(rows)} with an empty rejected reply); {stats.summary()}")
         nonempty(feats, f"pairs fit --max-len {cfg.max_len} ({stats.summary()})")
         collate = lambda fs: data.collate_dpo(fs, tok.pad_id)
-        tcfg = train_config(cfg, "dpo", run / "dpo", len(feats))
+        tcfg = dataclasses.replace(train_config(cfg, "dpo", run / "dpo", len(feats)), reference_adapters=continued)
     else:  # w/o PC: the same Valid#1 examples, gold responses only, plain SFT
         feats = data.sft_features(tok, splits["valid1"], mode, lang, cfg.max_len)[0]
         collate = lambda fs: data.collate_sft(fs, tok.pad_id)
         tcfg = dataclasses.replace(train_config(cfg, "dpo", run / "dpo", len(feats)), mode="sft", lr=cfg.sft_lr)
+
     def export_files(d: Path):
         complete_export(d, cfg, tok)
-        note_adapter_base(d, sft_weights(cfg, run), cfg, "dpo")
+        note_adapter_base(d, sft_weights(cfg, run), cfg, "dpo", run)
 
     dpo.train(policy, tcfg, feats, collate, eval_fn=eval_fn if val else None, ref_model=ref,
               export_files=export_files)
@@ -527,7 +597,7 @@ def example_from_row(row: dict) -> data.Example:
 def stage_predict(cfg: RunConfig, run: Path):
     """Select then Generate on Test: generations.jsonl (personas, history, selected persona, response, gold)."""
     out = run / "generations.jsonl"
-    splits, lang = run_data(cfg)
+    splits, lang = run_data(cfg, run)
     nonempty(splits["test"], f"Test examples in {cfg.data_dir}")
     tok = load_tokenizer(cfg.model)
     model = generation_model(cfg, final_weights(cfg, run))
@@ -543,12 +613,23 @@ def stage_predict(cfg: RunConfig, run: Path):
 
 
 def stage_evaluate(cfg: RunConfig, run: Path):
-    """BLEU-1/2, ROUGE-L, Entropy, C.score (with --nli) and persona coverage -> results.json, results.md."""
+    """BLEU-1/2, ROUGE-L, Entropy, C.score (with --nli) and persona coverage -> results.json, results.md. The
+    metrics are computed in both conventions, under results["metrics"]["default"] and ["authors"] (the paper's
+    numbers came from the latter: authors_metrics); the top-level keys are the default ones and the diagnostics.
+    The run's identity (model, dataset, persona version, row, seed and the options that shaped it) goes with them:
+    pal.py table places the run in the paper's tables and groups runs that differ only by seed."""
     out = run / "results.json"
     rows = nonempty(read_jsonl(run / "generations.jsonl"), f"generated rows in {run / 'generations.jsonl'}")
     lang = cfg.lang or ("zh" if any(data.CJK_CHAR.search(r["gold"]) for r in rows[:20]) else "en")
-    res = score_generations(rows, lang, load_nli(cfg.nli), cfg.metrics_compat)
-    res.update(variant=cfg.variant, model=cfg.model, **cfg.switches(), lang=lang)
+    res = score_generations(rows, lang, load_nli(cfg.nli))
+    paper = {k: res[k] for k in CONVENTION_KEYS}
+    res["metrics"] = {"default": paper, "authors": None if lang != "en" else  # they segment Chinese with jieba
+                      {**authors_metrics([r["response"] for r in rows], [r["gold"] for r in rows]),
+                       "c_score": res["c_score"]}}  # the NLI score has one convention: the authors'
+    options = stage_options(cfg, "evaluate")
+    res.update(variant=cfg.variant, model=cfg.model, **cfg.switches(), lang=lang, seed=cfg.seed,
+               dataset=data_name(lang), personas=cfg.personas or "original",
+               options={k: v for k, v in options.items() if k != "seed"})
     write_json(out, res)
     md = results_table([(run.name, res)])
     write_text(run / "results.md", md + "\n")
@@ -556,12 +637,19 @@ def stage_evaluate(cfg: RunConfig, run: Path):
     return out
 
 
-def score_generations(rows: list[dict], lang: str, nli_model=None, compat: str = "default") -> dict:
-    """All metrics of a list of generation rows (response, gold, personas). BLEU/ROUGE-L x100 as in the
-    paper's tables; entropy in nats. C.score only with an NLI classifier: otherwise None, never invented.
-    compat="authors": BLEU, ROUGE-L, Distinct and entropy as the paper's authors computed them (authors_metrics)."""
-    if compat == "authors" and lang != "en":
-        raise ValueError("--metrics-compat authors: English only (the authors segment Chinese with jieba)")
+CONVENTION_KEYS = ("bleu1", "bleu2", "bleu4", "rouge_l", "entropy1", "entropy2", "entropy3", "entropy4", "entropy",
+                   "distinct1", "distinct2", "c_score")  # what each metric convention holds in results.json
+
+
+def data_name(lang: str) -> str:
+    """The paper's name of a run's data: PERSONA-CHAT (Tables 2, 5) or Baidu-Persona-Chat (Table 3)."""
+    return "Baidu-Persona-Chat" if lang == "zh" else "PERSONA-CHAT"
+
+
+def score_generations(rows: list[dict], lang: str, nli_model=None) -> dict:
+    """All metrics of a list of generation rows (response, gold, personas), in the project's default convention.
+    BLEU/ROUGE-L x100 as in the paper's tables; entropy in nats. C.score only with an NLI classifier: otherwise
+    None, never invented."""
     hyps, refs, personas = [r["response"] for r in rows], [r["gold"] for r in rows], [r["personas"] for r in rows]
     bleu = corpus_bleu(hyps, refs, max_n=4, lang=lang)
     res = {"n": len(rows), "bleu1": 100 * bleu[0], "bleu2": 100 * bleu[1], "bleu4": 100 * bleu[3],
@@ -575,8 +663,6 @@ def score_generations(rows: list[dict], lang: str, nli_model=None, compat: str =
     # (Madotto et al. 2019); premise = persona sentence, hypothesis = reply, as the authors' evaluation code
     scores = nli.c_scores(hyps, personas, nli_model) if nli_model is not None else {}
     res.update(c_score=scores.get("c_score"), c_score_sum=scores.get("c_score_sum"))
-    if compat == "authors":
-        res.update(authors_metrics(hyps, refs), metrics_compat="authors")
     return res
 
 
@@ -597,7 +683,8 @@ def validation_score(rows: list[dict], lang: str, nli_model=None) -> dict:
 
 # What each variant changes. The switches:
 #   tasks     SFT tasks: "mix" (persona selection + persona-enhanced generation, interleaved: PAL),
-#             "dg" (generation only, from the persona list: nothing highlighted, as at its inference),
+#             "dg" (persona-enhanced generation only, the gold persona highlighted: the paper's only DG),
+#             "gen" (generation from the persona list, nothing highlighted, as at its inference: +Prompting),
 #             "ps" (selection only), "seq" (selection, then generation), "none" (no SFT: the base model)
 #   fmt       "prompt" (PAL's instruction prompts) or "plain" (personas and history as plain lines)
 #   align     second stage: "dpo" (PAL), "sft" (SFT on Valid#1's gold responses: w/o PC), "none" (w/o PA)
@@ -605,26 +692,28 @@ def validation_score(rows: list[dict], lang: str, nli_model=None) -> dict:
 #             "none" (Not Select: the full persona list, nothing highlighted)
 #   tune      what SFT trains: "weights" (all of them, or LoRA adapters with --lora-r) or "prompt" (prompt tuning:
 #             --prompt-tokens vectors before every prompt, every weight frozen: the +Prompting baseline)
-#   shots     Train examples with their gold replies shown before every reply prompt (few-shot; 0: none)
+#   shots     Train dialogues, one turn each with its gold reply, shown before every reply prompt (few-shot)
 # In the order of the result tables: the baselines and PAL (Table 2 / 3), then the ablations (Table 5).
 SWITCH_DEFAULTS = dict(tune="weights", shots=0)
 VARIANTS = {
     "zero_shot":  dict(tasks="none", fmt="prompt", align="none", strategy="none"),  # the base model, no training
-    "few_shot":   dict(tasks="none", fmt="prompt", align="none", strategy="none", shots=3),
-    "prompting":  dict(tasks="dg", fmt="prompt", align="none", strategy="none", tune="prompt"),  # prompt tuning
-    "ft":         dict(tasks="dg", fmt="plain", align="none", strategy="none"),   # fine-tuning w/o prompts
+    "few_shot":   dict(tasks="none", fmt="prompt", align="none", strategy="none", shots=2),  # two dialogues
+    "ft":         dict(tasks="gen", fmt="plain", align="none", strategy="none"),   # fine-tuning w/o prompts
+    "prompting":  dict(tasks="gen", fmt="prompt", align="none", strategy="none", tune="prompt"),  # prompt tuning
     "pal":        dict(tasks="mix", fmt="prompt", align="dpo", strategy="select"),
     "wo_mix":     dict(tasks="none", fmt="prompt", align="dpo", strategy="select"),  # no Persona-aware Learning
     "wo_pa":      dict(tasks="mix", fmt="prompt", align="none", strategy="select"),
     "wo_pc":      dict(tasks="mix", fmt="prompt", align="sft", strategy="select"),
-    "only_dg":    dict(tasks="dg", fmt="prompt", align="dpo", strategy="none"),
+    "only_dg":    dict(tasks="dg", fmt="prompt", align="dpo", strategy="select"),  # PAL without the PS task
     "only_ps":    dict(tasks="ps", fmt="prompt", align="dpo", strategy="select"),
     "random":     dict(tasks="mix", fmt="prompt", align="dpo", strategy="random"),
     "not_select": dict(tasks="mix", fmt="prompt", align="dpo", strategy="none"),
+    # not a row of the paper: generation from the persona list (nothing highlighted) in SFT, DPO and inference
+    "only_dg_list": dict(tasks="gen", fmt="prompt", align="dpo", strategy="none"),
 }
-ABLATIONS = ("wo_mix", "wo_pa", "wo_pc", "only_dg", "only_ps", "random", "not_select")  # Table 5's rows, after PAL
-SWITCHES = {"tasks": ("mix", "dg", "ps", "seq", "none"), "fmt": ("prompt", "plain"), "align": ("dpo", "sft", "none"),
-            "strategy": ("select", "random", "none"), "tune": ("weights", "prompt"), "shots": int}
+SWITCHES = {"tasks": ("mix", "dg", "gen", "ps", "seq", "none"), "fmt": ("prompt", "plain"),
+            "align": ("dpo", "sft", "none"), "strategy": ("select", "random", "none"), "tune": ("weights", "prompt"),
+            "shots": int}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = tuple(DTYPES)
 
@@ -634,7 +723,7 @@ class RunConfig:
     """Everything a run depends on; stored in RUN_DIR/run.json by the first stage. Each field is the option
     --field-name of every stage; an option left out keeps run.json's value."""
     model: str | None = option(None, str, "model directory in Hugging Face layout, or a hub id "
-                                           "(`python extras/smol.py` makes SmolLM2's)")
+                               "(`python extras/smol.py` makes SmolLM2's)")
     data_dir: str | None = option(None, str, "PERSONA-CHAT (ParlAI *_self_*.txt) or Baidu-Persona-Chat (*.jsonl) "
                                              "directory")
     variant: str = option("pal", tuple(VARIANTS), "baseline / ablation preset; the four switches default from it")
@@ -668,7 +757,17 @@ class RunConfig:
     lora_r: int = option(0, int, "LoRA rank; 0 = full fine-tuning", low=0)
     lora_alpha: float = option(16.0, float, "LoRA alpha", above=0)
     lora_dropout: float = option(0.05, float, "LoRA dropout", low=0, high=0.9)
-    lora_targets: str = option("q,k,v,o,mlp", str, "layers LoRA wraps, comma-separated from q k v o mlp")
+    lora_targets: str = option("q,k,v,o,mlp", str, "layers LoRA wraps, comma-separated from q k v o mlp (GPT-2's "
+                               "q, k and v are one matrix, c_attn); PEFT's defaults: q,v (Llama), q,k,v (GPT-2)")
+    lora_init: str = option("kaiming", modeling.LORA_INITS, "LoRA A's init: nn.Linear's (kaiming) or N(0, 1/r^2) "
+                            "(gaussian, the authors')")
+    lora_plus_ratio: float = option(1.0, float, "LoRA+: the B matrices learn at this times the learning rate (1: "
+                                    "off; the authors' 16)", above=0)
+    dpo_adapters: str = option("continue", ("continue", "fresh"), "DPO after LoRA SFT: go on training the SFT "
+                               "adapters on their base (the model that wrote the pairs) or fresh ones on the merged "
+                               "SFT weights")
+    grad_clip: float = option(1.0, float, "max gradient norm of a training step (0: no clipping; the authors' 10)",
+                              low=0)
     dpo_lora_r: int | None = option(None, int, "LoRA rank of the DPO stage alone (default: --lora-r); the authors' "
                                     "GPT-2: full SFT, then DPO with LoRA", low=0)
     # SFT (paper: lr 2e-5, 100 warmup steps, 10 epochs)
@@ -694,6 +793,8 @@ class RunConfig:
     save_every: int = option(0, int, "optimizer steps between training checkpoints (0: off)", low=0)
     save_minutes: float = option(10.0, float, "minutes between training checkpoints (0: off); a kill loses at most "
                                               "this much training", low=0)
+    keep_steps: str | None = option(None, str, "DPO steps whose checkpoints are kept, comma-separated (e.g. "
+                                    "50,100,150: Figure 4's sweep, extras/figures.py fig4)")
     # generation (greedy)
     max_new_tokens: int = option(48, int, "new tokens per reply", low=1)
     select_max_new_tokens: int = option(48, int, "new tokens of the selection step", low=1)
@@ -702,8 +803,8 @@ class RunConfig:
     nli: str | None = option(None, str, "NLI checkpoint (directory or hub id) for C.score and DPO validation")
     from_run: str | None = option(None, str, "another run's trained model for predict and chat (inference-only "
                                   "variants: random, not_select); this run trains nothing")
-    metrics_compat: str = option("default", ("default", "authors"), "evaluate's metrics: correct (default) or as "
-                                 "the paper's authors computed them (pycocoevalcap, arguments swapped)")
+    select_target: str = option("number", tuple(data.SELECT_MODES), "what the selection task answers: the "
+                                "sentence's number, or the authors' \"k.sentence\" (\"No personal description.\")")
 
     def switches(self) -> dict:
         """The variant's switches, with each one given as an option on top."""
@@ -714,7 +815,7 @@ class RunConfig:
 def load_run_config(run_dir: Path, overrides: dict) -> RunConfig:
     """run.json (if any) with the options given on this command line on top, checked by check_options. Nothing
     is written here: main saves run.json once every check has passed, so a refused call leaves it unchanged."""
-    cfg = load_declared(RunConfig, run_dir / "run.json", overrides)
+    cfg = load_declared(RunConfig, run_dir / "run.json", overrides, retired=RETIRED)
     check_options(cfg)
     return cfg
 
@@ -728,12 +829,17 @@ def check_options(cfg: RunConfig):
         if getattr(cfg, name) + soft >= cfg.max_len:
             extra = f" minus --prompt-tokens {soft}" if soft else ""
             raise ValueError(f"{flag(name)} {getattr(cfg, name)}: must be below --max-len {cfg.max_len}{extra}")
+    if cfg.keep_steps and not all(s.strip().isdigit() and int(s) > 0 for s in cfg.keep_steps.split(",")):
+        raise ValueError(f"--keep-steps {cfg.keep_steps}: expected positive step numbers separated by commas")
     if unknown := set(cfg.lora_targets.split(",")) - {"q", "k", "v", "o", "mlp"}:
         raise ValueError(f"--lora-targets {cfg.lora_targets}: unknown {sorted(unknown)}; choose from q,k,v,o,mlp")
     sw = cfg.switches()
     if sw["tune"] == "prompt" and (sw["tasks"] == "none" or sw["align"] != "none"):
         raise ValueError(f"--tune prompt: prompt tuning trains a soft prompt in the SFT stage and nothing after it; "
                          f"it needs SFT tasks (not --tasks {sw['tasks']}) and --align none (not {sw['align']})")
+    if cfg.dpo_adapters == "continue" and cfg.lora_r and cfg.dpo_lora_r not in (None, 0, cfg.lora_r):
+        raise ValueError(f"--dpo-lora-r {cfg.dpo_lora_r}: --dpo-adapters continue trains the SFT adapters (rank "
+                         f"--lora-r {cfg.lora_r}) on; use one rank or --dpo-adapters fresh")
     if cfg.precision == "fp16" and cfg.dtype == "fp16" and not cfg.lora_r:  # loss scaling needs fp32 masters
         raise ValueError("--precision fp16 with --dtype fp16: fp16 loss scaling needs fp32 trainable weights; use "
                          "--dtype fp32 (autocast computes in fp16) or LoRA (--lora-r, adapters stay fp32)")
@@ -762,7 +868,7 @@ def stage_chat(cfg: RunConfig, run: Path, personas: list[str] | None = None, str
     model = generation_model(cfg, weights)
     lang, splits = cfg.lang or "en", None  # the data is read once, if the demonstrations or a persona need it
     if cfg.switches()["shots"]:
-        splits, lang = run_data(cfg)
+        splits, lang = run_data(cfg, run)
     if not personas:
         print("Persona sentences, one per line; an empty line ends (empty at once: a random Test persona).")
         personas = []
@@ -791,6 +897,7 @@ def stage_chat(cfg: RunConfig, run: Path, personas: list[str] | None = None, str
 
 TABLE_COLUMNS = [("BLEU-1", "bleu1"), ("BLEU-2", "bleu2"), ("ROUGE-L", "rouge_l"), ("Entropy", "entropy"),
                  ("C.score", "c_score"), ("Persona cov.", "persona_coverage"), ("Dist-2", "distinct2")]
+PAPER_COLUMNS = TABLE_COLUMNS[:5]  # the columns of the paper's Tables 2, 3 and 5
 # (header, key, format): fractions shown as percentages; "–" where a row has no such number
 DIAGNOSTIC_COLUMNS = [("Copy %", "copy_rate", "pct"), ("Words", "words", ".1f"), ("Dist-1", "distinct1", ".3f"),
                       ("Dist-2", "distinct2", ".3f"), ("Persona cov.", "persona_coverage", ".1f"),
@@ -804,9 +911,19 @@ def _cell(value, fmt: str) -> str:
     return f"{100 * value:.1f}" if fmt == "pct" else format(value, fmt)
 
 
-ROW_NAMES = {"zero_shot": "Zero-shot", "few_shot": "Few-shot", "prompting": "+Prompting", "ft": "+FT", "pal": "PAL",
-             "wo_mix": "w/o Mix", "wo_pa": "w/o PA", "wo_pc": "w/o PC", "only_dg": "only DG", "only_ps": "only PS",
-             "random": "Random", "not_select": "Not Select"}
+ROW_NAMES = {"zero_shot": "(base model)", "few_shot": "+Few-Shot", "ft": "+FineTuning", "prompting": "+Prompting",
+             "pal": "PAL", "wo_mix": "w/o Mix", "wo_pa": "w/o PA", "wo_pc": "w/o PC", "only_dg": "only DG",
+             "only_ps": "only PS", "random": "Random", "not_select": "Not Select", "only_dg_list": "only DG (list)"}
+# the rows of each of the paper's layouts, in the order printed
+TABLE2_ROWS = ("zero_shot", "few_shot", "ft", "prompting", "pal")  # Table 2 (Table 3: Chinese), per model
+TABLE5_ROWS = ("pal", "wo_mix", "wo_pa", "only_dg", "only_ps", "wo_pc")  # Table 5, the models as column groups
+FIGURE3_ROWS = ("pal", "random", "not_select")  # Figure 3: Select then Generate against Random and Not Select
+PAPER_MODELS = {"gpt2": "GPT-2", "dialogpt": "DialoGPT", "llama-3.1-8b": "Llama 3.1 8B",
+                "gpt2-chinese": "GPT-2"}  # the start of a model's directory name -> its name in the paper
+CONVENTIONS = {"default": "the project's default convention (lower-cased word and punctuation tokens, reply as "
+                          "hypothesis)",
+               "authors": "the paper's convention (the authors' decode.py: pycocoevalcap on whitespace tokens, gold "
+                          "in the hypothesis' place)"}
 
 
 def row_name(res: dict) -> str:
@@ -817,9 +934,14 @@ def row_name(res: dict) -> str:
     return ROW_NAMES.get(variant, variant) + (f" ({', '.join(changed)})" if changed else "")
 
 
+def paper_model(model) -> str | None:
+    name = Path(str(model)).name.lower()
+    return next((v for k, v in PAPER_MODELS.items() if name.startswith(k)), None)
+
+
 def metrics_table(named: list[tuple[str, dict]]) -> str:
-    """The paper's columns, one row per run (Model, Method, the metrics, and the run directory); C.score shows
-    n/a without an NLI model."""
+    """The paper's columns, one row per run (Model, Method, the metrics, and the run directory), default metric
+    convention; C.score shows n/a without an NLI model."""
     lines = ["| Model | Method | " + " | ".join(c for c, _ in TABLE_COLUMNS) + " | Run |",
              "|---|---|" + "---:|" * len(TABLE_COLUMNS) + "---|"]
     for name, res in named:
@@ -845,34 +967,223 @@ def results_table(named: list[tuple[str, dict]]) -> str:
     return metrics_table(named) + "\n\n" + diagnostics_table(named)
 
 
-def paper_tables(named: list[tuple[str, dict]]) -> str:
-    """The runs as the paper lays them out: the baselines and PAL per model, in the order of VARIANTS (Table 2;
-    Table 3 for Chinese data), then PAL and its ablations (Table 5), then the diagnostics of every run."""
-    models = list(dict.fromkeys(str(res.get("model")) for _, res in named))
-    order = {v: k for k, v in enumerate(VARIANTS)}
-    ranked = sorted(named, key=lambda nr: (models.index(str(nr[1].get("model"))),
-                                           order.get(nr[1].get("variant"), len(order))))
-    main = [nr for nr in ranked if nr[1].get("variant") not in ABLATIONS]
-    ablations = [nr for nr in ranked if nr[1].get("variant") in ABLATIONS + ("pal",)]
-    zh = any(res.get("lang") == "zh" for _, res in named)
+# ---- significance: the paper's "*", an independent-samples t-test over the seeds of two rows
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz), on the side
+    where it converges fast (x < (a + 1) / (a + b + 2); else 1 - I_{1-x}(b, a))."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    f, c, d, tiny = 1.0, 1.0, 0.0, 1e-300
+    for i in range(1000):  # terms d_i of 1 / (1 + d_1 / (1 + d_2 / (1 + ...))), d_0 = 1
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        else:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + num / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(1.0 - c * d) < 1e-15:
+            break
+    return front * (f - 1.0)
+
+
+def t_test(a: list[float], b: list[float]) -> float:
+    """Two-sided p-value of Student's independent-samples t-test with pooled variance, the paper's test of a row
+    against the second best (three runs each): t = (mean_a - mean_b) / sqrt(s^2 (1/n_a + 1/n_b)), s^2 the pooled
+    variance with df = n_a + n_b - 2 degrees of freedom, p = P(|T_df| >= |t|) = I_{df / (df + t^2)}(df / 2, 1 / 2)."""
+    na, nb = len(a), len(b)
+    if na < 2 or nb < 2:
+        raise ValueError(f"t-test: needs two values or more on each side, got {na} and {nb}")
+    ma, mb, df = math.fsum(a) / na, math.fsum(b) / nb, na + nb - 2
+    s2 = (math.fsum((x - ma) ** 2 for x in a) + math.fsum((x - mb) ** 2 for x in b)) / df
+    if s2 == 0.0:  # no spread on either side: the means differ for sure, or not at all
+        return 1.0 if ma == mb else 0.0
+    t = (ma - mb) / math.sqrt(s2 * (1 / na + 1 / nb))
+    return betainc(df / 2, 0.5, df / (df + t * t))
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1; None for one value)."""
+    m = math.fsum(values) / len(values)
+    return m, math.sqrt(math.fsum((x - m) ** 2 for x in values) / (len(values) - 1)) if len(values) > 1 else None
+
+
+# ---- the paper's layouts
+
+def seed_groups(named: list[tuple[str, dict]]) -> list[list[tuple[str, dict]]]:
+    """Runs that differ only by --seed, together (the options that shaped a result, as evaluate recorded them,
+    minus the seed; an older results.json without them is a group of its own)."""
+    groups: dict[str, list] = {}
+    for name, res in named:
+        key = repr((row_name(res), sorted(res["options"].items()))) if "options" in res else f"run {name}"
+        groups.setdefault(key, []).append((name, res))
+    return list(groups.values())
+
+
+def metric(res: dict, key: str, convention: str, where: str):
+    """One metric of a results.json in a convention. A file written before evaluate kept both holds one, named by
+    its "metrics_compat" (default when absent); asking it for the other is refused."""
+    if "metrics" not in res:
+        if res.get("metrics_compat", "default") != convention and key != "c_score":
+            raise ValueError(f"{where}/results.json holds the {res.get('metrics_compat', 'default')} metric "
+                             f"convention only (written before evaluate kept both): delete it and run `pal.py "
+                             f"evaluate --run-dir {where}` again")
+        return res.get(key)
+    return (res["metrics"].get(convention) or {}).get(key)
+
+
+def paper_numbers(path: Path = Path(__file__).parent / "docs" / "paper_tables.csv") -> dict:
+    """The paper's numbers as printed, {(table, persona, paper model, variant): {metric key: value}}, from
+    docs/paper_tables.csv (comma-separated, '#' starts a comment line; transcribed from the paper, checked in
+    tests/test_pal_tables.py)."""
+    lines = [ln.split(",") for ln in path.read_text(encoding="utf-8").splitlines() if ln and ln[0] != "#"]
+    return {tuple(r[:4]): {k: float(v) for k, v in zip(lines[0][4:], r[4:])} for r in lines[1:]}
+
+
+def layout_block(title: str, groups: list[str], rows: list[tuple], convention: str, paper: dict | None) -> str:
+    """One of the paper's tables: rows (model, row name, [seed group per column group or None], [the paper's
+    numbers per column group or None]); a cell is a mean (± std over seeds), `*` where a row's mean beats the
+    second best of its model and column group with p < 0.05 (t_test; both with two runs or more). With `paper`,
+    each row with the paper's numbers is followed by them and by the difference ours - paper."""
+    keys = [k for _, k in PAPER_COLUMNS]
+    values = [[[None if g is None else [metric(r, k, convention, n) for n, r in g] for k in keys] for g in gs]
+              for _, _, gs, _ in rows]  # values[row][group][metric]: one value per seed, or None
+    stars = set()
+    for model in dict.fromkeys(m for m, *_ in rows):
+        for gi in range(len(groups)):
+            for ki in range(len(keys)):
+                ranked = sorted((mean_std(v)[0], ri, v) for ri, (m, *_) in enumerate(rows)
+                                if m == model and (v := values[ri][gi][ki]) and None not in v)[::-1]
+                if len(ranked) > 1 and len(ranked[0][2]) > 1 and len(ranked[1][2]) > 1 and \
+                        t_test(ranked[0][2], ranked[1][2]) < 0.05:
+                    stars.add((ranked[0][1], gi, ki))
+
+    def fmt(x, k):
+        return format(x, ".3f" if k == "c_score" else ".2f")
+
+    def cell(v, k, star):
+        if v is None:
+            return "·"  # no run
+        if None in v:
+            return "n/a"
+        m, sd = mean_std(v)
+        return fmt(m, k) + (f" ± {fmt(sd, k)}" if sd is not None else "") + ("*" if star else "")
+
+    head = [f"{g} {c}" if i == 0 and g else c for g in groups for i, (c, _) in enumerate(PAPER_COLUMNS)]
+    lines = [title, "", "| Model | Row | " + " | ".join(head) + " | Runs |",
+             "|---|---|" + "---:|" * len(head) + "---|"]
+    for ri, (model, name, gs, ref) in enumerate(rows):
+        cells = [cell(values[ri][gi][ki], k, (ri, gi, ki) in stars) for gi in range(len(groups))
+                 for ki, k in enumerate(keys)]
+        runs = " / ".join(", ".join(n for n, _ in g) if g else "·" for g in gs)
+        lines.append(f"| {model} | {name} | " + " | ".join(cells) + f" | {runs} |")
+        if paper is not None and any(ref):
+            ours = [mean_std(v)[0] if v and None not in v else None for gv in values[ri] for v in gv]
+            theirs = [p.get(k) if p else None for p in ref for k in keys]
+            diff = [fmt(o - t, k) if o is not None and t is not None else "" for o, t, k in
+                    zip(ours, theirs, keys * len(groups))]
+            lines.append("| | paper | " + " | ".join(fmt(t, k) if t is not None else "" for t, k in
+                                                     zip(theirs, keys * len(groups))) + " | |")
+            lines.append("| | ours − paper | " + " | ".join(d if d.startswith("-") or not d else "+" + d
+                                                            for d in diff) + " | |")
+    return "\n".join(lines)
+
+
+def paper_tables(named: list[tuple[str, dict]], convention: str = "default", paper: dict | None = None,
+                 as_model: str | None = None) -> str:
+    """The runs as the paper lays them out, each table titled with its metric convention: Table 2 (rows per model:
+    base, +Few-Shot, +FineTuning, +Prompting, PAL; original and revised personas as two column groups), Table 3 (the
+    same on Chinese data), Table 5 (PAL and its ablations; the models as column groups), Figure 3 (PAL, Random, Not
+    Select); then runs outside those layouts and every run's diagnostics. Runs that differ only by seed share a
+    row. paper: the paper's numbers (paper_numbers) beside each row; as_model: the paper's model to compare every
+    run with (a model the paper did not run)."""
+    info = []
+    for g in seed_groups(named):
+        res = g[0][1]
+        variant, name = res.get("variant", "pal"), row_name(res)
+        dataset = res.get("dataset") or data_name(res.get("lang", "en"))
+        model = paper_model(res.get("model")) or Path(str(res.get("model"))).name
+        info.append(dict(group=g, variant=variant if name == ROW_NAMES.get(variant) else None, name=name,
+                         dataset=dataset, personas=res.get("personas") or "original", model=model,
+                         ref_model=as_model or paper_model(res.get("model"))))
+
+    def block(title, members, row_order, row_model, group_of, group_names, ref_key):
+        """One layout: a row per (row_model(member), variant) in row_order, a column group per name in group_names
+        (group_of(member)); ref_key(member, variant): where the paper's number for that cell is (or None)."""
+        conv = convention
+        if convention == "authors" and any(m["dataset"] == "Baidu-Persona-Chat" for m in members):
+            conv = "default"  # the authors segment Chinese with jieba, which this project does not reproduce
+            title += " (the authors' convention needs jieba word segmentation: the default convention is shown)"
+        seen: dict = {}  # a second run of one cell (other options, not another seed) makes a row "#2" of its own
+        for m in members:
+            cell = (row_model(m), m["variant"] or m["name"], group_of(m))
+            m["key"], seen[cell] = cell[:2] + (seen.get(cell, 0),), seen.get(cell, 0) + 1
+        keys = list(dict.fromkeys(m["key"] for m in members))
+        order = list(dict.fromkeys(row_model(m) for m in members))
+        keys.sort(key=lambda k: (order.index(k[0]), row_order.index(k[1]) if k[1] in row_order else len(row_order),
+                                 k[2]))
+        rows = []
+        for model, row, k in keys:
+            mine = [next((m for m in members if m["key"] == (model, row, k) and group_of(m) == g), None)
+                    for g in group_names]
+            ref = [paper.get(ref_key(m, row)) if paper is not None and m and m["ref_model"] else None for m in mine]
+            rows.append((model, ROW_NAMES.get(row, row) + (f" #{k + 1}" if k else ""), [m and m["group"] for m in mine],
+                         ref))
+        return layout_block(f"{title}; metrics: {CONVENTIONS[conv]}", group_names, rows, conv, paper)
+
     out = []
-    if main:
-        out += [f"Baselines and PAL (the paper's Table {3 if zh else 2})", "", metrics_table(main), ""]
-    if len(ablations) > sum(nr[1].get("variant") == "pal" for nr in ablations):
-        out += ["Ablations (the paper's Table 5)", "", metrics_table(ablations), ""]
-    return "\n".join(out + [diagnostics_table(ranked)])
+    if as_model and paper is not None:
+        out.append(f"Every run is compared with the paper's {as_model} rows: another model, not the paper's run.\n")
+    for dataset, table in (("PERSONA-CHAT", "2"), ("Baidu-Persona-Chat", "3")):
+        main = [m for m in info if m["dataset"] == dataset and m["variant"] in TABLE2_ROWS]
+        if main:
+            personas = [p for p in ("original", "revised") if any(m["personas"] == p for m in main)]
+            out += [block(f"Table {table} ({dataset}; column groups: persona version)", main, TABLE2_ROWS,
+                          lambda m: m["model"], lambda m: m["personas"], personas,
+                          lambda m, row, t=table: (t, m["personas"] if t == "2" else "original", m["ref_model"], row)),
+                    ""]
+    for rows, title, table in ((TABLE5_ROWS, "Table 5 (ablations", "5"), (FIGURE3_ROWS, "Figure 3 (strategies", "")):
+        for dataset, persona in dict.fromkeys((m["dataset"], m["personas"]) for m in info):
+            members = [m for m in info if (m["dataset"], m["personas"]) == (dataset, persona) and m["variant"] in rows]
+            if any(m["variant"] != "pal" for m in members):  # PAL alone is Table 2's row
+                models = list(dict.fromkeys(m["model"] for m in members))
+                paper_cell = table == "5" and (dataset, persona) == ("PERSONA-CHAT", "original")
+                out += [block(f"{title}: {dataset}, {persona} personas; column groups: model)", members, rows,
+                              lambda m: "", lambda m: m["model"], models,
+                              lambda m, row: ("5", "original", m["ref_model"], row) if paper_cell else None), ""]
+    rest = [m for m in info if m["variant"] not in TABLE2_ROWS + TABLE5_ROWS + FIGURE3_ROWS]
+    if rest:
+        out += [block("Runs outside the paper's tables (column groups: persona version)", rest, (),
+                      lambda m: m["model"], lambda m: m["personas"], list(dict.fromkeys(m["personas"] for m in rest)),
+                      lambda m, row: None), ""]
+    return "\n".join(out + [diagnostics_table([nr for m in info for nr in m["group"]])])
 
 
-def stage_table(run_dirs: list[str], examples: int = 0):
-    """The runs' results in the paper's layout (paper_tables); with examples=N also the first N replies of each
-    run (same Test rows)."""
+def stage_table(run_dirs: list[str], examples: int = 0, paper: bool = False, metrics: str | None = None,
+                paper_model_name: str | None = None):
+    """The runs' results in the paper's layout (paper_tables), in the metric convention `metrics` (default: the
+    paper's, "authors", with --paper, else "default"); with paper=True the paper's numbers beside each row; with
+    examples=N also the first N replies of each run (same Test rows)."""
     named = []
     for d in run_dirs:
         p = Path(d) / "results.json"
         if not p.exists():
             raise FileNotFoundError(f"{p} does not exist: run `python pal.py evaluate --run-dir {d}` first")
-        named.append((Path(d).name, read_json(p)))
-    print(paper_tables(named))
+        named.append((str(Path(d)), read_json(p)))
+    known = set(PAPER_MODELS.values())
+    if paper_model_name is not None and paper_model_name not in known:
+        raise ValueError(f"--paper-model {paper_model_name!r}: choose from {', '.join(sorted(known))}")
+    convention = metrics or ("authors" if paper else "default")
+    print(paper_tables(named, convention, paper_numbers() if paper else None, paper_model_name))
     if examples:
         rows = {Path(d).name: read_jsonl(Path(d) / "generations.jsonl")[:examples] for d in run_dirs}
         for k, first in enumerate(next(iter(rows.values()))):
@@ -1112,7 +1423,7 @@ def persona_coverage(responses, personas_per_response, lang: str = "en") -> floa
     return total / len(responses) if len(responses) else 0.0
 
 
-# ---- The paper authors' evaluation, to hold a run against the published numbers (--metrics-compat authors) ----
+# ---- The paper authors' evaluation, to hold a run against the published numbers (results.json metrics.authors) -
 # Their decode.py scores with pycocoevalcap, passing the gold response where the hypothesis goes and the reply
 # as the reference (BLEU and ROUGE-L), on whitespace tokens with case kept, ROUGE-L with beta 1.2; Distinct-n
 # divides distinct n-grams by all *tokens*. Reproduced here as they ran it; the default metrics above do not.
@@ -1234,22 +1545,35 @@ OUTPUTS = {"sft": "sft/final", "pairs": "pairs.jsonl", "dpo": "dpo/final", "pred
 # for a stage that has started or finished is refused, so one run never mixes two settings. Options that change
 # nothing but speed or bookkeeping (gen_batch, log_every, save_every, save_minutes, logps) are not listed.
 DATA_OPTIONS = ("model", "data_dir", "personas", "history_turns", "lang", "limit", "labels", "seed", "max_len")
-TRAIN_OPTIONS = ("dtype", "precision", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "batch_size",
-                 "grad_accum")
+TRAIN_OPTIONS = ("dtype", "precision", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_init",
+                 "lora_plus_ratio", "grad_clip", "batch_size", "grad_accum")
 STAGE_OPTIONS = {
     "sft": DATA_OPTIONS + TRAIN_OPTIONS + ("tasks", "fmt", "select_ratio", "select_none_ratio", "sft_lr",
                                            "sft_epochs", "sft_warmup", "sft_reduction", "sft_keep", "eval_limit",
-                                           "tune", "prompt_tokens", "prompt_lr"),
+                                           "tune", "prompt_tokens", "prompt_lr", "select_target"),
     "pairs": ("gen_dtype", "max_new_tokens"),
-    "dpo": TRAIN_OPTIONS + ("dpo_lora_r", "dpo_grad_accum", "align", "strategy", "dpo_lr", "dpo_beta", "dpo_steps",
-                            "dpo_epochs", "dpo_warmup", "eval_every", "patience", "eval_limit", "nli", "gen_dtype",
-                            "max_new_tokens", "select_max_new_tokens", "shots"),
-    "predict": ("from_run", "strategy", "shots", "gen_dtype", "max_new_tokens", "select_max_new_tokens"),
-    "evaluate": ("nli", "metrics_compat"),
+    "dpo": TRAIN_OPTIONS + ("dpo_lora_r", "dpo_adapters", "dpo_grad_accum", "align", "strategy", "dpo_lr",
+                            "dpo_beta", "dpo_steps", "dpo_epochs", "dpo_warmup", "eval_every", "patience",
+                            "eval_limit", "nli", "gen_dtype", "max_new_tokens", "select_max_new_tokens", "shots",
+                            "select_target"),
+    "predict": ("from_run", "strategy", "shots", "gen_dtype", "max_new_tokens", "select_max_new_tokens",
+                "select_target"),
+    "evaluate": ("nli",),
 }
-RESUME_ONLY = {"dpo": ("nli",)}  # DPO's validation scorer: checked while DPO runs, free to differ once it is done
-ADDED_LATER = {"tune": "weights", "shots": 0}  # switches newer than some records: what a record without them meant
+# Checked while a stage runs, free to differ once it is done: DPO's validation scorer; the global batch (sequences
+# per optimizer step over every rank: a resume by another number of processes would change the schedule).
+RESUME_ONLY = {"sft": ("global batch (sft)",), "dpo": ("nli", "global batch (dpo)")}
+# What a record without an option meant (inputs it did not note then are not checked)
+ADDED_LATER = {"tune": "weights", "shots": 0, "lora_init": "kaiming", "lora_plus_ratio": 1.0, "grad_clip": 1.0,
+               "dpo_adapters": "fresh", "select_target": "number", "global batch (sft)": rundir.UNRECORDED,
+               "global batch (dpo)": rundir.UNRECORDED, "weights digest": rundir.UNRECORDED,
+               "nli (labels)": rundir.UNRECORDED}
+# options that no longer exist, dropped from older run.json files and stage records: evaluate writes both metric
+# conventions now (--metrics-compat chose one)
+RETIRED = ("metrics_compat",)
 
+
+CHAT_DECODING = ("strategy", "shots", "gen_dtype", "max_new_tokens", "select_max_new_tokens")  # chat: free
 STAGE_PATHS = {"sft": "sft", "pairs": "pairs.jsonl*", "dpo": "dpo", "predict": "generations.jsonl*",
                "evaluate": "results.*"}  # each stage's outputs, finished or not (glob patterns in RUN_DIR)
 
@@ -1276,7 +1600,13 @@ def stage_options(cfg: RunConfig, stage: str) -> dict:
     own = STAGE_OPTIONS[stage] if stage != "sft" or cfg.switches()["tasks"] != "none" else DATA_OPTIONS
     if value["tune"] != "prompt":  # the soft prompt's settings shape nothing else
         own = [k for k in own if k not in ("prompt_tokens", "prompt_lr")]
-    return {**inherited, **{k: value[k] for k in own}}
+    if not (value["lora_r"] and value["tasks"] != "none" and value["tune"] == "weights"):  # no SFT adapters
+        own = [k for k in own if k != "dpo_adapters"]
+    inherited = {k: v for k, v in inherited.items() if not k.startswith("global batch")}  # the trainer's own
+    trains = {"global batch (sft)": global_batch(cfg, "sft")} if stage == "sft" and "sft_lr" in own else {}
+    if stage == "dpo":
+        trains = {"global batch (dpo)": global_batch(cfg, "dpo")}
+    return {**inherited, **{k: value[k] for k in own}, **trains}
 
 
 def input_files(cfg: RunConfig) -> list[Path]:
@@ -1286,6 +1616,18 @@ def input_files(cfg: RunConfig) -> list[Path]:
     files = list(data.split_files(cfg.data_dir, variant)[1].values()) if cfg.data_dir else []
     local_model = Path(cfg.model or "") / "config.json"
     return files + ([local_model] if cfg.model and local_model.is_file() else [])
+
+
+def input_digests(cfg: RunConfig) -> dict:
+    """The weights a run reads, by digest (infra/hub.py caches it beside them): the base model's when it is a local
+    directory, and the NLI labeller (path and weights) when --labels nli, whose labels shape SFT, pairs and DPO."""
+    local = cfg.model and Path(cfg.model).is_dir()
+    labeller = None
+    if cfg.labels == "nli" and cfg.nli:
+        where = resolve_model_dir(cfg.nli)
+        labeller = {"nli": os.path.realpath(cfg.nli) if Path(cfg.nli).exists() else cfg.nli,
+                    "weights": weights_digest(where)}
+    return {"weights digest": weights_digest(cfg.model) if local else None, "nli (labels)": labeller}
 
 
 def stage_runs(cfg: RunConfig, stage: str) -> bool:
@@ -1340,10 +1682,22 @@ def prepare_run(args, run: Path, cfg: RunConfig) -> tuple[dict, dict]:
         raise ValueError("no model: give --model (a Hugging Face-layout directory or a hub id)")
     if args.stage != "evaluate":
         check_model_fits(cfg)
-    digests = rundir.file_digests(input_files(cfg))
-    now = {s: {**stage_options(cfg, s), **digests} for s in STAGES}
+    if cfg.from_run:
+        final_weights(cfg, run)  # another run's model, checked before anything is recorded
+    rundir.check_untracked(run, list(STAGE_PATHS.values()), args.trust_outputs)
+    records = rundir.read_records(run)
+    if cfg.lang is None and cfg.data_dir and not records:  # decided once, kept in run.json and the records
+        cfg.lang = decide_lang(data.load_splits(cfg.data_dir, limit=cfg.limit, personas=cfg.personas)[0])
+    digests = {**rundir.file_digests(input_files(cfg)), **input_digests(cfg)}
+    checked = cfg  # chat writes nothing: it may decode otherwise than the run did
+    if args.stage == "chat":
+        saved = load_declared(RunConfig, run / "run.json", {})
+        checked = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in CHAT_DECODING})
+    now = {s: {**stage_options(checked, s), **digests} for s in STAGES}
     finished = {s: (run / OUTPUTS[s]).exists() for s in STAGES}
-    records = rundir.check_records(run, rundir.read_records(run), now, finished, STAGE_PATHS,
+    records = {s: {**r, "options": {k: v for k, v in r["options"].items() if k not in RETIRED}}
+               for s, r in records.items()}
+    records = rundir.check_records(run, records, now, finished, STAGE_PATHS,
                                    args.redo and args.stage != "chat", RESUME_ONLY, ADDED_LATER, say)
     if args.stage != "chat":
         write_json(run / "run.json", dataclasses.asdict(cfg))
@@ -1362,6 +1716,8 @@ def main(argv=None):
         p.add_argument("--run-dir", required=True, help="directory of this run (created; holds run.json)")
         p.add_argument("--redo", action="store_true", help="a stage was built with other options: move its outputs "
                        "and the later stages' to RUN_DIR/superseded/ and start them again (default: refuse)")
+        p.add_argument("--trust-outputs", action="store_true", help="a run directory with outputs but no "
+                       "stages.json: take them as built with these options (default: refuse)")
         p.add_argument("--debug", action="store_true", help="show the traceback of an error")
         add_flags(p, RunConfig, aliases={"from_run": "--from"})  # the paper's "--from RUN_DIR"
         if name == "chat":
@@ -1369,10 +1725,18 @@ def main(argv=None):
     table = sub.add_parser("table", help="several runs' results.json side by side (Markdown)")
     table.add_argument("run_dirs", nargs="+")
     table.add_argument("--examples", type=int, default=0, help="also show each run's first N replies")
+    table.add_argument("--paper", action="store_true", help="the paper's number for the same model, data, persona "
+                       "version and row beside each row, and the difference (docs/paper_tables.csv)")
+    table.add_argument("--metrics", choices=tuple(CONVENTIONS), help="metric convention (default: authors with "
+                       "--paper, the convention of the paper's tables; else default)")
+    table.add_argument("--paper-model", help="with --paper: compare every run with this model of the paper (for "
+                       "a model the paper did not run, e.g. a CPU run: say so when you show it)")
     table.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
     try:
-        return stage_table(args.run_dirs, args.examples) if args.stage == "table" else run_stages(args)
+        if args.stage == "table":
+            return stage_table(args.run_dirs, args.examples, args.paper, args.metrics, args.paper_model)
+        return run_stages(args)
     except Exception as e:  # a bad option, file or checkpoint: one line that names it, and exit code 1
         if args.debug:
             raise

@@ -12,11 +12,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python extra
 import data  # noqa: E402
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a slice [:-1] would drop one example per split)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number of at least 1")
+    return int(text)
+
+
 def main(argv=None) -> None:
     s = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     s.add_argument("--data-dir", required=True)
     s.add_argument("--variant", default="original", choices=["original", "revised"])
-    s.add_argument("--limit", type=int, default=None, help="examples per split (carved parts when no train/test)")
+    s.add_argument("--limit", type=positive_int, default=None,
+                   help="examples per split (carved parts when no train/test)")
     s.add_argument("--labels", default="lexical", choices=["lexical", "none"],
                    help="lexical persona labels, or none (NLI labels: pal.py --labels nli)")
     args = s.parse_args(argv)

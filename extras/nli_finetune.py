@@ -163,10 +163,11 @@ def save_classifier(model: RobertaClassifier, out_dir, tokenizer_from: Path | No
 
 def finetune(model_dir, train_path, out_dir, valid_path=None, valid_fraction: float = 0.1, epochs: float = 1.0,
              lr: float = 1e-5, batch_size: int = 16, eval_every: int = 0, seed: int = 0, max_steps=None,
-             progress: bool = True, test_path=None) -> dict:
+             progress: bool = True, test_path=None, resume: bool = False, save_minutes: float = 0.0) -> dict:
     """Fine-tune an NLI classifier with dpo.train (mode "sft" on ClassifierAsLM); keep the weights with the best
     held-out accuracy; save them (HF layout + tokenizer files) to out_dir/model. Returns accuracies: held-out
-    (valid_path, else a seeded valid_fraction of train_path) and, with test_path, on a file that chose nothing."""
+    (valid_path, else a seeded valid_fraction of train_path) and, with test_path, on a file that chose nothing.
+    resume: go on from out_dir/train's latest checkpoint (one every save_minutes, and at each new best)."""
     # the data first: a malformed file fails before a checkpoint is downloaded or loaded
     if valid_path is not None:
         train_pairs, valid_pairs = read_pairs(train_path), read_pairs(valid_path)
@@ -191,7 +192,8 @@ def finetune(model_dir, train_path, out_dir, valid_path=None, valid_fraction: fl
     steps_per_epoch = max(1, len(features) // batch_size)
     cfg = TrainConfig(mode="sft", out_dir=str(Path(out_dir) / "train"), batch_size=batch_size, lr=lr, epochs=epochs,
                       max_steps=max_steps, seed=seed, warmup_steps=min(100, steps_per_epoch // 10),
-                      eval_every=eval_every or steps_per_epoch, progress=progress)
+                      eval_every=eval_every or steps_per_epoch, progress=progress, resume=resume,
+                      save_minutes=save_minutes)
     # eval_fn: nli.model is net.clf, the weights being trained
     result = train(net, cfg, features, collate, eval_fn=lambda m: accuracy(nli, valid_pairs), export=False)
     if result["best_dir"] is not None:

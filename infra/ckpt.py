@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -67,6 +68,9 @@ def save(out_dir: Path, step: int, tensors: dict[str, torch.Tensor], state: dict
     rank, _ = rank_world()
     name = ckpt_name(step)
     if rank == 0:
+        ckpt = out_dir / "ckpt"
+        for stale in [*ckpt.glob(".tmp-*"), *ckpt.glob(".old-*")]:  # a checkpoint write a kill interrupted
+            shutil.rmtree(stale, ignore_errors=True)
         with atomic_path(out_dir / name) as tmp:
             tmp.mkdir()
             save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()},
@@ -92,9 +96,9 @@ def read_pointer(path: Path) -> dict:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         obj = None
-    if not (isinstance(obj, dict) and isinstance(obj.get("dir"), str)):
-        raise ValueError(f'{path}: corrupt, expected {{"dir": "ckpt/step-N", "step": N}}; point it at a complete '
-                         "ckpt/step-* directory or delete it to start over")
+    if not (isinstance(obj, dict) and isinstance(obj.get("dir"), str) and re.fullmatch(r"ckpt/step-\d+", obj["dir"])):
+        raise ValueError(f'{path}: corrupt, expected {{"dir": "ckpt/step-N", "step": N}} (a directory in ckpt/); point '
+                         "it at a complete ckpt/step-* directory or delete it to start over")
     return obj
 
 
@@ -130,9 +134,23 @@ def trim_log(path: Path, step: int) -> None:
     again. A line cut short by a kill has no newline yet: it goes too."""
     if path.exists():
         lines = path.read_text(encoding="utf-8").split("\n")[:-1]  # complete lines only
+        kept = []
+        for n, line in enumerate(lines, 1):
+            record = json.loads(line) if is_json_object(line) else None
+            if record is None or not isinstance(record.get("step"), int):  # said, and dropped: the log is for people
+                print(f"{path}:{n}: not a log record, dropped: {line[:80]!r}", file=sys.stderr)
+            elif record["step"] <= step:
+                kept.append(f"{line}\n")
         with atomic_path(path) as tmp:
-            tmp.write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= step),
-                           encoding="utf-8")
+            tmp.write_text("".join(kept), encoding="utf-8")
+
+
+def is_json_object(line: str) -> bool:
+    """Does `line` hold one JSON object (a test, so that a damaged log line is not an exception)?"""
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:  # JSONDecodeError
+        return False
 
 
 def read_cached_logps(path: Path, key: str, shape: tuple) -> torch.Tensor | None:

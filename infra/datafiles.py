@@ -3,6 +3,7 @@ file:line and showing the line; an irregularity with a documented rule is counte
 noted with their file:line. The parsers of PERSONA-CHAT and Baidu-Persona-Chat (data.py) use these."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class ParseStats:
     conversation_breaks: int = 0         # JSON lines whose history does not extend an earlier line's
     long_texts: int = 0                  # utterances / persona sentences cut to MAX_TEXT_CHARS characters
     notes: list[str] = field(default_factory=list)  # first few irregularities, with file:line
+    sha256: dict[str, str] = field(default_factory=dict)  # {file: sha256 of the bytes parsed}: what a run read
 
     def count(self, what: str | None, msg: str) -> None:
         """One more irregularity of kind `what` (a counter above; None: a note only), noted with its file:line."""
@@ -66,9 +68,10 @@ class DataFormatError(ValueError):
 
 def read_lines(path: Path, stats: ParseStats, strict_utf8: bool) -> list[tuple[int, str]]:
     """(line number, text) for every line. Invalid UTF-8 raises when strict, else becomes U+FFFD (counted)."""
-    out = []
+    out, digest = [], hashlib.sha256()
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            digest.update(raw)
             raw = raw.rstrip(b"\r\n")
             line = raw.decode("utf-8", "replace")
             if line.encode("utf-8") != raw:  # some bytes were not UTF-8 and became U+FFFD
@@ -77,6 +80,7 @@ def read_lines(path: Path, stats: ParseStats, strict_utf8: bool) -> list[tuple[i
                 stats.count("invalid_utf8_lines", f"{path}:{lineno}: invalid UTF-8 replaced by U+FFFD")
             out.append((lineno, line))
     stats.lines += len(out)
+    stats.sha256[str(path)] = digest.hexdigest()
     return out
 
 

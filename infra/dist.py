@@ -76,6 +76,13 @@ def sum_across(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def min_across(t: torch.Tensor) -> torch.Tensor:
+    """t's smallest value over the ranks, in place (t itself without a process group)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
 def from_rank0(t: torch.Tensor) -> torch.Tensor:
     """Rank 0's value of t on every rank, in place."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -5,13 +5,14 @@ peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(export), exp
 adapter_base.json, the weights a LoRA export's adapters belong on; the tokenizer files and a generation config."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from infra.files import CheckpointError, atomic_path, read_json, write_json
-from infra.hub import copy_tokenizer_files, read_safetensors
+from infra.hub import copy_tokenizer_files, read_safetensors, resolve_model_dir, weights_digest
 
 
 def write_lora(path, tensors: dict[str, torch.Tensor], r: int, alpha: float) -> None:
@@ -48,18 +49,55 @@ def read_prompt_adapter(adapter_dir, width: int) -> torch.Tensor:
 ADAPTER_BASE = "adapter_base.json"
 
 
-def note_adapter_base(out: Path, base, r: int, alpha: float, targets: str) -> None:
-    """Beside a LoRA export's adapter.safetensors (if it has one), the weights they were trained on: a local directory
-    by its absolute path, else the hub id; and the adapters' r, alpha and targets (read_adapter_base)."""
-    if (out / "adapter.safetensors").exists():
-        where = str(Path(base).resolve()) if Path(base).exists() else str(base)
-        write_json(out / ADAPTER_BASE, {"base": where, "r": r, "alpha": alpha, "targets": targets})
+def note_adapter_base(out: Path, base, r: int, alpha: float, targets: str, run: Path | None = None) -> None:
+    """Beside a LoRA export's adapter.safetensors (if it has one), the weights they were trained on and their digest
+    (hub.weights_digest), checked before use; and the adapters' r, alpha and targets (read_adapter_base). A base
+    inside the run directory `run` (the SFT model under DPO's adapters) is noted relative to it, so that a moved or
+    copied run uses its own; another local directory by its absolute path, else the hub id."""
+    if not (out / "adapter.safetensors").exists():
+        return
+    where, in_run = str(base), False
+    if Path(base).exists():
+        where = os.path.realpath(base)
+        if run is not None and Path(where).is_relative_to(os.path.realpath(run)):
+            where, in_run = os.path.relpath(where, os.path.realpath(run)), True
+    write_json(out / ADAPTER_BASE, {"base": where, "in_run": in_run, "base_digest": weights_digest(
+        resolve_model_dir(base)), "r": r, "alpha": alpha, "targets": targets})
+
+
+def run_root(export: Path) -> Path | None:
+    """The run directory an export lies in: its nearest parent holding run.json."""
+    return next((p for p in Path(export).resolve().parents if (p / "run.json").is_file()), None)
 
 
 def read_adapter_base(export) -> dict | None:
-    """{"base", "r", "alpha", "targets"} of a LoRA export (note_adapter_base), None for any other directory."""
+    """{"base", "r", "alpha", "targets"} of a LoRA export (note_adapter_base), None for any other directory. The
+    base is checked: it must exist and hold the weights the adapters were trained on; a wrong entry is named."""
     noted = Path(export) / ADAPTER_BASE
-    return read_json(noted) if noted.exists() else None
+    if not noted.exists():
+        return None
+    info = read_json(noted)
+    kinds = {"base": (str, "a path or hub id"), "r": (int, "a whole number"), "alpha": ((int, float), "a number"),
+             "targets": (str, "layer names such as q,v")}
+    if wrong := [k for k, (t, _) in kinds.items() if not isinstance(info.get(k), t) or isinstance(info.get(k), bool)]:
+        raise CheckpointError(f"{noted}: {wrong[0]!r} is {info.get(wrong[0])!r}; expected {kinds[wrong[0]][1]}")
+    base = info["base"]
+    if info.get("in_run"):
+        root = run_root(export)
+        if root is None:
+            raise CheckpointError(f"{noted}: the base {base} lies in the run directory, but {export} is in no run "
+                                  "(no run.json above it)")
+        base = str(root / base)
+    if "base_digest" in info:  # older exports noted no digest
+        if not Path(base).exists() and (info.get("in_run") or Path(base).is_absolute()):
+            raise CheckpointError(f"{noted}: the adapters' base {base} does not exist (moved or deleted?); put it "
+                                  "back or run the stage again")
+        now = weights_digest(resolve_model_dir(base))
+        if now != info["base_digest"]:
+            raise CheckpointError(f"{noted}: {base} holds other weights than the adapters were trained on (digest "
+                                  f"{info['base_digest'][:12]} then, {now[:12]} now); restore them or run the stage "
+                                  "again")
+    return {**info, "base": base}
 
 
 def complete_export(out: Path, base: Path, eos_ids: list[int], pad_id: int, max_new_tokens: int) -> None:

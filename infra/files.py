@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -10,6 +11,17 @@ from pathlib import Path
 
 class CheckpointError(ValueError):
     """A file whose content is not what it should be: damaged JSON, a truncated checkpoint, shapes that do not fit."""
+
+
+def readable_by_all(path: Path) -> None:
+    """The modes a plain open() or mkdir() would give under the umask (0644 / 0755 with the usual 022), for `path` and
+    everything in it: safetensors writes its files 0600 and a copied read-only file stays 0444, so that an export
+    could not be read by another user or overwritten by its owner's tools."""
+    mask = os.umask(0)
+    os.umask(mask)  # reading the umask means setting it; set back at once
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
@@ -21,6 +33,7 @@ def atomic_path(path):
     tmp = path.with_name(f".tmp-{os.getpid()}-{os.urandom(4).hex()}-{path.name}")
     try:
         yield tmp
+        readable_by_all(tmp)
         if path.is_dir() and tmp.is_dir():  # rename() cannot replace a non-empty directory: move it aside
             old = path.with_name(f".old-{os.getpid()}-{os.urandom(4).hex()}-{path.name}")
             os.replace(path, old)
@@ -35,6 +48,31 @@ def atomic_path(path):
             tmp.unlink()
 
 
+def open_nofollow(path, mode: str = "r"):
+    """`path` opened as text (UTF-8; mode "r", "a" or "a+") without following a symbolic link: a link planted in a run
+    directory (RUN_DIR/.lock -> ~/notes.txt) would have its target truncated and rewritten. A link is refused,
+    naming it."""
+    flags = {"r": os.O_RDONLY, "a": os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+             "a+": os.O_RDWR | os.O_APPEND | os.O_CREAT}[mode]
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)  # 0o666: the umask decides, as for open()
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # O_NOFOLLOW on a link
+            raise ValueError(f"{path} is a symbolic link: refused (this file is written in place; remove the link)") \
+                from None
+        raise
+    return os.fdopen(fd, mode, encoding="utf-8")
+
+
+def to_json(obj, path, **kw) -> str:
+    """json.dumps(obj) with NaN and inf refused (they are not JSON: `Infinity` breaks every other reader), naming the
+    file it was meant for."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False, **kw)
+    except ValueError as e:
+        raise ValueError(f"{path}: not written: a value is not a finite number ({e})") from None
+
+
 def write_text(path, text: str) -> None:
     """A text file written atomically (UTF-8)."""
     with atomic_path(path) as tmp:
@@ -43,7 +81,7 @@ def write_text(path, text: str) -> None:
 
 def write_json(path, obj) -> None:
     """A JSON file written atomically (indent 2, UTF-8 as is)."""
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    write_text(path, to_json(obj, path, indent=2) + "\n")
 
 
 def read_json(path: Path) -> dict:
@@ -75,13 +113,13 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """A JSON-lines file written atomically."""
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text(path, "".join(to_json(r, path) + "\n" for r in rows))
 
 
 def append_jsonl(path: Path, row: dict) -> None:
     """One JSON line appended (a training log)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+    with open_nofollow(path, "a") as f:
+        f.write(to_json(row, path) + "\n")
 
 
 class JsonlWriter:
@@ -91,15 +129,22 @@ class JsonlWriter:
     def __init__(self, path: Path):
         self.path, self.partial = path, path.with_name(path.name + ".partial")
         self.done_rows = []
-        if self.partial.exists():  # keep the complete lines of an interrupted run
-            lines = self.partial.read_text(encoding="utf-8").split("\n")[:-1]  # the last piece: cut mid-write
-            self.done_rows = [json.loads(line) for line in lines if line.strip()]
-            self.partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.done_rows),
-                                    encoding="utf-8")
-        self.f = open(self.partial, "a", encoding="utf-8")
+        if self.partial.exists() or self.partial.is_symlink():  # keep the complete lines of an interrupted run
+            with open_nofollow(self.partial) as f:
+                lines = f.read().split("\n")[:-1]  # the last piece: cut mid-write
+            for n, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    self.done_rows.append(json.loads(line))
+                except json.JSONDecodeError as e:  # re-raised naming the file and line
+                    raise ValueError(f"{self.partial}:{n}: not a JSON line ({e}); delete the file to start this "
+                                     "output again") from None
+            write_jsonl(self.partial, self.done_rows)
+        self.f = open_nofollow(self.partial, "a")
 
     def write(self, row: dict):
-        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.f.write(to_json(row, self.partial) + "\n")
         self.f.flush()
 
     def finish(self):

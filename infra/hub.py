@@ -3,6 +3,8 @@
 weights_only: nothing is ever unpickled)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import re
@@ -16,7 +18,7 @@ from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, LocalEntryNotF
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from infra.files import CheckpointError, read_json
+from infra.files import CheckpointError, read_json, write_json
 
 
 def hf_cache_dir() -> Path:
@@ -85,7 +87,11 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
             weight_map = read_json(model_dir / index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{model_dir / index}: no \"weight_map\" object (key -> shard file)")
-            shards = [model_dir / name for name in sorted(set(weight_map.values()))]
+            names = sorted(set(weight_map.values()))
+            if outside := [n for n in names if not isinstance(n, str) or Path(n).name != n]:  # "../x", "/etc/x"
+                raise CheckpointError(f"{model_dir / index}: shard names must be files in {model_dir}, found "
+                                      f"{outside[0]!r}")
+            shards = [model_dir / name for name in names]
             if missing := [s.name for s in shards if not s.exists()]:
                 raise FileNotFoundError(f"{model_dir}: shard(s) {missing} listed in {index} are missing")
             return shards
@@ -93,17 +99,46 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
                             ", ".join(name for pair in CHECKPOINT_NAMES for name in pair) + ")")
 
 
+DIGEST_CACHE = ".weights-digest.json"
+
+
+def weights_digest(model_dir) -> str:
+    """sha256 of a model directory's checkpoint files (their sha256s, by name): the weights a stage was built from,
+    recorded with it, so that weights replaced in place are caught. Hashing a large model takes a while, so each
+    file's digest is cached beside it in DIGEST_CACHE, keyed by its size and modification time."""
+    model_dir = Path(model_dir)
+    cache_path = model_dir / DIGEST_CACHE
+    cache = read_json(cache_path) if cache_path.is_file() else {}
+    files = {}
+    for f in checkpoint_files(model_dir):
+        st = f.stat()
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        entry = cache.get(f.name)
+        if not (isinstance(entry, dict) and entry.get("stamp") == stamp):
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+            entry = {"stamp": stamp, "sha256": h.hexdigest()}
+        files[f.name] = entry
+    if files != cache and os.access(model_dir, os.W_OK):  # a read-only model is hashed each time
+        write_json(cache_path, files)
+    return hashlib.sha256(json.dumps({n: e["sha256"] for n, e in sorted(files.items())}).encode()).hexdigest()
+
+
 def load_plain(path: Path, mmap: bool = False):
     """torch.load of tensors and plain containers only (weights_only=True): a pickle that names any other global,
     i.e. that would run code while loading, is refused, and so is a corrupt file; the error names the file. The
     one reader of torch files here (pytorch_model.bin; dpo.py's trainer state, random streams, reference cache)."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:   # what weights_only raises on a global it does not allow
         why = re.search(r"Unsupported (global: GLOBAL [\w.]+|operand \w+)", str(e))  # e.g. GLOBAL os.system
         raise CheckpointError(f"{path}: refusing to unpickle arbitrary objects ({why[0] if why else 'not plain data'}"
                               "); loading would run code: delete it unless you trust its source") from None
-    except (EOFError, RuntimeError) as e:  # empty; a zip archive cut short
+    except (EOFError, RuntimeError, OSError) as e:  # empty; a zip archive cut short (OSError: EINVAL past its end)
         raise CheckpointError(f"{path}: corrupt or truncated torch file (an interrupted download?): {e}") from None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -36,6 +37,8 @@ def check_declared(cfg) -> None:
             continue
         if not isinstance(value, (int, float) if kind is float else kind) or isinstance(value, bool):
             raise ValueError(f"{flag(f.name)} {value!r}: expected {kind.__name__}")
+        if kind in (int, float) and not math.isfinite(value):  # NaN passes every comparison below; inf too
+            raise ValueError(f"{flag(f.name)} {value}: must be a finite number")
         if m["low"] is not None and value < m["low"] or m["high"] is not None and value > m["high"]:
             bounds = f"at least {m['low']}" if m["high"] is None else f"between {m['low']} and {m['high']}"
             raise ValueError(f"{flag(f.name)} {value}: must be {bounds}")
@@ -71,10 +74,11 @@ def check_precision(precision: str, device_type: str, trainable: dict, warn=prin
              "~10x slower than fp32 here. precision='fp32' is the fast choice.")
 
 
-def load_declared(cls, path: Path, overrides: dict):
+def load_declared(cls, path: Path, overrides: dict, retired=()):
     """An instance of dataclass `cls` from the JSON object saved at `path` (if any), with the options given now
-    (`overrides`, None: not given) on top. A saved key `cls` does not declare is refused, naming the file."""
-    saved = read_json(path) if path.exists() else {}
+    (`overrides`, None: not given) on top. A saved key `cls` does not declare is refused, naming the file, unless
+    it is one of the `retired` options (dropped: an option that no longer exists)."""
+    saved = {k: v for k, v in (read_json(path) if path.exists() else {}).items() if k not in retired}
     known = {f.name for f in dataclasses.fields(cls)}
     if unknown := set(saved) - known:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from infra.dist import sum_across
+from infra.dist import min_across, sum_across
 
 
 @dataclass
@@ -60,3 +60,27 @@ def log_record(sums: RunningSums, step: int, lr: float, grad_norm: torch.Tensor 
         rec.update(reward_accuracy=s["correct"] / n, reward_margin=s["margin"] / n,
                    chosen_reward=s["chosen"] / n, rejected_reward=s["rejected"] / n)
     return rec
+
+
+class FirstNonFinite:
+    """The first optimizer step whose loss or gradient norm was NaN or inf, kept on the device (a check per step would
+    make the CPU wait for the GPU every step); read at log lines, evaluations and checkpoints, before anything is
+    written, so that no log line, checkpoint or export ever holds a non-finite value."""
+    NONE = 2 ** 62
+
+    def __init__(self, device: torch.device, check_grad_norm: bool = True):
+        self.first = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self.check_grad_norm = check_grad_norm  # False under fp16 loss scaling: inf gradients are skipped steps there
+
+    def add(self, step: int, loss_sum: torch.Tensor | float, grad_norm: torch.Tensor | None) -> None:
+        """Note step `step`: loss_sum is the running loss since the last log line (non-finite from the first bad
+        step on), grad_norm the step's (None: not computed)."""
+        bad = ~torch.isfinite(torch.as_tensor(loss_sum, device=self.first.device))
+        if grad_norm is not None and self.check_grad_norm:
+            bad = bad | ~torch.isfinite(grad_norm)
+        self.first = torch.where(bad & (self.first == self.NONE), step, self.first)
+
+    def step(self) -> int | None:
+        """The first non-finite step over every rank, or None. Reads the device (and waits for the other ranks)."""
+        first = int(min_across(self.first.clone()).item())
+        return None if first == self.NONE else first

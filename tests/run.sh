@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 bash train.sh setup
 echo "== test requirements: python3 -m pip install -r requirements-test.txt"
 python3 -m pip install -q -r requirements-test.txt
-# The oracle of --metrics-compat authors (the paper authors' BLEU / ROUGE-L); its own dependencies are not wanted.
+# The oracle of the authors' metric convention (their BLEU / ROUGE-L); its own dependencies are not wanted.
 python3 -c "import pycocoevalcap" 2>/dev/null || python3 -m pip install -q --no-deps pycocoevalcap
 python3 -m pytest -q tests "$@"

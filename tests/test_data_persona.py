@@ -272,6 +272,13 @@ def test_carve_and_load_splits(tmp_path, pc_valid, capsys):
     assert "valid_self_original.txt (all of it):" in out and "of 7801 examples" in out
 
 
+def test_data_stats_refuses_a_limit_below_one(capsys):
+    """issue 23: --limit -1 was a slice [:-1]: one example dropped per split, without a word."""
+    with pytest.raises(SystemExit) as e:
+        data_stats.main(["--data-dir", "x", "--limit", "-1"])
+    assert e.value.code == 2 and "--limit: '-1': must be a whole number of at least 1" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------
 # persona labels
 
@@ -341,6 +348,11 @@ SNAPSHOTS = {
         "should your next reply build on? Answer with its number, or 0 if none of them fits.\n\nAbout you:\n"
         "1. i have two dogs.\n2. i like to work on vintage cars.\n\n" + CONV_EN +
         "Number of the sentence to build on:\n", "2"),
+    ("select_sentence", "en"): (  # the authors' target: "k.sentence", the sentence as the list writes it
+        "Here is what you know about yourself and the conversation so far. Which single sentence about yourself "
+        "should your next reply build on? Answer with that sentence as it is numbered below, or \"No personal "
+        "description.\" if none of them fits.\n\nAbout you:\n1.i have two dogs.\n2.i like to work on vintage cars.\n\n"
+        + CONV_EN + "The sentence to build on:\n", "2.i like to work on vintage cars."),
     ("generate", "en"): (
         "You are taking part in a conversation as the person described below.\n\nAbout you:\n"
         "- i have two dogs.\n- i like to work on vintage cars.\n\n" + CONV_EN +
@@ -354,6 +366,10 @@ SNAPSHOTS = {
     ("select", "zh"): (
         "下面是关于你自己的描述和目前的对话。你接下来的回复应该以哪一句描述为依据？请写出它的编号；如果都不合适，"
         "请写 0。\n\n关于你：\n1. 我喜欢猫。\n2. 我是护士。\n\n对话：\n对方: 你好呀。\n\n依据的句子编号：\n", "2"),
+    ("select_sentence", "zh"): (
+        "下面是关于你自己的描述和目前的对话。你接下来的回复应该以哪一句描述为依据？请照下面的编号写出那一句；如果都不合适，"
+        "请写“无需个性化信息。”\n\n关于你：\n1。我喜欢猫。\n2。我是护士。\n\n对话：\n对方: 你好呀。\n\n依据的句子：\n",
+        "2。我是护士。"),
     ("generate", "zh"): (
         "你正在以下面描述的身份参与一段对话。\n\n关于你：\n- 我喜欢猫。\n- 我是护士。\n\n对话：\n对方: 你好呀。\n\n"
         "回复时请记住：我是护士。\n请写出你的下一句回复。\n回复：\n", "你好，我刚下班。"),
@@ -387,6 +403,13 @@ def test_prompt_variants():
     assert pd.parse_selection("2", EX.personas) == EX.personas[1]
     assert pd.parse_selection(" 1. i have two dogs.", EX.personas) == EX.personas[0]
     assert pd.parse_selection("0", EX.personas) is None and pd.parse_selection("3", EX.personas) is None
+    # the authors' answer: "k.sentence" -> the k-th sentence; their words for none -> no persona
+    assert pd.prompt_and_target(ex, "select_sentence")[1] == "No personal description."
+    assert pd.prompt_and_target(ex, "select_sentence", "zh")[1] == "无需个性化信息。"
+    assert pd.parse_selection("2.i like to work on vintage cars.", EX.personas) == EX.personas[1]
+    assert pd.parse_selection("No personal description.", EX.personas) is None
+    assert pd.parse_selection("2。我是护士。", EX_ZH.personas, "zh") == EX_ZH.personas[1]
+    assert pd.parse_selection("无需个性化信息。", EX_ZH.personas, "zh") is None
     assert pd.detect_lang([EX_ZH]) == "zh" and pd.detect_lang([EX]) == "en"
     with pytest.raises(ValueError, match="unknown prompt mode"):
         pd.prompt_and_target(EX, "chitchat")

@@ -246,13 +246,15 @@ def test_crafted_pickle_is_refused_and_not_run(tmp_path, name):
 @pytest.mark.parametrize("name, content", [
     ("latest.json", b""), ("latest.json", b'{"dir": "ckpt/step-0000'), ("latest.json", b'{"step": 2}'),
     ("ckpt/step-000002/trainable.safetensors", b""), ("ckpt/step-000002/trainable.safetensors", b"garbage" * 9),
-    ("ckpt/step-000002/trainer.pt", b""), ("ckpt/step-000002/rng-rank0.pt", b"PK\x03\x04 truncated zip")],
+    ("ckpt/step-000002/trainer.pt", b""), ("ckpt/step-000002/rng-rank0.pt", b"PK\x03\x04 truncated zip"),
+    ("latest.json", b'{"dir": "../../elsewhere", "step": 2}'), ("ckpt/step-000002/trainer.pt", "cut")],
     ids=["latest-empty", "latest-cut", "latest-no-dir", "safetensors-empty", "safetensors-garbage",
-         "trainer-empty", "rng-not-zip"])
+         "trainer-empty", "rng-not-zip", "latest-outside", "trainer-truncated"])
 def test_corrupt_resume_file_is_named(tmp_path, name, content):
     dpo.train(tiny_gpt2(), sft_cfg(tmp_path, max_steps=4, stop_at=2), sft_features(4), data.collate_sft,
               export=False)
-    (tmp_path / name).write_bytes(content)
+    whole = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(whole[:len(whole) // 10] if content == "cut" else content)  # a zip cut short
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / name))):
         dpo.train(tiny_gpt2(), sft_cfg(tmp_path, max_steps=4, resume=True), sft_features(4), data.collate_sft,
                   export=False)
@@ -269,3 +271,60 @@ def test_corrupt_best_json_does_not_lose_the_best_checkpoint(tmp_path):
     (tmp_path / "best.json").write_text("")
     assert run(resume=True)["best_dir"] == "ckpt/step-000001"
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-000001", "step-000005"]
+
+
+# ---- issue 23: non-finite values stop training and are never saved ------------------------------------------------
+
+def test_a_non_finite_loss_stops_training_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    """Step 3's logits are NaN (a forward hook): the run stops naming step 3 and the stage, latest.json still names
+    step 2's checkpoint (finite weights), nothing is exported and log.jsonl holds no NaN."""
+    model, calls = tiny_gpt2(), []
+
+    def poison(module, args, out):
+        calls.append(1)
+        return out * float("nan") if len(calls) == 3 else out  # one forward per step: batch 2, no accumulation
+
+    model.register_forward_hook(poison)
+    cfg = sft_cfg(tmp_path, max_steps=6, save_every=1, log_every=1)
+    with pytest.raises(FloatingPointError, match=r"sft: the loss or gradient norm is not finite .* at step 3 in "):
+        dpo.train(model, cfg, sft_features(4), data.collate_sft)
+    assert latest_step(tmp_path) == 2 and not (tmp_path / "final").exists()
+    assert all(torch.isfinite(t).all() for t in trained(tmp_path, 2).values())
+    assert [r["step"] for r in log_records(tmp_path)] == [1, 2]  # json.loads would read NaN: none was written
+
+
+def test_weights_with_nan_are_never_exported(tmp_path):
+    model = tiny_gpt2()
+    with torch.no_grad():
+        model.wte.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=re.escape(f"{tmp_path / 'final'}: not exported")):
+        dpo.export_model(model, tmp_path / "final")
+    assert not (tmp_path / "final").exists()
+
+
+def test_a_killed_checkpoint_write_is_cleaned_up_and_a_damaged_log_line_does_not_block_the_resume(tmp_path, capsys):
+    """issue 23: each kill during a checkpoint write left a ckpt/.tmp-* directory forever; one corrupt log.jsonl
+    line stopped the resume with a JSON traceback naming no file."""
+    dpo.train(tiny_gpt2(), sft_cfg(tmp_path, max_steps=4, stop_at=2), sft_features(4), data.collate_sft,
+              export=False)
+    stale = tmp_path / "ckpt" / ".tmp-999999-0a0b0c0d-step-000003"
+    stale.mkdir()
+    (stale / "trainer.pt").write_bytes(b"half a checkpoint")
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 2, "lo\n')
+    capsys.readouterr()
+    dpo.train(tiny_gpt2(), sft_cfg(tmp_path, max_steps=4, resume=True), sft_features(4), data.collate_sft,
+              export=False)
+    assert not stale.exists() and latest_step(tmp_path) == 4
+    assert f"{tmp_path / 'log.jsonl'}:3: not a log record, dropped" in capsys.readouterr().err
+
+
+def test_exports_are_readable_by_others_as_the_umask_says(tmp_path):
+    """issue 23: safetensors writes 0600, so exported models were unreadable to other users."""
+    old = os.umask(0o022)
+    try:
+        dpo.export_model(tiny_gpt2(), tmp_path / "final")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "final").iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes

@@ -7,6 +7,8 @@ Every run draws a fresh seed (printed, and reproducible with PAL_TEST_SEED=...),
 to one lucky set of weights.
 """
 import json
+import os
+import re
 import shutil
 import socket
 
@@ -76,6 +78,22 @@ def test_llama_sharded_checkpoint(tmp_path):
     assert (tmp_path / "model.safetensors.index.json").exists() and not (tmp_path / "model.safetensors").exists()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
     assert_logits_match(M.load_model(tmp_path), ref, random_ids(160, 2, 20))
+
+
+def test_a_shard_path_outside_the_model_directory_is_refused(tmp_path):
+    """issue 23: a weight_map naming "../elsewhere.safetensors" was read from outside the model directory."""
+    seeded()
+    model_dir = tmp_path / "model"
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_BASE))
+    hf.save_pretrained(model_dir, max_shard_size="30KB")
+    index = model_dir / "model.safetensors.index.json"
+    meta = json.loads(index.read_text())
+    first = sorted(set(meta["weight_map"].values()))[0]
+    os.replace(model_dir / first, tmp_path / first)  # the shard now lies next to the directory, not in it
+    meta["weight_map"] = {k: f"../{v}" if v == first else v for k, v in meta["weight_map"].items()}
+    index.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=re.escape(f"{index}: shard names must be files in {model_dir}")):
+        M.load_model(model_dir)
 
 
 @pytest.mark.parametrize("prefix", [True, False])

@@ -78,9 +78,10 @@ def _cfg(**kw):
 @pytest.mark.parametrize("variant,phases", [
     ("pal", [("mix", ["select", "generate"])]),
     ("wo_mix", []),  # no Persona-aware Learning at all: pairs and DPO start from the base model
-    ("only_dg", [("dg", ["personas"])]),  # generation from the persona list: nothing selects a highlight
+    ("only_dg", [("dg", ["generate"])]),  # the paper's: persona-enhanced generation (highlighted), no selection
+    ("only_dg_list", [("gen", ["personas"])]),  # generation from the persona list: nothing selects a highlight
     ("only_ps", [("ps", ["select"])]),
-    ("prompting", [("dg", ["personas"])]),
+    ("prompting", [("gen", ["personas"])]),
     ("ft", [("dg", ["noprompt"])]),
 ])
 def test_variant_sft_tasks(variant, phases):
@@ -88,9 +89,11 @@ def test_variant_sft_tasks(variant, phases):
     assert pal.sft_phases(sw["tasks"], sw["fmt"]) == phases
 
 
-def test_tasks_flag_overrides_variant():
-    sw = _cfg(variant="pal", tasks="dg").switches()
-    assert pal.sft_phases(sw["tasks"], sw["fmt"]) == [("dg", ["personas"])]
+def test_tasks_flag_overrides_variant_and_the_selection_target_picks_the_selection_prompt():
+    sw = _cfg(variant="pal", tasks="gen").switches()
+    assert pal.sft_phases(sw["tasks"], sw["fmt"]) == [("gen", ["personas"])]
+    assert pal.sft_phases("mix", "prompt", "select_sentence") == [("mix", ["select_sentence", "generate"])]
+    assert pal.sft_phases("seq", "prompt", "select_sentence") == [("ps", ["select_sentence"]), ("dg", ["generate"])]
 
 
 def test_every_run_option_is_declared_on_the_command_line(tmp_path):

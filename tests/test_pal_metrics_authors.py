@@ -1,6 +1,7 @@
-"""--metrics-compat authors: BLEU and ROUGE-L exactly as the paper authors' decode.py obtained them from
+"""The authors' metric convention (results.json metrics.authors): BLEU and ROUGE-L as their decode.py got them from
 pycocoevalcap (the oracle here, called as they called it: gts = the generated replies, res = the gold responses),
 and their Distinct-n / entropy definitions, hand-computed."""
+import json
 import math
 import random
 
@@ -45,11 +46,15 @@ def test_distinct_divides_by_tokens_and_entropy_uses_their_tokens():
     assert ours["entropy1"] == pytest.approx(h1)
 
 
-def test_evaluate_records_which_metrics_it_used(tmp_path):
-    rows = [{"response": "i like dogs .", "gold": "I like my dogs", "personas": ["i like dogs ."]}]
-    res = pal.score_generations(rows, "en", compat="authors")
-    assert res["metrics_compat"] == "authors" and res["bleu1"] == pal.authors_metrics(["i like dogs ."],
-                                                                                      ["I like my dogs"])["bleu1"]
-    assert "metrics_compat" not in pal.score_generations(rows, "en")
-    with pytest.raises(ValueError, match="English only"):
-        pal.score_generations(rows, "zh", compat="authors")
+def test_evaluate_writes_the_authors_convention_as_pycocoevalcap_scores_it(tmp_path):
+    replies, golds = ["i like dogs .", "What do you do ?"], ["I like my dogs", "what do you do for work ?"]
+    rows = [{"response": r, "gold": g, "personas": ["i like dogs ."], "history": ["hi"], "dialogue_id": k,
+             "selected_persona": None, "selection_output": None, "gold_persona": None}
+            for k, (r, g) in enumerate(zip(replies, golds))]
+    (tmp_path / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pal.stage_evaluate(pal.RunConfig(model="gpt2"), tmp_path)
+    res = pal.read_json(tmp_path / "results.json")
+    bleu, _ = pycoco_bleu.Bleu(4).compute_score(gts=dict(enumerate([[r] for r in replies])),
+                                                res=dict(enumerate([[g] for g in golds])), verbose=0)
+    assert res["metrics"]["authors"]["bleu1"] == pytest.approx(100 * bleu[0], rel=1e-9)
+    assert res["metrics"]["default"]["bleu1"] == res["bleu1"] != res["metrics"]["authors"]["bleu1"]

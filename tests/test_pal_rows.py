@@ -61,6 +61,9 @@ class Recorder:
         return load_stage_model
 
 
+FEW_SHOT_LIMIT = 16
+
+
 def run_row(tmp_path, model_dir, data_dir, monkeypatch, variant, *extra):
     tok = data.load_tokenizer(str(model_dir))
     rec = Recorder(tok)
@@ -68,7 +71,8 @@ def run_row(tmp_path, model_dir, data_dir, monkeypatch, variant, *extra):
     monkeypatch.setattr(modeling, "generate", rec.generate)
     monkeypatch.setattr(pal, "load_stage_model", rec.load(pal.load_stage_model))
     run = tmp_path / variant
-    room = ["--max-len", "1024"] if variant == "few_shot" else []  # three demonstrations need room
+    # two demonstrations need room, and two Train dialogues to come from (4 examples are one dialogue)
+    room = ["--max-len", "1024", "--limit", str(FEW_SHOT_LIMIT)] if variant == "few_shot" else []
     pal.main(["all", *_args(run, model_dir, data_dir, "--variant", variant, "--prompt-tokens", "4", *room, *extra)])
     return run, rec
 
@@ -87,8 +91,8 @@ ALL_WEIGHTS = ["h.0.attn.c_attn.bias"]  # one of the GPT-2's parameters: full fi
 
 
 @pytest.mark.parametrize("variant", list(pal.VARIANTS))
-def test_each_row_trains_freezes_loads_and_prompts_as_the_paper_defines_it(tmp_path, tiny_model_dir, data_dir,
-                                                                          monkeypatch, variant):
+def test_each_row_trains_freezes_loads_and_prompts_as_the_paper_defines_it(
+        tmp_path, tiny_model_dir, data_dir, monkeypatch, variant):
     run, rec = run_row(tmp_path, tiny_model_dir, data_dir, monkeypatch, variant)
     sw = pal.VARIANTS[variant]
     base, sft_final, dpo_final = str(tiny_model_dir), str(run / "sft" / "final"), str(run / "dpo" / "final")
@@ -108,6 +112,8 @@ def test_each_row_trains_freezes_loads_and_prompts_as_the_paper_defines_it(tmp_p
             assert n_select == len(prompts) == 4
         elif sw["fmt"] == "plain":  # fine-tuning without prompts: personas and history as lines
             assert n_select == 0 and all(REPLY not in p and HIGHLIGHT not in p for p in prompts)
+        elif sw["tasks"] == "dg":  # only DG: PAL's persona-enhanced generation alone, the gold persona highlighted
+            assert n_select == 0 and len(prompts) == 4 and all(HIGHLIGHT in p for p in prompts)
         else:  # generation only, from the persona list: no highlight, never the "no persona" sentence
             assert n_select == 0 and all(REPLY in p and HIGHLIGHT not in p and data.NO_PERSONA["en"] not in p
                                          for p in prompts)
@@ -140,7 +146,7 @@ def test_each_row_trains_freezes_loads_and_prompts_as_the_paper_defines_it(tmp_p
         assert t["mode"] == ("dpo" if sw["align"] == "dpo" else "sft")
         assert set(ALL_WEIGHTS) <= set(t["trainable"])
         prompts = [p for _, p in t["prompts"]]
-        if sw["tasks"] == "dg":  # the prompt only DG was trained on: the persona list, nothing highlighted
+        if sw["tasks"] == "gen":  # the prompt a list-generation row was trained on: nothing highlighted
             assert all(REPLY in p and HIGHLIGHT not in p for p in prompts)
         else:  # PAL's persona-enhanced prompt, the gold persona highlighted
             assert all(HIGHLIGHT in p for p in prompts)
@@ -153,7 +159,7 @@ def test_each_row_trains_freezes_loads_and_prompts_as_the_paper_defines_it(tmp_p
     assert rec.loads[-1] == (final, False), rec.loads
     rows = pal.read_jsonl(run / "generations.jsonl")
     selects, replies = inference(rec, "select"), inference(rec, "reply")
-    assert len(rows) == len(replies) == 4
+    assert len(rows) == len(replies) == (FEW_SHOT_LIMIT if variant == "few_shot" else 4)
     if sw["strategy"] == "select":  # the model's own pick ("1") is highlighted, whatever the gold label
         assert len(selects) == 4
         assert all(f"{HIGHLIGHT} {r['personas'][0]}" in p["text"] for r, p in zip(rows, replies))
@@ -168,9 +174,17 @@ def test_each_row_trains_freezes_loads_and_prompts_as_the_paper_defines_it(tmp_p
         assert all(REPLY not in p["text"] for p in replies)
     shots = pal.VARIANTS[variant].get("shots", 0)
     assert all(p["text"].count(REPLY) == 1 + shots for p in replies if sw["fmt"] != "plain")
-    if shots:  # the demonstrations' gold replies are in the prompt, before the example's own
-        train = pal.load_data(data_dir, limit=4)[0]["train"]
-        assert sum(e.response in replies[0]["text"] for e in train) >= shots
+    if shots:  # two Train dialogues, one turn each: its personas, its last two utterances and its gold reply
+        assert shots == 2  # the paper: two demonstration dialogues
+        train = pal.load_data(data_dir, limit=FEW_SHOT_LIMIT)[0]["train"]
+        for p in replies:
+            shown = p["text"][:p["text"].rindex("About you:")]  # what comes before the example's own prompt
+            demos = [e for e in train if e.response in shown]
+            assert len(demos) == 2 and len({e.dialogue_id for e in demos}) == 2
+            for e in demos:
+                assert all(per in shown for per in e.personas) and all(u in shown for u in e.history[-2:])
+                assert len(e.history) < 3 or e.history[-3] not in shown
+        assert len({p["text"][:p["text"].rindex("About you:")] for p in replies}) == 1  # the same for every prompt
     virtual = 4 if variant == "prompting" else 0
     assert all(p["virtual"] == virtual and len(p["soft"]) == virtual for p in rec.prompts)
     assert json.loads((run / "results.json").read_text())["variant"] == variant
@@ -178,8 +192,8 @@ def test_each_row_trains_freezes_loads_and_prompts_as_the_paper_defines_it(tmp_p
 
 @pytest.mark.parametrize("extra,expect", [
     (["--variant", "prompting", "--align", "dpo"], "--tune prompt: prompt tuning trains a soft prompt in the SFT"),
-    (["--variant", "few_shot"], "--shots 3: the demonstrations take"),  # three of them do not fit 256 tokens
-    (["--variant", "few_shot", "--shots", "5", "--max-len", "1024"], "--shots 5: there are only 4 Train examples"),
+    (["--variant", "few_shot", "--shots", "3", "--limit", "40"], "--shots 3: the demonstrations take"),  # > 256
+    (["--variant", "few_shot", "--max-len", "1024"], "--shots 2: there are only 1 Train dialogues"),
 ])
 def test_rows_that_cannot_run_as_asked_are_one_line(tmp_path, tiny_model_dir, data_dir, extra, expect):
     with pytest.raises(SystemExit) as e:
@@ -188,24 +202,29 @@ def test_rows_that_cannot_run_as_asked_are_one_line(tmp_path, tiny_model_dir, da
 
 
 def test_table_prints_the_rows_in_the_papers_order(tmp_path, tiny_model_dir, data_dir, monkeypatch, capsys):
+    """Table 2's rows per model (base, +FineTuning, PAL), Table 5's (PAL, w/o PA, w/o PC), Figure 3 (PAL, Not
+    Select) on its own, each titled with its metric convention."""
     runs = {}
-    for variant in ("not_select", "pal", "zero_shot", "wo_pa", "ft"):
+    for variant in ("not_select", "pal", "zero_shot", "wo_pc", "wo_pa", "ft"):
         runs[variant], _ = run_row(tmp_path, tiny_model_dir, data_dir, monkeypatch, variant)
     capsys.readouterr()
     pal.main(["table", *map(str, runs.values())])
     out = capsys.readouterr().out
-    main, ablations = out.split("Ablations (the paper's Table 5)")
-    assert "Baselines and PAL (the paper's Table 2)" in main
+    print(out)
+    main, rest = out.split("Table 5 (ablations")
+    ablations, figure = rest.split("Figure 3 (strategies")
+    assert main.startswith("Table 2 (PERSONA-CHAT") and "metrics: the project's default convention" in main
     order = lambda text, names: [text.index(f"| {n} |") for n in names]  # noqa: E731
-    assert order(main, ["Zero-shot", "+FT", "PAL"]) == sorted(order(main, ["Zero-shot", "+FT", "PAL"]))
-    assert "w/o PA" not in main and "Not Select" not in main
-    assert order(ablations, ["PAL", "w/o PA", "Not Select"]) == sorted(order(ablations, ["PAL", "w/o PA",
-                                                                                          "Not Select"]))
-    assert "| Model | Method | BLEU-1 | BLEU-2 | ROUGE-L | Entropy | C.score |" in out
+    assert order(main, ["(base model)", "+FineTuning", "PAL"]) == sorted(order(main, ["(base model)", "+FineTuning",
+                                                                                      "PAL"]))
+    assert "w/o" not in main and "Not Select" not in main and "Not Select" not in ablations
+    assert order(ablations, ["PAL", "w/o PA", "w/o PC"]) == sorted(order(ablations, ["PAL", "w/o PA", "w/o PC"]))
+    assert order(figure, ["PAL", "Not Select"]) == sorted(order(figure, ["PAL", "Not Select"]))
+    assert "w/o" not in figure.split("| Diagnostics")[0]
 
 
-def test_a_run_recorded_before_the_tune_and_shots_switches_still_resumes(tmp_path, tiny_model_dir, data_dir,
-                                                                          monkeypatch):
+def test_a_run_recorded_before_the_tune_and_shots_switches_still_resumes(
+        tmp_path, tiny_model_dir, data_dir, monkeypatch):
     """stages.json written by an earlier version has no "tune" / "shots": they meant weights / 0, so the run goes
     on; asking that run for prompt tuning is a changed setting and is refused."""
     run, _ = run_row(tmp_path, tiny_model_dir, data_dir, monkeypatch, "wo_pa")
@@ -218,3 +237,25 @@ def test_a_run_recorded_before_the_tune_and_shots_switches_still_resumes(tmp_pat
         pal.main(["all", "--run-dir", str(run), "--tune", "prompt", "--align", "none"])
     assert "stage sft (finished) was built with other settings (--tune: 'weights' then, 'prompt' now" in \
         str(e.value.code)
+
+
+@pytest.mark.parametrize("target", ["number", "sentence"])
+def test_the_selection_target_is_a_number_or_the_authors_k_sentence(
+        tmp_path, tiny_model_dir, data_dir, monkeypatch, target):
+    """--select-target: the selection task answers "2" ("0": none), or as the authors' persona_datasets.py does,
+    "2.i like cats" ("No personal description."); its prompt asks for that form, and Select then Generate reads
+    either back to the sentence."""
+    run, rec = run_row(tmp_path, tiny_model_dir, data_dir, monkeypatch, "pal", "--select-target", target)
+    (t,) = stage_of(rec, run, "sft")
+    train = pal.load_data(data_dir, limit=4)[0]["train"]
+    selections = [f for f in t["feats"] if f["task"] == "select"]
+    targets = sorted(rec.tok.decode([i for i in f["labels"] if i != -100]).strip() for f in selections)
+    gold = [e.personas[e.persona_label] if e.persona_label is not None else None for e in train]
+    if target == "number":
+        want = [str(e.persona_label + 1) if e.persona_label is not None else "0" for e in train]
+    else:
+        want = [f"{e.persona_label + 1}.{g}" if g else "No personal description." for e, g in zip(train, gold)]
+    assert targets == sorted(want)
+    asked = "Answer with its number" if target == "number" else 'or "No personal description." if none'
+    assert all(asked in p for _, p in t["prompts"] if SELECT in p)
+    assert all(asked in p["text"] for p in inference(rec, "select"))

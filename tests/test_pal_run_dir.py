@@ -4,6 +4,7 @@ predict keeps its picks, and the exported checkpoints load in transformers and a
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,7 +51,8 @@ def _refused(capsys, argv, *expected):
 def test_a_second_process_on_the_run_directory_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, capsys):
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time, pal; from pathlib import Path; "
-                               f"from infra.rundir import RunLock; lock = RunLock(Path({str(run)!r})); print('locked', flush=True); time.sleep(60)"],
+                               f"from infra.rundir import RunLock; lock = RunLock(Path({str(run)!r})); "
+                               "print('locked', flush=True); time.sleep(60)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -65,8 +67,25 @@ def test_a_second_process_on_the_run_directory_is_refused_and_a_killed_one_leave
 
 # ---- a run is what it says it is --------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("name", [".lock", "generations.jsonl.partial", "sft/phase0-mix/log.jsonl"])
+def test_a_link_planted_in_the_run_directory_is_refused_and_its_target_untouched(tmp_path, name):
+    """issue 23: `ln -s ~/notes.txt RUN/.lock` made the lock truncate notes.txt and write a pid into it."""
+    from infra.files import JsonlWriter, append_jsonl
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    link = tmp_path / "run" / name
+    link.parent.mkdir(parents=True)
+    link.symlink_to(notes)
+    open_it = {".lock": lambda: rundir.RunLock(tmp_path / "run"),
+               "generations.jsonl.partial": lambda: JsonlWriter(tmp_path / "run" / "generations.jsonl"),
+               "sft/phase0-mix/log.jsonl": lambda: append_jsonl(link, {"step": 1})}[name]
+    with pytest.raises(ValueError, match=re.escape(f"{link} is a symbolic link: refused")):
+        open_it()
+    assert notes.read_text() == "my notes\n"
+
+
 def test_changed_options_for_a_started_stage_are_refused_then_redone_on_request(tmp_path, tiny_model_dir,
-                                                                                 data_dir, capsys):
+                                                                                data_dir, capsys):
     run = tmp_path / "run"
     pal.main(["sft", *_args(run, tiny_model_dir, data_dir)])
     saved = (run / "run.json").read_bytes()
@@ -109,6 +128,162 @@ def test_a_data_file_changed_under_a_run_is_caught(tmp_path, tiny_model_dir, cap
     _refused(capsys, ["evaluate", "--run-dir", str(run)], "stage predict (finished)", f"file {d / src.name}")
 
 
+def test_a_data_file_edited_during_a_run_is_refused_by_the_next_stage_that_parses_it(tmp_path, tiny_model_dir,
+                                                                                     monkeypatch, capsys):
+    """issue 23: the digests were taken once at the start, so SFT trained on one file and pairs on its edit."""
+    src = shared_file("data/personachat/valid_self_original.txt")
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / src.name).write_bytes(src.read_bytes())
+    sft = pal.STAGES["sft"]
+
+    def sft_then_edit(cfg, run):
+        """SFT, then the data file is edited."""
+        sft(cfg, run)
+        with open(d / src.name, "a") as f:  # as if edited by hand at SFT step 20
+            f.write("1 your persona: i was added later .\n2 hi\thello\n")
+
+    monkeypatch.setitem(pal.STAGES, "sft", sft_then_edit)
+    run = tmp_path / "run"
+    _refused(capsys, ["all", *_args(run, tiny_model_dir, d)], f"{d / src.name} changed during this run")
+    assert (run / "sft" / "final").exists() and not (run / "pairs.jsonl").exists()
+
+
+def test_the_language_is_decided_by_share_said_and_kept_in_run_json(tmp_path, tiny_model_dir, capsys):
+    """issue 23: one CJK word among the first 20 examples switched a whole English run to Chinese."""
+    src = shared_file("data/personachat/valid_self_original.txt")
+    d = tmp_path / "data"
+    d.mkdir()
+    lines = src.read_text().split("\n")
+    for i in (4, 5):  # the first two replies of the first dialogue (both in the run's 16 examples) name a dish
+        lines[i] = lines[i].replace("\t", "\t饺子 ", 1)
+    (d / src.name).write_text("\n".join(lines))
+    capsys.readouterr()
+    pal.main(["sft", *_args(tmp_path / "en", tiny_model_dir, d, "--variant", "zero_shot")])
+    assert "language: en (12% of 16 examples hold CJK characters; --lang overrides)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "en" / "run.json").read_text())["lang"] == "en"
+    pal.main(["sft", *_args(tmp_path / "zh", tiny_model_dir, d, "--variant", "zero_shot", "--lang", "zh")])
+    assert json.loads((tmp_path / "zh" / "run.json").read_text())["lang"] == "zh"
+
+
+def test_base_weights_replaced_in_place_are_caught_by_their_digest(tmp_path, tiny_model_dir, data_dir, capsys):
+    """issue 23: only config.json was hashed, so new weights under the same config regenerated every pair."""
+    import shutil
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base, symlinks=True)
+    run = tmp_path / "run"
+    pal.main(["sft", *_args(run, base, data_dir)])
+    m = modeling.load_model(base)
+    with torch.no_grad():
+        m.wte.weight.mul_(2)
+    modeling.save_model(m, base)
+    _refused(capsys, ["pairs", "--run-dir", str(run)], "stage sft (finished) was built with other settings",
+             "weights digest")
+
+
+def test_the_nli_labeller_and_the_global_batch_are_recorded(tmp_path, monkeypatch):
+    """issue 23: with --labels nli a later --nli B was taken (SFT on A's labels, pairs on B's); a run of two ranks
+    resumed by one process silently doubled its steps."""
+    nli_dirs = []
+    for name in ("A", "B"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        (d / "model.safetensors").write_bytes(name.encode() * 64)  # hashed, never parsed here
+        nli_dirs.append(str(d))
+
+    def now(cfg):
+        return {s: {**pal.stage_options(cfg, s), **pal.input_digests(cfg)} for s in pal.STAGES}
+
+    a = pal.RunConfig(model="gpt2", labels="nli", nli=nli_dirs[0])
+    records = {"sft": {"options": now(a)["sft"]}}
+    done = {s: False for s in pal.STAGES}
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "log.jsonl").write_text("")  # SFT has begun writing
+    with pytest.raises(ValueError, match=r"stage sft \(started\).*nli \(labels\)"):
+        b = pal.RunConfig(model="gpt2", labels="nli", nli=nli_dirs[1])
+        rundir.check_records(tmp_path, dict(records), now(b), done, pal.STAGE_PATHS, False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    records = {"sft": {"options": now(a)["sft"]}}
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match=r"global batch \(sft\): 16 then, 8 now"):
+        rundir.check_records(tmp_path, dict(records), now(a), done, pal.STAGE_PATHS, False, pal.RESUME_ONLY,
+                             pal.ADDED_LATER)
+    rundir.check_records(tmp_path, dict(records), now(a), {**done, "sft": True}, pal.STAGE_PATHS, False,
+                         pal.RESUME_ONLY, pal.ADDED_LATER)  # a finished SFT does not care
+
+
+def test_a_run_directory_with_outputs_but_no_records_is_refused_unless_trusted(tmp_path, tiny_model_dir, data_dir,
+                                                                               capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "pairs.jsonl").write_text("")
+    _refused(capsys, ["sft", *_args(run, tiny_model_dir, data_dir, "--variant", "zero_shot")],
+             f"{run} holds outputs (pairs.jsonl) but no stages.json", "--trust-outputs")
+    pal.main(["sft", *_args(run, tiny_model_dir, data_dir, "--variant", "zero_shot", "--trust-outputs")])
+
+
+def test_predict_counts_the_prompts_it_cuts(tmp_path, tiny_model_dir, data_dir, capsys):
+    """issue 23: predict cut prompts to their last tokens (instruction and personas gone) without a count."""
+    capsys.readouterr()
+    pal.main(["predict", *_args(tmp_path / "run", tiny_model_dir, data_dir, "--variant", "zero_shot", "--max-len",
+                                "40")])
+    said = re.search(r"predict: prompts (\d+) encoded, .*\((\d+) left out, (\d+) prompts cut\)",
+                     capsys.readouterr().err)
+    assert said and said[1] == said[3] == "4", said  # 4 Test examples, not one fits 35 tokens
+
+
+def test_an_empty_valid2_is_refused_and_empty_rejected_replies_are_counted(tmp_path, tiny_model_dir, data_dir,
+                                                                           monkeypatch, capsys):
+    """issue 23: an empty Valid#2 ran DPO without validation, silently; empty rejected replies were not counted."""
+    load_data = pal.load_data
+    monkeypatch.setattr(pal, "load_data", lambda *a: ({**load_data(*a)[0], "valid2": []}, "en"))
+    run = tmp_path / "run"
+    _refused(capsys, ["all", *_args(run, tiny_model_dir, data_dir)], "no Valid#2 examples in", "--eval-limit 0")
+    assert not (run / "sft").exists()  # said before SFT trains, not after
+    monkeypatch.undo()
+    pal.main(["sft", *_args(run, tiny_model_dir, data_dir)])
+    pal.main(["pairs", "--run-dir", str(run)])
+    rows = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
+    (run / "pairs.jsonl").write_text("".join(json.dumps({**r, "rejected": "" if i == 0 else r["rejected"]}) + "\n"
+                                             for i, r in enumerate(rows)))
+    capsys.readouterr()
+    pal.main(["dpo", "--run-dir", str(run)])
+    assert f"(1 of {len(rows)} with an empty rejected reply)" in capsys.readouterr().err
+
+
+def test_from_run_naming_the_run_itself_is_refused(tmp_path, tiny_model_dir, data_dir, capsys):
+    """issue 23: it recursed until Python's limit."""
+    run = tmp_path / "run"
+    _refused(capsys, ["predict", *_args(run, tiny_model_dir, data_dir, "--variant", "random", "--from-run", str(run))],
+             f"--from-run {run}: that is this run")
+
+
+def test_a_stage_that_failed_while_loading_starts_again_once_its_input_is_fixed(tmp_path, tiny_model_dir, capsys):
+    """issue 23: the stage was recorded before it read its data, so the fixed file needed --redo."""
+    src = shared_file("data/personachat/valid_self_original.txt").read_text().split("\n")[:300]
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "valid_self_original.txt").write_text("\n".join(["oops"] + src) + "\n")
+    run = tmp_path / "run"
+    args = _args(run, tiny_model_dir, d, "--variant", "zero_shot", "--lang", "en")  # no data read before the stage
+    _refused(capsys, ["predict", *args], f"{d / 'valid_self_original.txt'}:1: expected a line starting with its number")
+    (d / "valid_self_original.txt").write_text("\n".join(src) + "\n")
+    pal.main(["predict", *args])
+    assert "predict: started before with other settings but wrote nothing" in capsys.readouterr().err
+    assert (run / "generations.jsonl").exists()
+
+
+def test_chat_takes_other_decoding_options(tmp_path, tiny_model_dir, data_dir, monkeypatch, capsys):
+    """issue 23: chat was refused for --max-new-tokens other than predict's (a stage record it does not write)."""
+    run = tmp_path / "run"
+    pal.main(["predict", *_args(run, tiny_model_dir, data_dir, "--variant", "zero_shot")])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n\n"))
+    capsys.readouterr()
+    pal.main(["chat", "--run-dir", str(run), "--max-new-tokens", "7", "--persona", "i like cats ."])
+    assert "bot> " in capsys.readouterr().out
+
+
 # ---- options are checked before anything is saved ------------------------------------------------------------------
 
 @pytest.mark.parametrize("option,value,expect", [
@@ -118,6 +293,9 @@ def test_a_data_file_changed_under_a_run_is_caught(tmp_path, tiny_model_dir, cap
     ("--sft-epochs", "0", "--sft-epochs 0.0: must be above 0"),
     ("--select-ratio", "1.5", "--select-ratio 1.5: must be between 0 and 1"),
     ("--max-len", "4096", "--max-len 4096: the model"),  # the tiny GPT-2 has 512 positions
+    ("--sft-lr", "inf", "--sft-lr inf: must be a finite number"),  # issue 23: NaN passed every `<` check
+    ("--dpo-beta", "nan", "--dpo-beta nan: must be a finite number"),
+    ("--lora-alpha", "inf", "--lora-alpha inf: must be a finite number"),
 ])
 def test_a_bad_option_leaves_run_json_unchanged(tmp_path, tiny_model_dir, data_dir, capsys, option, value, expect):
     run = tmp_path / "run"
@@ -125,6 +303,21 @@ def test_a_bad_option_leaves_run_json_unchanged(tmp_path, tiny_model_dir, data_d
     saved = (run / "run.json").read_bytes()
     _refused(capsys, ["sft", "--run-dir", str(run), option, value], expect)
     assert (run / "run.json").read_bytes() == saved
+
+
+def test_a_diverging_run_stops_with_the_step_and_writes_no_result(tmp_path, tiny_model_dir, data_dir, capsys):
+    """--sft-lr 1e6 diverges: SFT stops naming its step, nothing is exported, no later stage runs (issue 23)."""
+    run = tmp_path / "run"
+    _refused(capsys, ["all", *_args(run, tiny_model_dir, data_dir, "--sft-lr", "1e6")],
+             "sft: the loss or gradient norm is not finite (NaN or inf) at step", str(run / "sft"))
+    assert not (run / "sft" / "final").exists() and not (run / "results.md").exists()
+
+
+def test_json_files_are_never_written_with_nan_or_infinity(tmp_path):
+    from infra.files import write_json
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'run.json'}: not written: a value is not a finite")):
+        write_json(tmp_path / "run.json", {"sft_lr": float("inf")})
+    assert not (tmp_path / "run.json").exists()
 
 
 def test_a_bad_choice_is_refused_by_the_command_line(tmp_path):
@@ -138,7 +331,7 @@ def test_zero_rows_are_an_error_not_a_table_of_zeros(tmp_path, capsys):
     run.mkdir()
     (run / "run.json").write_text(json.dumps({"model": "gpt2"}))
     (run / "generations.jsonl").write_text("")
-    _refused(capsys, ["evaluate", "--run-dir", str(run)], "no generated rows", "generations.jsonl")
+    _refused(capsys, ["evaluate", "--run-dir", str(run), "--trust-outputs"], "no generated rows", "generations.jsonl")
     assert not (run / "results.json").exists()
 
 
@@ -328,6 +521,29 @@ def _tiny_llama_dir(d):
     return d
 
 
+def test_a_moved_lora_run_uses_its_own_sft_and_replaced_base_weights_are_refused(tmp_path, tiny_model_dir,
+                                                                                 data_dir, capsys):
+    """issue 23: adapter_base.json held an absolute path, so a moved run predicted with whatever sat at the old
+    place; base weights replaced in place went unnoticed; {"base": 3} was looked up as a hub repo."""
+    from infra import exports
+    run, moved = tmp_path / "run", tmp_path / "moved"
+    pal.main(["all", *_args(run, tiny_model_dir, data_dir, "--lora-r", "2")])
+    os.replace(run, moved)
+    assert exports.read_adapter_base(moved / "dpo" / "final")["base"] == str(moved.resolve() / "sft" / "final")
+    (moved / "generations.jsonl").unlink()
+    pal.main(["predict", "--run-dir", str(moved)])  # works where it now lies
+    sft = modeling.load_model(moved / "sft" / "final")
+    with torch.no_grad():
+        sft.wte.weight.mul_(1.5)
+    modeling.save_model(sft, moved / "sft" / "final")  # same config.json, other weights
+    (moved / "generations.jsonl").unlink()
+    _refused(capsys, ["predict", "--run-dir", str(moved)], f"{moved / 'dpo' / 'final' / 'adapter_base.json'}: ",
+             "holds other weights than the adapters were trained on")
+    noted = moved / "dpo" / "final" / "adapter_base.json"
+    noted.write_text(json.dumps({**json.loads(noted.read_text()), "base": 3}))
+    _refused(capsys, ["predict", "--run-dir", str(moved)], f"{noted}: 'base' is 3")
+
+
 def test_dpo_only_lora_on_the_chosen_layers_and_per_stage_accumulation(tmp_path):
     base = _tiny_llama_dir(tmp_path / "base")
     cfg = pal.RunConfig(model=str(base), lora_r=0, dpo_lora_r=4, lora_alpha=8, lora_targets="q,v", batch_size=2,
@@ -337,7 +553,8 @@ def test_dpo_only_lora_on_the_chosen_layers_and_per_stage_accumulation(tmp_path)
     assert wrapped and {name.rsplit(".", 1)[-1] for name in wrapped} == {"q", "v"}
     sft, dpo_cfg = pal.train_config(cfg, "sft", Path("x"), 64), pal.train_config(cfg, "dpo", Path("x"), 64)
     assert (sft.grad_accum, dpo_cfg.grad_accum, dpo_cfg.max_steps, dpo_cfg.eval_every) == (8, 2, 16, 16)
-    assert sft.export_best is False and pal.train_config(pal.RunConfig(sft_keep="best"), "sft", Path("x"), 8).export_best
+    assert sft.export_best is False
+    assert pal.train_config(pal.RunConfig(sft_keep="best"), "sft", Path("x"), 8).export_best
 
 
 def test_export_best_false_exports_the_last_weights_not_the_best_validated(tmp_path):
