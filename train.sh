@@ -85,7 +85,7 @@ case "$preset" in
           --logps chunked   # chunked log-probs: less memory, faster (every preset; docs/measurements.md)
           --lora-targets q,k,v,o,mlp --lora-init kaiming --lora-plus-ratio 1 --grad-clip 1 --dpo-adapters fresh
           --select-target number)  # the selection answers a number: at 135M it copied less (docs/variants.md)
-    # ^ the set-up the CPU results were measured with (docs/schedules.md: why smol does not take the authors' LoRA)
+    # ^ the LoRA set-up the CPU results were measured with (docs/schedules.md: why smol keeps it)
     if [ -z "$data_dir" ]; then
       if [ -d data/personachat ]; then data_dir=data/personachat
       elif [ -d ../shared/data/personachat ]; then data_dir=../shared/data/personachat  # the team's machines
