@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from infra.datafiles import MAX_TEXT_CHARS, DataFormatError, ParseStats, capped, read_lines  # noqa: F401
-from infra.tokfiles import TokenizerError, read_tokenizer
+from infra.tokfiles import TokenizerError, byte_to_unicode, read_tokenizer  # noqa: F401 (byte_to_unicode: gpu_check.sh)
 
 IGNORE = -100  # THE label value that is not a target (prompt, padding); dpo.py imports it from here
 

@@ -59,6 +59,7 @@ import model as modeling
 import nli
 from infra import exports, rundir
 from infra.dist import barrier, gather_rows, is_rank0, local_device, rank_world, sum_across, world_size
+from infra.dist import rank_world as ranks  # noqa: F401 (the name ../shared/tools/gpu_check.sh calls)
 from infra.dist import start as start_ranks
 from infra.dist import stop as stop_ranks
 from infra.dist import write_rows_shared

@@ -25,16 +25,18 @@ def timeout_minutes(minutes: float | None = None) -> float:
 _started: list[bool] = []  # [True] once start() made the group: stop() leaves only a group made here
 
 
-def start(minutes: float | None = None) -> None:
+def start(minutes: float | None = None) -> Callable[[], None]:
     """Under torchrun (WORLD_SIZE set, also for one process), join the process group: nccl on GPUs, gloo on CPUs.
-    A group the caller already started is kept."""
+    A group the caller already started is kept. Returns `barrier` (the team's ../shared/tools/gpu_check.sh waits
+    on what pal.start_ranks returns)."""
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():
-        return
+        return barrier
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                             timeout=timedelta(minutes=timeout_minutes(minutes)))
     _started.append(True)
+    return barrier
 
 
 def stop() -> None:
