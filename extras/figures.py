@@ -123,7 +123,8 @@ def inference_run(run: Path, cfg: pal.RunConfig, variant: str, out: Path) -> dic
     Returns OUT's results.json."""
     fields = {**dataclasses.asdict(cfg), "variant": variant, "from_run": str(run), "strategy": None,
               "keep_steps": None}
-    pal.run_stages(argparse.Namespace(stage="all", run_dir=str(out), redo=False, persona=None, **fields))
+    pal.run_stages(argparse.Namespace(stage="all", run_dir=str(out), redo=False, persona=None, trust_outputs=False,
+                                      **fields))
     return read_json(out / "results.json")
 
 
@@ -168,7 +169,7 @@ def score_step(cfg: pal.RunConfig, run: Path, step: int, splits: dict, lang: str
     context = pal.prompt_context(cfg, model, tok, splits, lang)
     rows = pal.select_then_generate(model, tok, splits["test"], lang, desc=f"step {step}", **pal.decoding(cfg),
                                     **context)
-    res = {**pal.score_generations(rows, lang, nli_model, cfg.metrics_compat), "step": step}
+    res = {**pal.score_generations(rows, lang, nli_model), "step": step}  # the default convention, as fig3
     write_jsonl(out / "generations.jsonl", rows)
     write_json(out / "results.json", res)
     return res
