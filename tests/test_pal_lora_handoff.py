@@ -89,7 +89,7 @@ def test_fresh_adapters_on_the_merged_sft_weights_remain_an_option(
     assert not seen["cfg"].reference_adapters  # the reference: the policy with its (fresh) adapters off
     assert all(torch.count_nonzero(t) == 0 for k, t in seen["adapters"].items() if k.endswith("lora_B"))
     noted = json.loads((run / "dpo" / "final" / "adapter_base.json").read_text())
-    assert Path(noted["base"]) == (run / "sft" / "final").resolve()
+    assert noted["base"] == "sft/final" and noted["in_run"]  # inside the run: noted relative to it (issue 23)
     # with fp32 weights the merged SFT model is the pairs' writer to rounding, so the start is the same model
     cfg = pal.load_run_config(run, {})
     wrote = pair_logps(pal.generation_model(cfg, run / "sft" / "final"), seen["feats"], seen["collate"])
@@ -109,7 +109,8 @@ def test_a_dpo_stage_recorded_before_the_option_resumes_as_it_was_built(
     now = pal.stage_options(pal.load_run_config(tmp_path, {**vars(cfg), "dpo_adapters": given}), "dpo")
 
     def check():
-        rundir.check_records(tmp_path, records, {"dpo": now}, {"dpo": False}, pal.STAGE_PATHS, False,
+        # finished: a started stage that wrote nothing would just start again with the new settings (issue 23)
+        rundir.check_records(tmp_path, records, {"dpo": now}, {"dpo": True}, pal.STAGE_PATHS, False,
                              pal.RESUME_ONLY, pal.ADDED_LATER)
 
     if refused:

@@ -527,7 +527,8 @@ def test_a_moved_lora_run_uses_its_own_sft_and_replaced_base_weights_are_refused
     place; base weights replaced in place went unnoticed; {"base": 3} was looked up as a hub repo."""
     from infra import exports
     run, moved = tmp_path / "run", tmp_path / "moved"
-    pal.main(["all", *_args(run, tiny_model_dir, data_dir, "--lora-r", "2")])
+    # fresh DPO adapters on the merged SFT weights: the adapters' base lies inside the run
+    pal.main(["all", *_args(run, tiny_model_dir, data_dir, "--lora-r", "2", "--dpo-adapters", "fresh")])
     os.replace(run, moved)
     assert exports.read_adapter_base(moved / "dpo" / "final")["base"] == str(moved.resolve() / "sft" / "final")
     (moved / "generations.jsonl").unlink()
