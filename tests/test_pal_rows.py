@@ -249,7 +249,8 @@ def test_the_selection_target_is_a_number_or_the_authors_k_sentence(
     (t,) = stage_of(rec, run, "sft")
     train = pal.load_data(data_dir, limit=4)[0]["train"]
     selections = [f for f in t["feats"] if f["task"] == "select"]
-    targets = sorted(rec.tok.decode([i for i in f["labels"] if i != -100]).strip() for f in selections)
+    targets = sorted(rec.tok.decode([i for i in f["labels"] if i != -100], skip_special=True).strip()
+                     for f in selections)  # the target without its end-of-text token
     gold = [e.personas[e.persona_label] if e.persona_label is not None else None for e in train]
     if target == "number":
         want = [str(e.persona_label + 1) if e.persona_label is not None else "0" for e in train]
