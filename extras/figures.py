@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dpo  # noqa: E402
 import pal  # noqa: E402
 from infra.ckpt import ckpt_name  # noqa: E402
+from infra.options import flag  # noqa: E402
 from infra.files import atomic_path, read_json, write_json, write_jsonl, write_text  # noqa: E402
 
 # the paper's metrics, as the figures label them: (label, key in results.json)
@@ -123,8 +124,11 @@ def inference_run(run: Path, cfg: pal.RunConfig, variant: str, out: Path) -> dic
     Returns OUT's results.json."""
     fields = {**dataclasses.asdict(cfg), "variant": variant, "from_run": str(run), "strategy": None,
               "keep_steps": None}
-    pal.run_stages(argparse.Namespace(stage="all", run_dir=str(out), redo=False, persona=None, trust_outputs=False,
-                                      **fields))
+    argv = ["all", "--run-dir", str(out)]
+    for name, value in fields.items():  # pal.py's own command line: its checks and defaults, as a user's call
+        if value is not None:
+            argv += [flag(name), str(value)]
+    pal.main(argv)  # an error exits with pal.py's one line
     return read_json(out / "results.json")
 
 
@@ -169,7 +173,7 @@ def score_step(cfg: pal.RunConfig, run: Path, step: int, splits: dict, lang: str
     context = pal.prompt_context(cfg, model, tok, splits, lang)
     rows = pal.select_then_generate(model, tok, splits["test"], lang, desc=f"step {step}", **pal.decoding(cfg),
                                     **context)
-    res = {**pal.score_generations(rows, lang, nli_model), "step": step}  # the default convention, as fig3
+    res = {**pal.score_generations(rows, lang, nli_model), "step": step}
     write_jsonl(out / "generations.jsonl", rows)
     write_json(out / "results.json", res)
     return res
