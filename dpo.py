@@ -221,6 +221,7 @@ class TrainConfig:
     reference: str = "cache"  # DPO reference: "cache" (precomputed once) | "live" (computed each step)
     reference_adapters: bool = False  # no ref_model: the reference is the policy with its start adapters on, not off
     logps: str = "plain"  # "plain": log-softmax of the full logits | "chunked": the appendix's memory-saving path
+    recompute: bool = False  # activation checkpointing: each block recomputed in backward (less memory, same numbers)
     dropout: bool | None = None  # None: on for SFT, off for DPO (policy and reference must agree)
     eval_every: int = 0  # optimizer steps between eval_fn calls (0: never)
     patience: int = 0  # stop after this many evals without a better score (0: never stop early)
@@ -345,6 +346,7 @@ def set_up(model: nn.Module, cfg: TrainConfig, n_examples: int, ref_model: nn.Mo
     warn = (lambda msg: print(f"dpo.py: {msg}", file=sys.stderr)) if rank == 0 else (lambda msg: None)
     check_precision(cfg.precision, device.type, _trainable(model), warn)  # infra/options.py
     model.to(device).train(cfg.dropout if cfg.dropout is not None else not dpo)  # train(False) = dropout off
+    model.recompute = cfg.recompute  # model.run_block
     if ref_model is not None:
         ref_model.to(device).eval().requires_grad_(False)
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors.torch import save_file
 
 from infra.exports import read_prompt_adapter, write_lora, write_prompt_adapter  # machinery: a reader steps over it
@@ -232,6 +233,16 @@ def positions_and_mask(input_ids, attention_mask, position_ids, cache: KVCache |
     return pos, torch.where(allowed, zero, torch.finfo(dtype).min), False
 
 
+def run_block(model: nn.Module, block: nn.Module, x: torch.Tensor, *args, cache=None, layer: int = 0):
+    """block(x, *args, cache, layer). With model.recompute set, while gradients are on and no KV cache is used
+    (training), the block's activations are not kept for the backward pass but recomputed there from its input
+    (activation checkpointing): memory of one block instead of every block's, for about a third more compute.
+    The recomputation replays the same random state, so dropout masks and results are unchanged."""
+    if model.recompute and cache is None and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, x, *args, cache=None, layer=layer, use_reentrant=False)
+    return block(x, *args, cache=cache, layer=layer)
+
+
 class LayerNormFP32(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the weights' dtype (bf16 statistics are too coarse)."""
 
@@ -311,6 +322,7 @@ class GPT2(nn.Module):
         self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = LayerNormFP32(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.soft_prompt: SoftPrompt | None = None   # prompt tuning (add_soft_prompt); None: plain embeddings
+        self.recompute = False  # activation checkpointing while training (run_block; TrainConfig.recompute)
         # No lm_head module: the output projection *is* wte.weight (tied), so there is nothing to keep in sync.
         _init_weights(self)
 
@@ -332,7 +344,7 @@ class GPT2(nn.Module):
         tok = self.wte(input_ids) if self.soft_prompt is None else self.soft_prompt(input_ids, self.wte)
         x = self.drop(tok + self.wpe(pos))                                # (B, T, C)
         for i, block in enumerate(self.h):
-            x = block(x, mask, is_causal, cache, i)
+            x = run_block(self, block, x, mask, is_causal, cache=cache, layer=i)
         if cache is not None:
             cache.length += input_ids.shape[1]
         x = self.ln_f(x[:, -1:] if last_only else x)                      # (B, T, C)
@@ -454,6 +466,7 @@ class Llama(nn.Module):
         # Tied models (Llama 3.2 1B/3B, SmolLM2) have no lm_head: the output projection is embed.weight.
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.soft_prompt: SoftPrompt | None = None   # prompt tuning (add_soft_prompt); None: plain embeddings
+        self.recompute = False  # activation checkpointing while training (run_block; TrainConfig.recompute)
         # A plain fp32 attribute, not a buffer: model.to(bfloat16) must not round the frequencies, and a model
         # built on the meta device still gets real values (computed on the CPU, moved on first use).
         self.inv_freq = rope_inv_freq(cfg)
@@ -468,7 +481,7 @@ class Llama(nn.Module):
             self.inv_freq = self.inv_freq.to(x.device)
         cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)             # (B, 1, T, D) each
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, is_causal, cache, i)
+            x = run_block(self, block, x, cos, sin, mask, is_causal, cache=cache, layer=i)
         if cache is not None:
             cache.length += input_ids.shape[1]
         x = self.norm(x[:, -1:] if last_only else x)                     # (B, T, C)

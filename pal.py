@@ -463,6 +463,7 @@ def train_config(cfg: RunConfig, mode: str, out_dir: Path, n_features: int) -> d
                   precision=cfg.precision, seed=cfg.seed, resume=True, save_every=cfg.save_every,
                   save_minutes=cfg.save_minutes, log_every=cfg.log_every, logps=cfg.logps,
                   lora_plus_ratio=cfg.lora_plus_ratio, grad_clip=cfg.grad_clip or None,
+                  recompute=cfg.activations == "recompute",
                   group_by_length=True)  # batches of similar lengths: far less padding, the same exact resume
     if mode == "sft":
         lr = cfg.prompt_lr if cfg.switches()["tune"] == "prompt" else cfg.sft_lr
@@ -755,6 +756,8 @@ class RunConfig:
     precision: str = option("fp32", PRECISIONS, "training autocast")
     logps: str = option("plain", ("plain", "chunked"), "log-probs from the full logits (plain) or chunk by chunk "
                         "without them (chunked: less memory, dpo.py's appendix)")
+    activations: str = option("keep", ("keep", "recompute"), "training keeps every block's activations for the "
+                              "backward pass, or recomputes them there (less memory, about a third more compute)")
     lora_r: int = option(0, int, "LoRA rank; 0 = full fine-tuning", low=0)
     lora_alpha: float = option(16.0, float, "LoRA alpha", above=0)
     lora_dropout: float = option(0.05, float, "LoRA dropout", low=0, high=0.9)
