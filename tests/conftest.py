@@ -5,12 +5,15 @@ the tiny pipeline's model, data and options), so that no test file imports anoth
 
 Test files import the plain helpers with `from conftest import ...`; the fixtures need no import. The project's
 own modules (model, pal) are imported inside the helpers, so that collecting the tests does not depend on them."""
+import contextlib
+import http.server
 import json
 import os
 import random
 import shutil
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -64,6 +67,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def loopback_server(monkeypatch, handler: type):
+    """An HTTP server on 127.0.0.1 answering with `handler` (a BaseHTTPRequestHandler), in a thread, reached without
+    any proxy: yields its base URL (the download tests' stand-in for the real site)."""
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def shared_file(rel: str) -> Path:

@@ -11,7 +11,6 @@ import json
 import os
 import random
 import subprocess
-import threading
 import urllib.parse
 import zipfile
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 from extras import dnli
+from conftest import loopback_server
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 LABELS = {0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"}
@@ -100,16 +100,9 @@ class Drive(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server(monkeypatch):
-    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     Drive.seen = []
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drive)
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with loopback_server(monkeypatch, Drive) as url:
+        yield url
 
 
 def test_constants_are_parlais():

@@ -6,12 +6,12 @@ import http.server
 import io
 import os
 import tarfile
-import threading
 
 import pytest
 
 import data
 from extras import download
+from conftest import loopback_server
 
 VALID = ("1 your persona: i ski.\n2 your persona: i swim.\n3 hi !\thello , i ski .\n4 cool\tthanks\n"
          "1 your persona: i am a nurse.\n2 hey\thi\n")
@@ -59,15 +59,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server(monkeypatch):
-    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with loopback_server(monkeypatch, Handler) as url:
+        yield url
 
 
 def sha(b: bytes) -> str:
