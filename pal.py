@@ -622,7 +622,8 @@ def stage_evaluate(cfg: RunConfig, run: Path):
     pal.py table places the run in the paper's tables and groups runs that differ only by seed."""
     out = run / "results.json"
     rows = nonempty(read_jsonl(run / "generations.jsonl"), f"generated rows in {run / 'generations.jsonl'}")
-    lang = cfg.lang or ("zh" if any(data.CJK_CHAR.search(r["gold"]) for r in rows[:20]) else "en")
+    lang = cfg.lang or data.detect_lang([data.Example(r["personas"], r["history"], r["gold"], None, r["dialogue_id"])
+                                         for r in rows])  # a run from before run.json kept the language
     res = score_generations(rows, lang, load_nli(cfg.nli))
     paper = {k: res[k] for k in CONVENTION_KEYS}
     res["metrics"] = {"default": paper, "authors": None if lang != "en" else  # they segment Chinese with jieba
